@@ -1,0 +1,3 @@
+"""kvrouter: a cache-aware, load-aware router for LLM inference clusters."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from kvrouter.cli import main
+
+sys.exit(main())

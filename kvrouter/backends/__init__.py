@@ -1,0 +1,1 @@
+"""Backend protocol adapters: how a request is dispatched to one engine family's instances."""

@@ -1,0 +1,110 @@
+"""Scheduling policies (contract §6): one object per role, built by :func:`make_policy`."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+from kvrouter.config import SchedulerConfig
+from kvrouter.policies.base import (
+    STRATEGIES,
+    STRATEGY_CACHE_AWARE,
+    STRATEGY_IMBALANCE,
+    STRATEGY_POLICY,
+    STRATEGY_STALE,
+    Policy,
+    RequestView,
+    Selection,
+)
+from kvrouter.policies.cache_aware import CacheAwarePolicy, RemoteCacheAwarePolicy, SessionAffinity
+from kvrouter.policies.load import ProcessTokensPolicy, RequestNumPolicy
+from kvrouter.policies.metrics_score import FdMetricsScorePolicy, FdRemoteMetricsScorePolicy
+from kvrouter.policies.simple import PowerOfTwoPolicy, RandomPolicy, RoundRobinPolicy
+from kvrouter.prefix.index import PrefixIndex
+
+__all__ = [
+    "POLICY_NAMES",
+    "POLICY_CLASSES",
+    "make_policy",
+    "Policy",
+    "RequestView",
+    "Selection",
+    "SessionAffinity",
+    "STRATEGIES",
+    "STRATEGY_POLICY",
+    "STRATEGY_CACHE_AWARE",
+    "STRATEGY_IMBALANCE",
+    "STRATEGY_STALE",
+]
+
+#: Every valid policy name, in the contract's order (§6.2).
+POLICY_NAMES: tuple[str, ...] = (
+    "random",
+    "round_robin",
+    "power_of_two",
+    "process_tokens",
+    "request_num",
+    "fd_metrics_score",
+    "fd_remote_metrics_score",
+    "cache_aware",
+    "remote_cache_aware",
+)
+
+POLICY_CLASSES: dict[str, type[Policy]] = {
+    cls.name: cls
+    for cls in (
+        RandomPolicy,
+        RoundRobinPolicy,
+        PowerOfTwoPolicy,
+        ProcessTokensPolicy,
+        RequestNumPolicy,
+        FdMetricsScorePolicy,
+        FdRemoteMetricsScorePolicy,
+        CacheAwarePolicy,
+        RemoteCacheAwarePolicy,
+    )
+}
+
+
+def make_policy(
+    name: str,
+    role: str,
+    cfg: SchedulerConfig,
+    index: PrefixIndex,
+    rng: random.Random | None = None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> Policy:
+    """A fresh policy object for one role.
+
+    ``index`` is the router's shared prefix index (used by the cache-aware policies);
+    ``clock`` must be the clock of ``MetricsSnapshot.taken_at`` and of ``index.sweep``.
+    Raises ``ValueError`` for an unknown name.
+    """
+    if name == "random":
+        return RandomPolicy(role, rng)
+    if name == "round_robin":
+        return RoundRobinPolicy(role)
+    if name == "power_of_two":
+        return PowerOfTwoPolicy(role, rng)
+    if name == "process_tokens":
+        return ProcessTokensPolicy(role)
+    if name == "request_num":
+        return RequestNumPolicy(role)
+    if name == "fd_metrics_score":
+        return FdMetricsScorePolicy(role, cfg.waiting_weight)
+    if name == "fd_remote_metrics_score":
+        return FdRemoteMetricsScorePolicy(role, cfg.waiting_weight, clock)
+    if name in ("cache_aware", "remote_cache_aware"):
+        cls = CacheAwarePolicy if name == "cache_aware" else RemoteCacheAwarePolicy
+        return cls(
+            role,
+            index,
+            balance_abs_threshold=cfg.balance_abs_threshold,
+            balance_rel_threshold=cfg.balance_rel_threshold,
+            hit_ratio_weight=cfg.hit_ratio_weight,
+            load_balance_weight=cfg.load_balance_weight,
+            clock=clock,
+        )
+    raise ValueError(f"unknown policy '{name}' (valid: {', '.join(POLICY_NAMES)})")

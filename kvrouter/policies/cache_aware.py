@@ -1,0 +1,177 @@
+"""Cache-aware policies: ``cache_aware`` and ``remote_cache_aware`` (contract §6.4).
+
+Decision, with ``loads`` = local ``R`` (``cache_aware``) or snapshot running + pending, local
+``R`` when stale (``remote_cache_aware``):
+
+1. imbalance fallback: with ≥ 2 candidates, if ``max − min > balance-abs-threshold`` and
+   ``(max − min) / max > balance-rel-threshold``, pick the minimum ``T``;
+2. otherwise score = ``(100 − hit)/100 × hit-ratio-weight + load/maxLoad × load-balance-weight``
+   (load ratio 0 when ``maxLoad`` is 0), with ``hit = 100 × matched blocks / n_blocks``; the
+   lowest score wins, exact ties → lower ``T``, then the earliest URL;
+3. the chosen instance is recorded for all block hashes in both cases.
+
+Session-affinity statistics (§6.5) are kept for the prefill and mixed roles.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from kvrouter.policies.base import (
+    STRATEGY_CACHE_AWARE,
+    STRATEGY_IMBALANCE,
+    Policy,
+    RequestView,
+    Selection,
+)
+from kvrouter.policies.load import min_tokens
+from kvrouter.prefix.index import PrefixIndex
+
+if TYPE_CHECKING:
+    from kvrouter.registry import Instance
+
+__all__ = ["CacheAwarePolicy", "RemoteCacheAwarePolicy", "SessionAffinity"]
+
+log = logging.getLogger("kvrouter.policy")
+
+SESSION_MEMORY = 100_000
+_SESSION_ROLES = frozenset({"prefill", "mixed"})
+
+
+class SessionAffinity:
+    """LRU memory of each session's previous instance (bounded to ``max_sessions``)."""
+
+    __slots__ = ("max_sessions", "_last")
+
+    def __init__(self, max_sessions: int = SESSION_MEMORY) -> None:
+        self.max_sessions = max_sessions
+        self._last: OrderedDict[str, str] = OrderedDict()
+
+    def observe(self, session_id: str, identity: str) -> bool:
+        """Record this session's new instance; ``True`` if it equals the previous one."""
+        last = self._last
+        prev = last.pop(session_id, None)
+        last[session_id] = identity
+        if len(last) > self.max_sessions:
+            last.popitem(last=False)
+        return prev == identity
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+
+class CacheAwarePolicy(Policy):
+    """Prefix-hit vs load scoring with an imbalance fallback; load = local ``R``."""
+
+    name = "cache_aware"
+    needs_prefix = True
+
+    def __init__(
+        self,
+        role: str,
+        index: PrefixIndex,
+        *,
+        balance_abs_threshold: float,
+        balance_rel_threshold: float,
+        hit_ratio_weight: float,
+        load_balance_weight: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(role)
+        self.index = index
+        self.balance_abs_threshold = float(balance_abs_threshold)
+        self.balance_rel_threshold = float(balance_rel_threshold)
+        self.hit_ratio_weight = float(hit_ratio_weight)
+        self.load_balance_weight = float(load_balance_weight)
+        self._clock = clock
+        self.sessions: SessionAffinity | None = (
+            SessionAffinity() if self.role in _SESSION_ROLES else None
+        )
+
+    def loads(self, candidates: Sequence[Instance], now: float) -> list[float]:
+        """The load each candidate is compared on."""
+        return [inst.load.requests for inst in candidates]
+
+    def select(self, candidates: Sequence[Instance], request: RequestView) -> Selection:
+        now = self._clock()
+        index = self.index
+        hashes = request.hashes
+        n_blocks = len(hashes)
+        loads = self.loads(candidates, now)
+        max_load = max(loads)
+        debug = log.isEnabledFor(logging.DEBUG)
+
+        imbalanced = False
+        if len(candidates) >= 2:
+            diff = max_load - min(loads)
+            imbalanced = (
+                diff > self.balance_abs_threshold
+                and max_load > 0
+                and diff / max_load > self.balance_rel_threshold
+            )
+
+        if imbalanced:
+            chosen = min_tokens(candidates)
+            strategy = STRATEGY_IMBALANCE
+            hit_blocks = index.match(hashes, (chosen.identity,))[chosen.identity] if n_blocks else 0
+            if debug:
+                log.debug("[%s] load imbalanced, loads=%s", self.role, _fmt_loads(candidates, loads))
+                log.debug(
+                    "final strategy: process_tokens, selected=%s, loads=%s, hitRatios=-",
+                    chosen.url, _fmt_loads(candidates, loads),
+                )
+        else:
+            strategy = STRATEGY_CACHE_AWARE
+            matched = index.match(hashes, [inst.identity for inst in candidates]) if n_blocks else {}
+            hw = self.hit_ratio_weight
+            lw = self.load_balance_weight
+            best = 0
+            best_key: tuple[float, int] | None = None
+            for i, inst in enumerate(candidates):
+                m = matched.get(inst.identity, 0)
+                miss = (1.0 - m / n_blocks) if n_blocks else 1.0   # (100 − hit) / 100
+                ratio = loads[i] / max_load if max_load > 0 else 0.0
+                key = (miss * hw + ratio * lw, inst.load.tokens)
+                if best_key is None or key < best_key:
+                    best, best_key = i, key
+            chosen = candidates[best]
+            hit_blocks = matched.get(chosen.identity, 0)
+            if debug:
+                ratios = ", ".join(
+                    f"{inst.url}: {100.0 * matched.get(inst.identity, 0) / n_blocks if n_blocks else 0.0:.2f}"
+                    for inst in candidates
+                )
+                log.debug(
+                    "final strategy: cache_aware_scoring, selected=%s, loads=%s, hitRatios={%s}",
+                    chosen.url, _fmt_loads(candidates, loads), ratios,
+                )
+
+        if n_blocks:
+            index.record(hashes, chosen.identity, now)
+        session_hit: bool | None = None
+        if self.sessions is not None and request.session_id is not None:
+            session_hit = self.sessions.observe(request.session_id, chosen.identity)
+        return Selection(chosen, strategy, hit_blocks, n_blocks, session_hit)
+
+
+class RemoteCacheAwarePolicy(CacheAwarePolicy):
+    """As ``cache_aware``, with load = snapshot ``num_requests_running`` + pending
+    (local ``R`` when the snapshot is stale)."""
+
+    name = "remote_cache_aware"
+    needs_remote_metrics = True
+
+    def loads(self, candidates: Sequence[Instance], now: float) -> list[float]:
+        out: list[float] = []
+        for inst in candidates:
+            snap = inst.fresh_snapshot(now)
+            out.append(inst.load.requests if snap is None else snap.running + inst.load.pending)
+        return out
+
+
+def _fmt_loads(candidates: Sequence[Instance], loads: Sequence[float]) -> str:
+    return "{" + ", ".join(f"{inst.url}: {load:g}" for inst, load in zip(candidates, loads)) + "}"

@@ -1,0 +1,29 @@
+"""Prefix machinery for cache-aware routing: rendering, tokens, block hashes, the index.
+
+``build_request_view`` lives in :mod:`kvrouter.prefix.view` (it depends on the policies).
+"""
+
+from kvrouter.prefix.hashing import block_hashes
+from kvrouter.prefix.index import PrefixIndex
+from kvrouter.prefix.render import extract_session_id, render_prompt
+from kvrouter.prefix.tokenizer import (
+    CodePointTokenizer,
+    LocalTokenizer,
+    RemoteTokenizer,
+    Tokenizer,
+    TokenizerError,
+    make_tokenizer,
+)
+
+__all__ = [
+    "block_hashes",
+    "PrefixIndex",
+    "render_prompt",
+    "extract_session_id",
+    "Tokenizer",
+    "CodePointTokenizer",
+    "LocalTokenizer",
+    "RemoteTokenizer",
+    "TokenizerError",
+    "make_tokenizer",
+]

@@ -1,0 +1,47 @@
+"""Building the :class:`~kvrouter.policies.base.RequestView` of a request body."""
+
+from __future__ import annotations
+
+from kvrouter.policies.base import RequestView
+from kvrouter.prefix.hashing import block_hashes
+from kvrouter.prefix.render import extract_session_id, render_prompt
+from kvrouter.prefix.tokenizer import Tokenizer
+
+__all__ = ["build_request_view"]
+
+
+async def build_request_view(
+    body: dict,
+    endpoint: str,
+    tokenizer: Tokenizer,
+    block_size: int,
+    *,
+    need_prefix: bool,
+    tokenize_for_estimate: bool = True,
+) -> RequestView:
+    """Render, tokenize and hash a parsed request body.
+
+    * ``need_prefix``: some policy in use is cache-aware → compute the block hashes (from model
+      tokens if a tokenizer works, else from code points);
+    * ``tokenize_for_estimate``: with a real tokenizer configured, tokenize even when no policy
+      needs the prefix, so the token estimate is a real count (§6.1). Set it ``False`` to skip
+      the tokenizer (e.g. a remote one) when only load counts matter.
+
+    Token-id prompts are used as tokens without calling the tokenizer.
+    """
+    prompt = render_prompt(body, endpoint)
+    session_id = extract_session_id(body)
+    if not isinstance(prompt, str):
+        tokens: list[int] | None = prompt
+        estimate = len(prompt)
+        hashes = block_hashes(prompt, block_size) if need_prefix else []
+        return RequestView(prompt, tokens, estimate, hashes, session_id)
+
+    if need_prefix or (tokenize_for_estimate and tokenizer.real):
+        seq, real = await tokenizer.tokens_for(prompt)
+        tokens = seq if real else None
+        estimate = len(seq) if real else 2 * len(prompt)
+        hashes = block_hashes(seq, block_size) if need_prefix else []
+        return RequestView(prompt, tokens, estimate, hashes, session_id)
+
+    return RequestView(prompt, None, 2 * len(prompt), [], session_id)

@@ -1,0 +1,163 @@
+"""The instance registry: who is registered, in which role and health state, and their load.
+
+Instances are keyed by identity (normalised ``host:port``, contract §3.3). In-flight counters
+live in a separate map keyed by identity, so they survive re-registration and role moves, and
+are dropped only once an instance is removed *and* idle.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from kvrouter.instance import InstanceInfo, Role
+from kvrouter.load import Load
+from kvrouter.snapshot import MetricsSnapshot
+
+HEALTHY = "healthy"
+UNHEALTHY = "unhealthy"
+
+
+@dataclass(eq=False)
+class Instance:
+    """One registered instance: its registration, health state, load and metrics snapshot."""
+
+    info: InstanceInfo
+    load: Load
+    static: bool = False
+    state: str = HEALTHY
+    fail_streak: int = 0
+    success_streak: int = 0
+    unhealthy_since: float | None = None
+    snapshot: MetricsSnapshot | None = None
+    stale_after: float = math.inf            # seconds a snapshot stays fresh
+    models: list[dict] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return self.info.url
+
+    @property
+    def identity(self) -> str:
+        return self.info.identity
+
+    @property
+    def role(self) -> Role:
+        return self.info.role
+
+    @property
+    def paused(self) -> bool:
+        return self.info.is_paused
+
+    @property
+    def routable(self) -> bool:
+        return self.state == HEALTHY and not self.info.is_paused
+
+    def fresh_snapshot(self, now: float | None = None) -> MetricsSnapshot | None:
+        """The latest metrics snapshot if it is fresh, else ``None``."""
+        snap = self.snapshot
+        if snap is None:
+            return None
+        if (now if now is not None else time.monotonic()) - snap.taken_at > self.stale_after:
+            return None
+        return snap
+
+
+class Registry:
+    """All known instances, by identity, with cached routable candidate lists per role."""
+
+    def __init__(self, stale_after: float = math.inf) -> None:
+        self._instances: dict[str, Instance] = {}
+        self._loads: dict[str, Load] = {}
+        self._candidates: dict[Role, list[Instance]] | None = None
+        self.stale_after = stale_after
+        self.on_added: list[Callable[[Instance], None]] = []
+        self.on_removed: list[Callable[[Instance, str], None]] = []
+
+    # -- lookups ----------------------------------------------------------------------------
+    def get(self, identity: str) -> Instance | None:
+        return self._instances.get(identity)
+
+    def all(self) -> list[Instance]:
+        """Every known instance (any role or state), sorted by URL."""
+        return sorted(self._instances.values(), key=lambda i: i.url)
+
+    def candidates(self, role: Role) -> list[Instance]:
+        """Routable instances of ``role``, sorted by URL (cached until the registry changes)."""
+        if self._candidates is None:
+            by_role: dict[Role, list[Instance]] = {r: [] for r in Role}
+            for inst in self.all():
+                if inst.routable:
+                    by_role[inst.role].append(inst)
+            self._candidates = by_role
+        return self._candidates[role]
+
+    def count_routable(self) -> dict[str, int]:
+        return {r.value: len(self.candidates(r)) for r in Role}
+
+    def loads(self) -> dict[str, Load]:
+        return self._loads
+
+    # -- changes ----------------------------------------------------------------------------
+    def changed(self) -> None:
+        """Invalidate cached candidate lists after a state, role or pause change."""
+        self._candidates = None
+
+    def add(self, info: InstanceInfo, *, static: bool = False, healthy: bool = True) -> Instance:
+        """Store a new instance (or replace one with the same identity)."""
+        load = self._loads.setdefault(info.identity, Load())
+        inst = Instance(info=info, load=load, static=static, stale_after=self.stale_after)
+        if not healthy:
+            inst.state = UNHEALTHY
+            inst.unhealthy_since = time.monotonic()
+        self._instances[info.identity] = inst
+        self.changed()
+        for cb in self.on_added:
+            cb(inst)
+        return inst
+
+    def update(self, inst: Instance, info: InstanceInfo) -> None:
+        """Atomically replace the registration fields of a known instance (heartbeat)."""
+        inst.info = info
+        self.changed()
+
+    def remove(self, inst: Instance, reason: str) -> None:
+        if self._instances.get(inst.identity) is not inst:
+            return
+        del self._instances[inst.identity]
+        if inst.load.idle:
+            self._loads.pop(inst.identity, None)
+        self.changed()
+        for cb in self.on_removed:
+            cb(inst, reason)
+
+    def purge_idle_loads(self) -> int:
+        """Drop counters of removed instances once they are idle; returns how many."""
+        stale = [k for k, v in self._loads.items() if k not in self._instances and v.idle]
+        for k in stale:
+            del self._loads[k]
+        return len(stale)
+
+    # -- health state machine (contract §7.2) -----------------------------------------------
+    def observe_health(self, inst: Instance, ok: bool, *, failure_threshold: int,
+                       success_threshold: int) -> str | None:
+        """Count one probe round; returns ``"unhealthy"``/``"healthy"`` on a transition."""
+        if ok:
+            inst.fail_streak = 0
+            inst.success_streak += 1
+            if inst.state == UNHEALTHY and inst.success_streak >= success_threshold:
+                inst.state = HEALTHY
+                inst.unhealthy_since = None
+                self.changed()
+                return HEALTHY
+        else:
+            inst.success_streak = 0
+            inst.fail_streak += 1
+            if inst.state == HEALTHY and inst.fail_streak >= failure_threshold:
+                inst.state = UNHEALTHY
+                inst.unhealthy_since = time.monotonic()
+                self.changed()
+                return UNHEALTHY
+        return None

@@ -1,0 +1,177 @@
+"""The router's composition root: configuration, registry, policies, prefix index, background
+tasks and metrics, and the one place where a policy is asked to choose."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from kvrouter import errors
+from kvrouter.config import RouterConfig
+from kvrouter.health import HealthMonitor
+from kvrouter.instance import Role
+from kvrouter.metrics import RouterMetrics
+from kvrouter.policies import make_policy
+from kvrouter.policies.base import Policy, RequestView, Selection
+from kvrouter.prefix.index import PrefixIndex
+from kvrouter.prefix.tokenizer import make_tokenizer
+from kvrouter.prefix.view import build_request_view
+from kvrouter.registry import Instance, Registry
+from kvrouter.scraper import MetricsScraper, ModelsCache
+from kvrouter.server.transport import Transport
+
+log = logging.getLogger("kvrouter.router")
+
+
+class Router:
+    """Everything a request handler needs, built once from the configuration."""
+
+    def __init__(self, cfg: RouterConfig) -> None:
+        self.cfg = cfg
+        s, sch, m = cfg.server, cfg.scheduler, cfg.manager
+        self.splitwise = s.splitwise
+        self.mode = "splitwise" if s.splitwise else "mixed"
+        self.metrics = RouterMetrics()
+        self.transport = Transport(s.connect_timeout_secs, s.first_byte_timeout_secs,
+                                   s.stream_idle_timeout_secs)
+        self.registry = Registry(stale_after=3 * sch.metrics_scrape_interval_secs)
+        self.index = PrefixIndex(sch.cache_max_blocks, sch.eviction_duration_mins * 60)
+        self.tokenizer = make_tokenizer(sch, lambda: self.transport.session)
+        names = ({Role.PREFILL: sch.prefill_policy, Role.DECODE: sch.decode_policy}
+                 if s.splitwise else {Role.MIXED: sch.policy})
+        self.policies: dict[Role, Policy] = {
+            role: make_policy(name, role.value, sch, self.index) for role, name in names.items()}
+        self.health = HealthMonitor(self.registry, self.transport, m, self.metrics)
+        self.scraper = MetricsScraper(self.registry, self.transport,
+                                      sch.metrics_scrape_interval_secs,
+                                      sch.metrics_scrape_timeout_secs, self.metrics)
+        self.models = ModelsCache(self.registry, self.transport, m.models_refresh_secs,
+                                  m.health_check_timeout_secs)
+        self.metrics.attach_state(self.registry, self.index)
+        self.registry.on_added.append(self._on_added)
+        self.registry.on_removed.append(self._on_removed)
+        self._tasks: set[asyncio.Task] = set()
+        self._stats_prev = (0.0, 0.0, 0.0, 0.0)
+
+    # -- scheduling ---------------------------------------------------------------------------
+    async def request_view(self, body: dict, endpoint: str, roles: tuple[Role, ...]) -> RequestView:
+        """The scheduling view of a request for the policies of ``roles``: rendered prompt,
+        tokens, token estimate and (if a policy needs them) block hashes."""
+        return await build_request_view(
+            body, endpoint, self.tokenizer, self.cfg.scheduler.cache_block_size,
+            need_prefix=any(self.policies[r].needs_prefix for r in roles),
+            tokenize_for_estimate=self.tokenizer.kind == "local")
+
+    def select(self, role: Role, view: RequestView, exclude: set[str] | None = None,
+               prefer=None) -> Selection:
+        """Ask the role's policy to choose among its routable candidates (minus ``exclude``).
+
+        ``prefer`` optionally narrows candidates (the PD pair filter); if it leaves none, all
+        candidates are used.
+        """
+        cands = self.registry.candidates(role)
+        if exclude:
+            cands = [c for c in cands if c.identity not in exclude]
+        if prefer is not None and cands:
+            preferred = [c for c in cands if prefer(c)]
+            if preferred:
+                cands = preferred
+            else:
+                log.warning("no %s instance can pair with the chosen prefill; using any", role.value)
+        if not cands:
+            raise errors.no_instance("No available prefill/decode workers" if self.splitwise
+                                     else "No available mixed workers")
+        policy = self.policies[role]
+        started = time.perf_counter()
+        sel = policy.select(cands, view)
+        m = self.metrics
+        m.decision.labels(role.value, policy.name).observe(time.perf_counter() - started)
+        m.selections.labels(role.value, policy.name, sel.instance.url, sel.strategy).inc()
+        if sel.lookup_blocks:
+            m.lookup_blocks.labels(role.value).inc(sel.lookup_blocks)
+            m.hit_blocks.labels(role.value).inc(sel.hit_blocks)
+        if sel.session_hit is not None:
+            m.cache_request.inc()
+            if sel.session_hit:
+                m.cache_hit.inc()
+        return sel
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def _on_added(self, inst: Instance) -> None:
+        self._spawn(self.models.fetch(inst))
+
+    def _on_removed(self, inst: Instance, reason: str) -> None:
+        self.index.remove_instance(inst.identity)
+        self.metrics.forget_instance(inst.url)
+
+    def _spawn(self, coro) -> None:
+        self.track(asyncio.ensure_future(coro))
+
+    def track(self, task: asyncio.Task) -> None:
+        """Keep a background task referenced until it ends; cancelled at shutdown."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def needs_remote_metrics(self) -> bool:
+        return any(p.needs_remote_metrics for p in self.policies.values())
+
+    async def start(self) -> None:
+        """Start the background tasks (health, removals, scrapes, models, sweep, stats)."""
+        self._spawn(self.health.run())
+        self._spawn(self.health.run_removals())
+        self._spawn(self.models.run())
+        if self.needs_remote_metrics():
+            self._spawn(self.scraper.run())
+        if self.cfg.scheduler.eviction_interval_secs > 0:
+            self._spawn(self._sweep_loop())
+        if self.cfg.scheduler.stats_interval_secs > 0:
+            self._spawn(self._stats_loop())
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.health.close()
+        await self.transport.close()
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.scheduler.eviction_interval_secs)
+            self.index.sweep(time.monotonic())
+            self.registry.purge_idle_loads()
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.scheduler.stats_interval_secs)
+            log.info(self.stats_line())
+
+    def stats_line(self) -> str:
+        """The periodic ``[stats]`` line (contract §9.3); hits and totals are per interval."""
+        instances = self.registry.all()
+        workers = ", ".join(
+            f"{i.url}: running={i.load.requests} tokens={i.load.tokens} "
+            f"state={'paused' if i.paused and i.state == 'healthy' else i.state}"
+            for i in instances)
+        hits, total, hit_blocks, looked = self._interval_deltas()
+        rate = 100.0 * hits / total if total else 0.0
+        prefix_rate = 100.0 * hit_blocks / looked if looked else 0.0
+        running = sum(i.load.requests for i in instances)
+        return (f"[stats] total_running={running}, workers: [{workers}], "
+                f"cache_hit_rate={rate:.2f}% (hits={hits}/total={total}), "
+                f"prefix_hit_rate={prefix_rate:.2f}%")
+
+    def _interval_deltas(self) -> tuple[int, int, float, float]:
+        """Session hits/requests and prefix hit/lookup blocks since the previous stats line."""
+        m = self.metrics
+        now = (_total(m.cache_hit), _total(m.cache_request), _total(m.hit_blocks),
+               _total(m.lookup_blocks))
+        prev, self._stats_prev = self._stats_prev, now
+        return (int(now[0] - prev[0]), int(now[1] - prev[1]), now[2] - prev[2],
+                now[3] - prev[3])
+
+
+def _total(metric) -> float:
+    """Sum of a counter over all its label sets."""
+    return sum(s.value for fam in metric.collect() for s in fam.samples
+               if s.name.endswith("_total"))

@@ -1,0 +1,191 @@
+"""Control-plane endpoints (contract §3, §4): registration, listings, health, models,
+decode instances, abort fan-out and ``/metrics``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from kvrouter.backends.fastdeploy import loads
+from kvrouter.instance import RegistrationError, Role, parse_registration_bytes
+from kvrouter.registry import HEALTHY, Instance
+from kvrouter.router import Router
+from kvrouter.server.inference import ROUTER_KEY
+
+log = logging.getLogger("kvrouter.admin")
+
+
+def _json(obj: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+
+
+def _msg(code: int, msg: str) -> web.Response:
+    return _json({"code": code, "msg": msg}, status=code)
+
+
+async def register(request: web.Request) -> web.Response:
+    router: Router = request.app[ROUTER_KEY]
+    try:
+        raw = await request.read()
+    except Exception as e:  # noqa: BLE001 - an unreadable upload
+        log.error("Failed to register instance: Invalid request body: %s", e)
+        return _msg(400, f"Invalid request body: {e}")
+    try:
+        info = parse_registration_bytes(raw, splitwise=router.splitwise)
+    except RegistrationError as e:
+        log.error("Failed to register instance: %s", e.body.get("msg"))
+        return _json(e.body, status=e.status)
+    return await apply_registration(router, info)
+
+
+async def apply_registration(router: Router, info) -> web.Response:
+    """Store a registration per §3.3: probe new and unhealthy instances, never healthy ones."""
+    timeout = min(router.cfg.manager.health_check_timeout_secs, 3.0)
+    inst = router.registry.get(info.identity)
+    if inst is None:
+        res = await router.health.probe_url(info.url, timeout)
+        if not res.ok:
+            log.error("Failed to register instance: %s service is not healthy (%s)",
+                      info.url, res.error)
+            return _msg(503, f"{info.url} service is not healthy")
+        inst = router.registry.get(info.identity)  # a concurrent heartbeat may have won
+        if inst is None:
+            router.registry.add(info)
+            log.info("Registered %s instance: %s", info.role.value, info.url)
+            return _msg(200, "Register success")
+    router.registry.update(inst, info)
+    if inst.state == HEALTHY:
+        return _msg(200, "Register success")
+    if await router.health.probe(inst, timeout):
+        return _msg(200, "Register success")
+    return _msg(503, f"{info.url} service is not healthy")
+
+
+def worker_record(inst: Instance) -> dict:
+    i = inst.info
+    return {
+        "url": inst.url, "worker_type": i.role.value, "host_ip": i.host, "port": i.port,
+        "connector_port": i.connector_port or "", "engine_worker_queue_port":
+            i.engine_worker_queue_port or "", "transfer_protocol": list(i.transfer_protocol),
+        "rdma_ports": list(i.rdma_ports), "device_ids": list(i.device_ids),
+        "metrics_port": i.metrics_port or i.port, "tp_size": i.tp, "version": i.version,
+        "is_paused": i.is_paused, "state": inst.state, "static": inst.static,
+        "in_flight_requests": inst.load.requests, "in_flight_tokens": inst.load.tokens,
+        "connected_decodes": list(i.connected_decodes),
+    }
+
+
+async def registered(request: web.Request) -> web.Response:
+    router: Router = request.app[ROUTER_KEY]
+    out: dict = {"code": 200, "msg": "success", "prefill": [], "decode": [], "mixed": [],
+                 "unavailable": []}
+    for inst in router.registry.all():
+        key = inst.role.value if inst.routable else "unavailable"
+        out[key].append(worker_record(inst))
+    return _json(out)
+
+
+async def registered_number(request: web.Request) -> web.Response:
+    return _json(request.app[ROUTER_KEY].registry.count_routable())
+
+
+async def health(request: web.Request) -> web.Response:
+    router: Router = request.app[ROUTER_KEY]
+    counts = router.registry.count_routable()
+    ready = (counts["prefill"] > 0 and counts["decode"] > 0) if router.splitwise \
+        else counts["mixed"] > 0
+    return _json({"status": "ok", "mode": router.mode, "routable": counts, "ready": ready})
+
+
+async def health_generate(request: web.Request) -> web.Response:
+    """Probe every known instance; observational only (no state change)."""
+    router: Router = request.app[ROUTER_KEY]
+    instances = router.registry.all()
+    timeout = router.cfg.manager.health_check_timeout_secs
+    results = await asyncio.gather(*(router.health.probe_url(i.url, timeout) for i in instances))
+    rows = [{"url": i.url, "worker_type": i.role.value, "healthy": r.ok,
+             "status_code": r.status_code, "latency_ms": round(r.latency_ms, 3),
+             "error": r.error} for i, r in zip(instances, results)]
+    healthy = sum(r.ok for r in results)
+    return _json({"code": 200, "msg": "Health check complete", "results": rows,
+                  "healthy": healthy, "unhealthy": len(rows) - healthy})
+
+
+async def models(request: web.Request) -> web.Response:
+    return _json({"object": "list", "data": request.app[ROUTER_KEY].models.union()})
+
+
+async def decode_instances(request: web.Request) -> web.Response:
+    router: Router = request.app[ROUTER_KEY]
+    if not router.splitwise:
+        return _json([])
+    version = request.query.get("version")
+    out = []
+    for inst in router.registry.candidates(Role.DECODE):
+        i = inst.info
+        if version is not None and i.version != version:
+            continue
+        out.append({
+            "role": "DECODE", "host_ip": i.host, "port": i.port,
+            "metrics_port": i.metrics_port or i.port, "connector_port": i.connector_port or "",
+            "engine_worker_queue_port": i.engine_worker_queue_port or "",
+            "transfer_protocol": list(i.transfer_protocol), "rdma_ports": list(i.rdma_ports),
+            "device_ids": list(i.device_ids), "tp_size": i.tp, "version": i.version,
+        })
+    return _json(out)
+
+
+def _abort_body_valid(body: object) -> bool:
+    if not isinstance(body, dict):
+        return False
+    if body.get("abort_all") is True:
+        return True
+    ids = body.get("req_ids")
+    return isinstance(ids, list) and bool(ids) and all(isinstance(x, str) for x in ids)
+
+
+async def abort_requests(request: web.Request) -> web.Response:
+    """Forward the abort to every known instance concurrently and report each answer."""
+    router: Router = request.app[ROUTER_KEY]
+    raw = await request.read()
+    try:
+        body = loads(raw)
+    except ValueError:
+        body = None
+    if not _abort_body_valid(body):
+        return _json({"error": {"message": "body must hold a non-empty string list 'req_ids' "
+                                           "or 'abort_all': true",
+                                "type": "invalid_request_error", "code": "invalid_value"}}, 400)
+    headers = {"Content-Type": "application/json"}
+    if auth := request.headers.get("Authorization"):
+        headers["Authorization"] = auth
+    timeout = router.cfg.manager.health_check_timeout_secs
+    instances = router.registry.all()
+
+    async def one(inst: Instance) -> dict:
+        row = {"url": inst.url, "worker_type": inst.role.value, "status_code": None,
+               "body": None, "error": None}
+        try:
+            status, data = await router.transport.get(inst.url + "/v1/abort_requests", timeout,
+                                                      headers, method="POST", body=raw)
+        except Exception as e:  # noqa: BLE001 - reported per instance
+            row["error"] = str(e) or type(e).__name__
+            return row
+        row["status_code"] = status
+        try:
+            row["body"] = loads(data)
+        except ValueError:
+            row["body"] = data.decode("utf-8", "replace")
+        return row
+
+    rows = await asyncio.gather(*(one(i) for i in instances))
+    return _json({"code": 200, "msg": "success", "results": list(rows)})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[ROUTER_KEY].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,317 @@
+"""PD (prefill/decode) dispatch (contract §1.4, §5.4–5.6).
+
+Per attempt: choose P and D, send both the same body concurrently, commit to the client at D's
+first body byte (or D's whole body for non-stream requests, which may ask to be rescheduled),
+drain P in the background and release its load at its first byte. Failures before the commit
+cancel the other leg and retry on a new pair; nothing is retried after the commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from kvrouter import errors
+from kvrouter.backends import fastdeploy as fd
+from kvrouter.instance import Role
+from kvrouter.load import Lease
+from kvrouter.registry import Instance
+from kvrouter.router import Router
+from kvrouter.server.accounting import account
+from kvrouter.server.relay import RelayOutcome, UsageScan, relay
+from kvrouter.server.transport import (BodyFailed, ConnectFailed, FirstByteTimeout,
+                                       UpstreamResponse, forward_headers)
+
+log = logging.getLogger("kvrouter.pd")
+
+RESCHEDULE_BUFFER = 64 << 20
+PREFILL_SCAN = 1 << 20
+RETRYABLE_PREFILL_STATUS = frozenset({429, 502, 503, 504})
+
+
+@dataclass
+class PrefillResult:
+    """How the prefill leg ended: ``ok``, ``connect``, ``timeout``, ``status``, ``body_error``."""
+
+    kind: str
+    detail: str = ""
+    status: int = 0
+    headers: object = None
+    body: bytes = b""
+
+
+@dataclass
+class DecodeStart:
+    up: UpstreamResponse
+    first: bytes
+    eof: bool
+
+
+async def handle(router: Router, request: web.Request, body: dict, endpoint: str,
+                 received: float) -> web.StreamResponse:
+    base = fd.base_request_id(body)
+    view = await router.request_view(body, endpoint, (Role.PREFILL, Role.DECODE))
+    stream = body.get("stream") is True
+    fmt = router.cfg.server.disaggregate_info_format
+    sch = router.cfg.scheduler
+    connect_budget = router.cfg.server.connect_retries
+    reschedule_budget = sch.pd_retry_count
+    excl_p: set[str] = set()
+    excl_d: set[str] = set()
+    last_error: errors.RouterError | None = None
+    attempt = 0
+    while True:
+        try:
+            p = router.select(Role.PREFILL, view, excl_p).instance
+            d = router.select(Role.DECODE, view, excl_d,
+                              prefer=lambda c: fd.can_pair(p.info, c.info)).instance
+        except errors.RouterError:
+            if last_error is not None:
+                raise last_error from None
+            raise
+        rid = fd.attempt_request_id(base, attempt)
+        body["request_id"] = rid
+        body["disaggregate_info"] = fd.disaggregate_info(p.info, d.info, fmt)
+        payload = fd.dumps(body)
+        tags = {"X-Router-Prefill-URL": p.url, "X-Router-Decode-URL": d.url,
+                "X-Router-Request-ID": rid}
+        pair = _Pair(router, request, p, d, rid, payload, view.token_estimate, stream)
+        try:
+            outcome = await pair.run()
+        except errors.RouterError as e:
+            e.headers = tags
+            raise
+        if outcome.retry is not None:
+            reason, err = outcome.retry
+            budget_left = reschedule_budget if reason == "pd_reschedule" else connect_budget
+            if err is not None:
+                err.headers = tags
+                last_error = err
+            if budget_left <= 0:
+                if err is not None:
+                    raise err
+            else:
+                router.metrics.retries.labels(reason).inc()
+                if reason == "pd_reschedule":
+                    reschedule_budget -= 1
+                    if sch.pd_retry_exclude_decode:
+                        excl_d.add(d.identity)
+                    body["completion_token_ids"] = (
+                        list(body.get("completion_token_ids") or []) + outcome.tokens)
+                    outcome.start.up.release()
+                    log.info("[request_id:%s] decode %s asked to reschedule; retrying",
+                             rid, d.url)
+                    attempt += 1
+                    continue
+                connect_budget -= 1
+                (excl_p if outcome.failed_side == "prefill" else excl_d).add(
+                    (p if outcome.failed_side == "prefill" else d).identity)
+                attempt += 1
+                continue
+        if outcome.prefill_reply is not None:
+            r = outcome.prefill_reply
+            resp = web.Response(status=r.status, body=r.body, headers=tags,
+                                content_type=_content_type(r.headers))
+            _account(router, endpoint, received, r.status, RelayOutcome(), body, p, d)
+            return resp
+        start = outcome.start
+        try:
+            resp, relayed = await relay(request, start.up, start.first, tags, eof=start.eof)
+        finally:
+            pair.d_lease.release()
+        if relayed.client_gone:
+            pair.cancel_prefill()
+        _account(router, endpoint, received, resp.status, relayed, body, p, d)
+        return resp
+
+
+def _content_type(headers) -> str:
+    ctype = headers.get("Content-Type", "application/json") if headers else "application/json"
+    return ctype.split(";")[0].strip()
+
+
+def _account(router: Router, endpoint: str, received: float, status: int, out: RelayOutcome,
+             body: dict, p: Instance, d: Instance) -> None:
+    account(router, endpoint, received, status, out, body, prefill=p.url, decode=d.url)
+
+
+@dataclass
+class _Outcome:
+    start: DecodeStart | None = None
+    retry: tuple[str, errors.RouterError | None] | None = None
+    failed_side: str = ""
+    tokens: list[int] | None = None
+    prefill_reply: PrefillResult | None = None
+
+
+class _Pair:
+    """One attempt on one (P, D) pair."""
+
+    def __init__(self, router: Router, request: web.Request, p: Instance, d: Instance,
+                 request_id: str, payload: bytes, tokens: int, stream: bool) -> None:
+        self.router = router
+        self.request = request
+        self.request_id = request_id
+        self.p, self.d = p, d
+        self.payload = payload
+        self.stream = stream
+        self.p_lease = p.load.acquire(tokens)
+        self.d_lease = d.load.acquire(tokens)
+        self.p_task: asyncio.Task | None = None
+
+    def cancel_prefill(self) -> None:
+        if self.p_task is not None and not self.p_task.done():
+            self.p_task.cancel()
+
+    async def run(self) -> _Outcome:
+        router = self.router
+        path = self.request.path_qs
+        p_headers = forward_headers(self.request.headers, self.p.identity, identity=True)
+        d_headers = forward_headers(self.request.headers, self.d.identity, identity=True)
+        self.p_task = asyncio.ensure_future(self._prefill(self.p.url + path, p_headers))
+        d_task = asyncio.ensure_future(self._decode(self.d.url + path, d_headers))
+        committed = False
+        try:
+            pending = {self.p_task, d_task}
+            while True:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if d_task in done:
+                    outcome = self._after_decode(d_task)
+                    committed = outcome.start is not None and outcome.retry is None
+                    return outcome
+                result: PrefillResult = self.p_task.result()
+                if result.kind == "ok":
+                    continue
+                d_task.cancel()
+                return self._after_prefill_failure(result)
+        finally:
+            if not d_task.done():
+                d_task.cancel()
+            if not committed:
+                self.cancel_prefill()
+                self.d_lease.release()
+            self._watch_prefill()
+
+    def _after_decode(self, d_task: asyncio.Task) -> _Outcome:
+        router = self.router
+        exc = d_task.exception()
+        if exc is None:
+            start: DecodeStart = d_task.result()
+            tokens = None
+            if not self.stream and start.eof and start.up.status == 200:
+                tokens = fd.reschedule_tokens(start.first)
+            if tokens is not None:
+                return _Outcome(start=start, retry=("pd_reschedule", None), tokens=tokens)
+            return _Outcome(start=start)
+        self.cancel_prefill()
+        if isinstance(exc, ConnectFailed):
+            router.health.probe_soon(self.d)
+            router.metrics.errors.labels("connect_failed").inc()
+            return _Outcome(retry=("connect", errors.connect_failed(self.d.url, str(exc))),
+                            failed_side="decode")
+        if isinstance(exc, FirstByteTimeout):
+            router.metrics.errors.labels("first_byte_timeout").inc()
+            raise errors.first_byte_timeout(self.d.url,
+                                            router.cfg.server.first_byte_timeout_secs)
+        if isinstance(exc, BodyFailed):
+            raise errors.connect_failed(self.d.url, str(exc))
+        raise exc
+
+    def _after_prefill_failure(self, r: PrefillResult) -> _Outcome:
+        router = self.router
+        url = self.p.url
+        if r.kind == "connect":
+            router.health.probe_soon(self.p)
+            router.metrics.errors.labels("connect_failed").inc()
+            return _Outcome(retry=("connect", errors.connect_failed(url, r.detail)),
+                            failed_side="prefill")
+        if r.kind == "status" and r.status in RETRYABLE_PREFILL_STATUS:
+            err = errors.prefill_failed(url, f"status {r.status}: {r.body[:200]!r}")
+            return _Outcome(retry=("prefill_status", err), failed_side="prefill")
+        if r.kind == "status":
+            return _Outcome(prefill_reply=r)
+        if r.kind == "timeout":
+            router.metrics.errors.labels("first_byte_timeout").inc()
+            raise errors.first_byte_timeout(url, router.cfg.server.first_byte_timeout_secs)
+        router.metrics.errors.labels("prefill_failed").inc()
+        raise errors.prefill_failed(url, r.detail)
+
+    def _watch_prefill(self) -> None:
+        """Log the background prefill drain's end (never shown to the client)."""
+        task = self.p_task
+        if task is None:
+            return
+        router = self.router
+
+        def done(t: asyncio.Task) -> None:
+            if t.cancelled():
+                return
+            r = t.result()
+            if r.kind != "ok":
+                log.warning("[request_id:%s] prefill %s ended with %s %s",
+                            self.request_id, self.p.url, r.kind, r.detail)
+
+        task.add_done_callback(done)
+        router.track(task)
+
+    async def _prefill(self, url: str, headers) -> PrefillResult:
+        """Send to P, release its load at its first byte, drain its body to the end."""
+        router = self.router
+        try:
+            try:
+                up, first = await router.transport.open(url, self.payload, headers)
+            except ConnectFailed as e:
+                return PrefillResult("connect", str(e))
+            except FirstByteTimeout as e:
+                return PrefillResult("timeout", str(e))
+            except BodyFailed as e:
+                return PrefillResult("connect", str(e))
+            self.p_lease.release()
+            parts, size, chunk = [first], len(first), first
+            try:
+                while chunk:
+                    chunk = await up.read_chunk()
+                    if size < PREFILL_SCAN:
+                        parts.append(chunk)
+                        size += len(chunk)
+            except BodyFailed as e:
+                up.close()
+                return PrefillResult("body_error", str(e))
+            up.release()
+            raw = b"".join(parts)
+            if not 200 <= up.status < 300:
+                return PrefillResult("status", status=up.status, headers=up.headers, body=raw)
+            msg = fd.in_body_error(raw, up.is_sse)
+            if msg is not None:
+                return PrefillResult("body_error", msg)
+            self._count_usage(raw, up.is_sse)
+            return PrefillResult("ok")
+        finally:
+            self.p_lease.release()
+
+    def _count_usage(self, raw: bytes, sse: bool) -> None:
+        scan = UsageScan(sse)
+        scan.feed(raw)
+        prompt, cached = scan.result()
+        if prompt is not None:
+            m = self.router.metrics
+            m.backend_prompt_tokens.labels(self.p.url).inc(prompt)
+            m.backend_cached_tokens.labels(self.p.url).inc(cached or 0)
+
+    async def _decode(self, url: str, headers) -> DecodeStart:
+        """Send to D; return at its first body byte, or its whole body for non-stream answers."""
+        up, first = await self.router.transport.open(url, self.payload, headers)
+        if self.stream or up.is_sse or not first:
+            return DecodeStart(up, first, eof=not first)
+        parts, size = [first], len(first)
+        while size <= RESCHEDULE_BUFFER:
+            chunk = await up.read_chunk()
+            if not chunk:
+                return DecodeStart(up, b"".join(parts), eof=True)
+            parts.append(chunk)
+            size += len(chunk)
+        return DecodeStart(up, b"".join(parts), eof=False)

@@ -1,0 +1,118 @@
+"""``kvrouter sim``: N simulated instances in one process, each heartbeating to a router.
+
+    kvrouter sim --instances 2 --role mixed --router 127.0.0.1:9000
+
+Prints ``sim instance <role> <url> ready`` per instance, runs until SIGINT/SIGTERM, then
+stops cleanly (exit 0). Usage errors exit 2; bind/startup errors exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+
+from kvrouter.sim.config import ROLES, SimConfig
+from kvrouter.sim.instance import SimInstance
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvrouter sim", description="Run simulated FastDeploy instances.")
+    p.add_argument("--instances", "-n", type=int, default=1, help="number of instances (default 1)")
+    p.add_argument("--role", choices=ROLES, default="mixed", help="instance role (default mixed)")
+    p.add_argument("--router", default=None, help="router host:port to heartbeat to (none: no registration)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port-base", type=int, default=0, help="first API port; 0 = ephemeral (default)")
+    p.add_argument("--connector-port-base", type=int, default=0,
+                   help="first connector port for prefill/decode; 0 = ephemeral (default)")
+    p.add_argument("--metrics-port-base", type=int, default=None,
+                   help="serve /metrics on separate ports from this base (0 = ephemeral); default: API port")
+    p.add_argument("--time-scale", type=float, default=1.0, help="multiply all model times (default 1.0)")
+    p.add_argument("--max-num-seqs", type=int, default=8)
+    p.add_argument("--max-concurrency", type=int, default=512)
+    p.add_argument("--num-gpu-blocks", type=int, default=4096)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--output-tokens", type=int, default=16, help="natural answer length in tokens")
+    p.add_argument("--served-model-name", default="default")
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--version", default=None, help="model version reported at registration")
+    p.add_argument("--transfer-protocol", default="ipc,rdma", help="comma list (default ipc,rdma)")
+    p.add_argument("--heartbeat-period", type=float, default=5.0)
+    p.add_argument("--first-heartbeat-delay", type=float, default=0.0,
+                   help="delay before the first registration (default 0; FastDeploy waits one period)")
+    return p
+
+
+async def _run(args: argparse.Namespace) -> int:
+    protocols = [x.strip() for x in args.transfer_protocol.split(",") if x.strip()]
+    instances: list[SimInstance] = []
+    for i in range(args.instances):
+        cfg = SimConfig(
+            role=args.role, host=args.host,
+            port=args.port_base + i if args.port_base else 0,
+            connector_port=(args.connector_port_base + i if args.connector_port_base else
+                            (None if args.role == "mixed" else 0)),
+            metrics_port=(None if args.metrics_port_base is None else
+                          (args.metrics_port_base + i if args.metrics_port_base else 0)),
+            time_scale=args.time_scale, max_num_seqs=args.max_num_seqs,
+            max_concurrency=args.max_concurrency, num_gpu_blocks=args.num_gpu_blocks,
+            block_size=args.block_size, output_tokens=args.output_tokens,
+            served_model_name=args.served_model_name, max_model_len=args.max_model_len,
+            api_key=args.api_key, version=args.version, transfer_protocol=protocols,
+            device_ids=[str(i)], heartbeat_period=args.heartbeat_period)
+        instances.append(SimInstance(cfg))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover (non-Unix)
+            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
+    rc = 0
+    try:
+        try:
+            for inst in instances:
+                await inst.start()
+        except OSError as exc:
+            print(f"sim: startup failed: {exc}", file=sys.stderr, flush=True)
+            rc = 1
+            return rc
+        for inst in instances:
+            if args.router:
+                inst.start_heartbeat(args.router, period=args.heartbeat_period,
+                                     first_delay=args.first_heartbeat_delay)
+            print(f"sim instance {inst.config.role} {inst.url} ready", flush=True)
+        await stop.wait()
+    finally:
+        await asyncio.gather(*(inst.stop() for inst in instances), return_exceptions=True)
+    return rc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as exc:  # argparse: --help → 0, usage error → 2
+        return int(exc.code or 0)
+    if args.instances < 1:
+        parser.print_usage(sys.stderr)
+        print("kvrouter sim: error: --instances must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        import uvloop  # type: ignore[import-not-found]
+    except ImportError:
+        uvloop = None
+    try:
+        if uvloop is not None:
+            return uvloop.run(_run(args))
+        return asyncio.run(_run(args))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

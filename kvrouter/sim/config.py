@@ -1,0 +1,111 @@
+"""Configuration and fault knobs of a simulated FastDeploy instance.
+
+:class:`SimConfig` is fixed when the instance starts (except the registration fields
+``is_paused``, ``version`` and ``connected_decodes``, which are read on every heartbeat).
+:class:`Knobs` is read on every request, so tests can flip faults on a live instance.
+
+Time values in :class:`SimConfig` are *model* seconds: the simulator multiplies them by
+``time_scale``. Time values in :class:`Knobs` are real (wall-clock) seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLES = ("mixed", "prefill", "decode")
+
+
+@dataclass
+class SimConfig:
+    # --- identity / sockets -------------------------------------------------------
+    role: str = "mixed"                      # mixed | prefill | decode
+    host: str = "127.0.0.1"                  # bind address ("::1" works)
+    port: int = 0                            # 0 = ephemeral (the bound port is in SimInstance.port)
+    advertise_host: str | None = None        # host_ip sent to the router (default: host)
+    metrics_port: int | None = None          # None = /metrics on the API port; 0 = separate ephemeral port
+    connector_port: int | None = None        # None = ephemeral for prefill/decode, none for mixed; 0 = ephemeral
+    engine_worker_queue_port: int | None = None
+    transfer_protocol: list[str] = field(default_factory=lambda: ["ipc", "rdma"])
+    rdma_ports: list[int] = field(default_factory=list)
+    device_ids: list[str] = field(default_factory=lambda: ["0"])
+    tp_size: int = 1
+    version: str | None = None
+    is_paused: bool = False
+    connected_decodes: list[dict[str, Any]] = field(default_factory=list)
+    load_delay: float = 0.0                  # real seconds before start() binds (model "loading")
+
+    # --- API surface ----------------------------------------------------------------
+    served_model_name: str = "default"
+    model_root: str | None = None            # "root" of the model card (default: served name)
+    max_model_len: int = 8192
+    api_key: str | None = None               # guards /v1/*: 401 {"error":"Unauthorized"}
+    max_concurrency: int = 512               # in-flight inference calls before 429
+    strict_model: bool = False               # True: a different "model" → 400 Unsupported model
+
+    # --- engine model ---------------------------------------------------------------
+    max_num_seqs: int = 8
+    block_size: int = 64
+    num_gpu_blocks: int = 4096
+    enable_prefix_caching: bool = True       # always off on decode instances
+    prefix_cache_blocks: int | None = None   # LRU capacity of the prefix cache (default num_gpu_blocks)
+    output_tokens: int = 16                  # natural answer length ("stop"); max_tokens may cut it ("length")
+    chars_per_token: int = 4                 # prompt tokenizer: one token per N characters
+    ttft_base: float = 0.05                  # model seconds
+    prefill_per_token: float = 0.0002        # model seconds per uncached prompt token
+    itl: float = 0.02                        # model seconds between output tokens
+    time_scale: float = 0.1                  # real = model × time_scale
+
+    # --- PD ---------------------------------------------------------------------------
+    handoff_timeout: float = 30.0            # real seconds a decode waits for its hand-off
+    handoff_ttl: float = 60.0                # real seconds an early hand-off stays buffered
+    handoff_connect_timeout: float = 2.0     # real seconds for the prefill's POST to the connector
+    transfer_ipc_base: float = 0.002         # model seconds
+    transfer_ipc_per_token: float = 0.00001
+    transfer_rdma_base: float = 0.01
+    transfer_rdma_per_token: float = 0.00005
+
+    # --- registration -------------------------------------------------------------------
+    heartbeat_period: float = 5.0
+    health_probe_timeout: float = 3.0
+    register_timeout: float = 5.0
+    shutdown_timeout: float = 0.5
+
+    def __post_init__(self) -> None:
+        self.role = str(self.role).lower()
+        if self.role not in ROLES:
+            raise ValueError(f"invalid role {self.role!r}; expected one of {ROLES}")
+        if self.max_num_seqs < 1 or self.block_size < 1 or self.num_gpu_blocks < 1:
+            raise ValueError("max_num_seqs, block_size and num_gpu_blocks must be >= 1")
+        if self.time_scale < 0:
+            raise ValueError("time_scale must be >= 0")
+
+
+@dataclass
+class Knobs:
+    """Fault knobs, read per request. All delays are real seconds."""
+
+    # /health and /ping
+    health_status: int = 200
+    health_delay: float = 0.0
+    health_body: bytes = b""
+    # /metrics
+    metrics_override: dict[str, float | str | None] = field(default_factory=dict)
+    metrics_delay: float = 0.0
+    metrics_status: int = 200
+    # inference (/v1/chat/completions, /v1/completions)
+    reply_status: int | None = None          # force this status with reply_body (JSON-encoded if not bytes/str)
+    reply_body: Any = None
+    header_delay: float = 0.0                # before anything is sent
+    first_byte_delay: float = 0.0            # headers sent at once, body delayed
+    reset_before_response: bool = False      # RST the connection without answering
+    drop_after_events: int | None = None     # stream: N events then RST; non-stream: half the body then RST
+    drop_delay: float = 0.05                 # pause between the last event and the RST (lets the client read)
+    sse_script: list[bytes] | None = None    # stream these bytes verbatim (200, text/event-stream)
+    sse_script_delay: float = 0.0            # pause between script items
+    pd_reschedule_on: set[int] = field(default_factory=set)  # 1-based inference ordinals
+    pd_reschedule_after: int = 2             # tokens generated before the pd_reschedule finish
+    echo: bool = False                       # non-stream bodies also carry {"echo":{"body","headers"}}
+    ttft: float | None = None                # override the modelled prefill time
+    itl: float | None = None                 # override the modelled inter-token latency
+    handoff_timeout: float | None = None     # override SimConfig.handoff_timeout

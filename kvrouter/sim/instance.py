@@ -1,0 +1,777 @@
+"""A simulated FastDeploy instance: the aiohttp HTTP surface of contract §8 over an
+:class:`~kvrouter.sim.engine.Engine`, plus the PD connector and the registration heartbeat.
+
+Designed to run inside a test's event loop::
+
+    inst = SimInstance(SimConfig(role="mixed", port=0))
+    await inst.start()            # inst.port / inst.url are set
+    ...
+    await inst.stop()
+
+Requests without ``disaggregate_info`` on a prefill or decode instance are served like on a
+mixed instance. A mixed instance ignores ``disaggregate_info``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from kvrouter.sim import protocol as P
+from kvrouter.sim.config import Knobs, SimConfig
+from kvrouter.sim.engine import Engine, EngineParams, GenRequest, SimpleEngine, TokenOut
+from kvrouter.sim.metrics import HttpStats, render
+from kvrouter.sim.pd import (
+    DisaggError,
+    DisaggTarget,
+    HandoffAborted,
+    HandoffError,
+    HandoffStore,
+    parse_disaggregate_info,
+    send_handoff,
+    transfer_delay,
+)
+from kvrouter.sim.tokens import render_chat, tokenize
+
+log = logging.getLogger("kvrouter.sim")
+
+
+@dataclass
+class ReceivedRequest:
+    """One request as the instance received it (API or metrics listener)."""
+
+    method: str
+    path: str
+    query: str
+    headers: CIMultiDict[str]
+    body: bytes
+    time: float            # time.time() at receipt
+    listener: str = "api"  # "api" | "metrics"
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+@dataclass
+class HeartbeatRecord:
+    time: float
+    health_status: int | None     # status of the own /health probe (None: probe failed)
+    register_status: int | None   # status of POST /register (None: not sent or failed)
+    error: str | None = None
+
+
+@dataclass
+class _Parsed:
+    request_id: str
+    explicit_id: bool
+    model: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    max_tokens: int | None
+    ignore_eos: bool
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool
+    return_token_ids: bool
+
+
+class _BadRequest(Exception):
+    def __init__(self, message: str, code: str = "invalid_value", param: str | None = None,
+                 status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = P.error_body(message, code=code, param=param)
+
+
+class _Dropped(Exception):
+    """The connection was reset on purpose (fault knob)."""
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _reset(request: web.Request) -> None:
+    """Close the client connection abruptly (TCP RST)."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=P.dumps(obj), content_type=P.JSON_CONTENT_TYPE)
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+
+
+def normalize_router_url(router: str) -> str:
+    router = router.strip().rstrip("/")
+    if not router.startswith(("http://", "https://")):
+        router = "http://" + router
+    return router
+
+
+class SimInstance:
+    def __init__(self, config: SimConfig | None = None, *, knobs: Knobs | None = None,
+                 engine: Engine | None = None) -> None:
+        self.config = config or SimConfig()
+        self.knobs = knobs or Knobs()
+        cfg = self.config
+        self.engine: Engine = engine or SimpleEngine(EngineParams(
+            max_num_seqs=cfg.max_num_seqs, block_size=cfg.block_size, num_gpu_blocks=cfg.num_gpu_blocks,
+            enable_prefix_caching=cfg.enable_prefix_caching and cfg.role != "decode",
+            prefix_cache_blocks=cfg.prefix_cache_blocks, output_tokens=cfg.output_tokens,
+            ttft_base=cfg.ttft_base, prefill_per_token=cfg.prefill_per_token, itl=cfg.itl,
+            time_scale=cfg.time_scale))
+        self.handoffs = HandoffStore(ttl=cfg.handoff_ttl)
+        self.http_stats = HttpStats()
+        self.received: list[ReceivedRequest] = []
+        self.handoffs_received: list[dict[str, Any]] = []   # payloads POSTed to our connector
+        self.handoffs_sent: list[dict[str, Any]] = []       # payloads we (as prefill) sent
+        self.heartbeats: list[HeartbeatRecord] = []
+        self.host = cfg.host
+        self.port: int = cfg.port
+        self.metrics_port: int | None = cfg.metrics_port
+        self.connector_port: int | None = cfg.connector_port
+        if self.connector_port is None and cfg.role != "mixed":
+            self.connector_port = 0
+        self.created = int(time.time())
+        self.inference_count = 0      # ordinal of inference calls (1-based after increment)
+        self.in_flight = 0            # inference calls being served (the max_concurrency count)
+        self._runners: list[web.AppRunner] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def url(self) -> str:
+        return f"http://{_bracket(self._local_host())}:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{_bracket(self._local_host())}:{self.metrics_port or self.port}/metrics"
+
+    @property
+    def advertise_host(self) -> str:
+        return self.config.advertise_host or self._local_host()
+
+    @property
+    def running(self) -> bool:
+        return bool(self._runners)
+
+    def _local_host(self) -> str:
+        if self.host in ("", "0.0.0.0"):
+            return "127.0.0.1"
+        if self.host == "::":
+            return "::1"
+        return self.host
+
+    async def start(self) -> None:
+        """Bind the API (and metrics / connector) ports. Re-binds the same ports after
+        :meth:`close_port` or :meth:`stop`."""
+        if self._runners:
+            return
+        if self.config.load_delay > 0:
+            await asyncio.sleep(self.config.load_delay)
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+        try:
+            api = self._make_app("api")
+            self.port = await self._bind(api, self.port)
+            if self.metrics_port is not None:
+                self.metrics_port = await self._bind(self._make_app("metrics"), self.metrics_port)
+            if self.connector_port is not None:
+                self.connector_port = await self._bind(self._make_connector_app(), self.connector_port)
+        except BaseException:
+            await self.close_port()
+            raise
+        log.info("sim %s instance listening on %s", self.config.role, self.url)
+
+    async def _bind(self, app: web.Application, port: int) -> int:
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                               shutdown_timeout=self.config.shutdown_timeout)
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, self.host, port, reuse_address=True)
+        await site.start()
+        return int(runner.addresses[0][1])
+
+    async def close_port(self) -> None:
+        """Stop listening (all ports); the object, its records and its heartbeat task stay."""
+        runners, self._runners = self._runners, []
+        self.engine.abort_all()
+        self.handoffs.abort_all()
+        for runner in runners:
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+
+    async def stop(self) -> None:
+        await self.stop_heartbeat()
+        await self.close_port()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> SimInstance:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------ registration
+    def registration_payload(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "role": cfg.role,
+            "host_ip": self.advertise_host,
+            "port": self.port,
+            "connector_port": self.connector_port,
+            "engine_worker_queue_port": cfg.engine_worker_queue_port,
+            "transfer_protocol": list(cfg.transfer_protocol),
+            "rdma_ports": list(cfg.rdma_ports),
+            "device_ids": list(cfg.device_ids),
+            "metrics_port": self.metrics_port if self.metrics_port is not None else self.port,
+            "tp_size": cfg.tp_size,
+            "is_paused": cfg.is_paused,
+            "version": cfg.version,
+            "connected_decodes": list(cfg.connected_decodes),
+        }
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def register_once(self, router_url: str) -> int:
+        """One heartbeat (§1.2): GET the own ``/health`` (3 s timeout); if 200, POST the
+        payload to ``{router}/register`` (5 s timeout). Returns the POST status, or 0 when
+        the probe failed (nothing POSTed) or the POST did not get a status."""
+        cfg = self.config
+        session = self._client()
+        rec = HeartbeatRecord(time=time.time(), health_status=None, register_status=None)
+        self.heartbeats.append(rec)
+        try:
+            async with session.get(self.url + "/health",
+                                   timeout=aiohttp.ClientTimeout(total=cfg.health_probe_timeout)) as r:
+                await r.read()
+                rec.health_status = r.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            rec.error = f"health probe failed: {exc!r}"
+            return 0
+        if rec.health_status != 200:
+            rec.error = f"health probe answered {rec.health_status}"
+            return 0
+        url = normalize_router_url(router_url) + "/register"
+        try:
+            async with session.post(url, json=self.registration_payload(),
+                                    timeout=aiohttp.ClientTimeout(total=cfg.register_timeout)) as r:
+                await r.read()
+                rec.register_status = r.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            rec.error = f"register failed: {exc!r}"
+            log.warning("sim %s: register to %s failed: %r", self.url, url, exc)
+            return 0
+        if not 200 <= r.status < 300:
+            log.warning("sim %s: register to %s answered %s", self.url, url, r.status)
+        return r.status
+
+    def start_heartbeat(self, router_url: str, period: float | None = None,
+                        first_delay: float | None = None) -> asyncio.Task[None]:
+        """Loop for the instance's life: sleep → :meth:`register_once`. The first sleep is
+        ``first_delay`` (default: ``period``), like FastDeploy."""
+        if self._heartbeat_task is not None and not self._heartbeat_task.done():
+            self._heartbeat_task.cancel()
+        period = self.config.heartbeat_period if period is None else period
+        delay = period if first_delay is None else first_delay
+
+        async def loop() -> None:
+            wait = delay
+            while True:
+                await asyncio.sleep(wait)
+                try:
+                    await self.register_once(router_url)
+                except Exception:  # never let the loop die
+                    log.exception("sim heartbeat failed")
+                wait = period
+
+        self._heartbeat_task = asyncio.get_running_loop().create_task(loop())
+        return self._heartbeat_task
+
+    async def stop_heartbeat(self) -> None:
+        task, self._heartbeat_task = self._heartbeat_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # ------------------------------------------------------------------ test helpers
+    def requests_to(self, path: str) -> list[ReceivedRequest]:
+        return [r for r in self.received if r.path == path]
+
+    @property
+    def inference_requests(self) -> list[ReceivedRequest]:
+        return [r for r in self.received if r.path in ("/v1/chat/completions", "/v1/completions")]
+
+    def gauges(self) -> dict[str, float]:
+        return self.engine.gauges()
+
+    # ------------------------------------------------------------------ apps
+    def _make_app(self, listener: str) -> web.Application:
+        app = web.Application(middlewares=[self._middleware_for(listener)], client_max_size=1 << 30)
+        if listener == "metrics":
+            app.router.add_get("/metrics", self._metrics)
+            return app
+        app.router.add_get("/health", self._health)
+        app.router.add_route("GET", "/ping", self._health)
+        app.router.add_route("POST", "/ping", self._health)
+        app.router.add_get("/v1/models", self._models)
+        if self.metrics_port is None:
+            app.router.add_get("/metrics", self._metrics)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/abort_requests", self._abort)
+        return app
+
+    def _make_connector_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/handoff", self._handoff)
+        return app
+
+    def _middleware_for(self, listener: str) -> Any:
+        @web.middleware
+        async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+            body = await request.read()
+            self.received.append(ReceivedRequest(
+                method=request.method, path=request.path, query=request.query_string,
+                headers=CIMultiDict(request.headers), body=body, time=time.time(), listener=listener))
+            resource = request.match_info.route.resource
+            path = resource.canonical if resource is not None else request.path
+            t0 = time.perf_counter()
+            status = 500
+            try:
+                key = self.config.api_key
+                if key and request.path.startswith("/v1") and \
+                        request.headers.get("Authorization", "") != f"Bearer {key}":
+                    status = 401
+                    return _json({"error": "Unauthorized"}, 401)
+                try:
+                    resp = await handler(request)
+                except web.HTTPNotFound:
+                    status = 404
+                    return _json({"detail": "Not Found"}, 404)
+                except web.HTTPMethodNotAllowed:
+                    status = 405
+                    return _json({"detail": "Method Not Allowed"}, 405)
+                status = resp.status
+                return resp
+            finally:
+                self.http_stats.observe(request.method, path, status, time.perf_counter() - t0)
+        return middleware
+
+    # ------------------------------------------------------------------ simple routes
+    async def _health(self, request: web.Request) -> web.Response:
+        k = self.knobs
+        if k.health_delay > 0:
+            await asyncio.sleep(k.health_delay)
+        return web.Response(status=k.health_status, body=k.health_body)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        cfg = self.config
+        name = cfg.served_model_name
+        card = {
+            "id": name, "object": "model", "created": self.created, "owned_by": "FastDeploy",
+            "root": cfg.model_root or name, "parent": None, "max_model_len": cfg.max_model_len,
+            "permission": [{
+                "id": f"modelperm-{name}", "object": "model_permission", "created": self.created,
+                "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                "organization": "*", "group": None, "is_blocking": False}],
+        }
+        return _json({"object": "list", "data": [card]})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        k = self.knobs
+        if k.metrics_delay > 0:
+            await asyncio.sleep(k.metrics_delay)
+        text = render(self.engine.gauges(), self.engine.stats, self.http_stats, k.metrics_override)
+        return web.Response(status=k.metrics_status, body=text.encode(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def _abort(self, request: web.Request) -> web.Response:
+        try:
+            data = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
+            return _json(P.error_body(f"Invalid JSON format: {exc}"), 400)
+        if not isinstance(data, dict):
+            return _json(P.error_body("request body must be a JSON object"), 400)
+        abort_all = data.get("abort_all") is True
+        req_ids = data.get("req_ids")
+        if not abort_all and not (isinstance(req_ids, list) and req_ids
+                                  and all(isinstance(r, str) for r in req_ids)):
+            return _json(P.error_body("req_ids must be a non-empty list of strings or abort_all must be true",
+                                      code="missing_required_parameter", param="req_ids"), 400)
+        if abort_all:
+            done = self.engine.abort_all()
+            waiting = self.handoffs.abort_all()
+            not_found: list[str] = []
+        else:
+            done, waiting, not_found = [], [], []
+            for given in req_ids:
+                raw = given
+                for prefix in ("chatcmpl-", "cmpl-"):
+                    if raw.startswith(prefix):
+                        raw = raw[len(prefix):]
+                hit = self.engine.abort([given]) or (self.engine.abort([raw]) if raw != given else [])
+                done.extend(hit)
+                if self.handoffs.abort(given) or (raw != given and self.handoffs.abort(raw)):
+                    waiting.append(raw)
+                elif not hit:
+                    not_found.append(given)
+        aborted = [{"request_id": rid, "generated_tokens": n} for rid, n in done]
+        aborted += [{"request_id": rid, "generated_tokens": 0} for rid in waiting]
+        return _json({"code": 200, "msg": "success", "aborted": aborted, "not_found": not_found})
+
+    async def _handoff(self, request: web.Request) -> web.Response:
+        try:
+            payload = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return _json({"code": 400, "msg": "invalid JSON"}, 400)
+        if not isinstance(payload, dict) or not isinstance(payload.get("request_id"), str):
+            return _json({"code": 400, "msg": "request_id required"}, 400)
+        self.handoffs_received.append(payload)
+        self.handoffs.deliver(payload)
+        return _json({"code": 200, "msg": "success"})
+
+    # ------------------------------------------------------------------ inference
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._inference(request, "chat")
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._inference(request, "completion")
+
+    async def _inference(self, request: web.Request, kind: str) -> web.StreamResponse:
+        self.inference_count += 1
+        ordinal = self.inference_count
+        k = self.knobs
+        if k.header_delay > 0:
+            await asyncio.sleep(k.header_delay)
+        if k.reset_before_response:
+            _reset(request)
+            return web.Response(status=500)
+        if k.reply_status is not None:
+            body = k.reply_body
+            if not isinstance(body, (bytes, str)):
+                body = P.dumps(body if body is not None else {})
+            return web.Response(status=k.reply_status, body=body if isinstance(body, bytes) else body.encode(),
+                                content_type=P.JSON_CONTENT_TYPE)
+        if k.sse_script is not None:
+            return await self._script(request, list(k.sse_script))
+        raw = await request.read()
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            return _json(P.error_body(f"Invalid JSON format: {exc}"), 400)
+        if not isinstance(data, dict):
+            return _json(P.error_body("request body must be a JSON object"), 400)
+        if self.in_flight >= self.config.max_concurrency:
+            return _json(P.too_many_requests_body(self.config.max_concurrency), 429)
+        self.in_flight += 1
+        try:
+            return await self._serve(request, kind, data, raw, ordinal)
+        finally:
+            self.in_flight -= 1
+
+    def _parse(self, kind: str, data: dict[str, Any]) -> _Parsed:
+        cfg = self.config
+        rid = data.get("request_id")
+        if rid is not None and not isinstance(rid, str):
+            raise _BadRequest("request_id must be a string", param="request_id")
+        explicit = bool(rid)
+        model = data.get("model")
+        if model is not None and not isinstance(model, str):
+            raise _BadRequest("model must be a string", param="model")
+        if cfg.strict_model and model not in (None, "", "default", cfg.served_model_name):
+            raise _BadRequest(f"Unsupported model: {model}", code="model_not_support", param="model")
+        if _int_list(data.get("prompt_token_ids")) and data["prompt_token_ids"]:
+            prompt_ids = list(data["prompt_token_ids"])
+        elif kind == "chat":
+            messages = data.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise _BadRequest("messages is required and must be a non-empty list",
+                                  code="missing_required_parameter", param="messages")
+            prompt_ids = tokenize(render_chat(messages), cfg.chars_per_token)
+        else:
+            prompt = data.get("prompt")
+            if isinstance(prompt, list) and prompt:
+                if _int_list(prompt):
+                    prompt_ids = list(prompt)
+                elif _int_list(prompt[0]):
+                    prompt_ids = list(prompt[0])
+                elif isinstance(prompt[0], str):
+                    prompt_ids = tokenize(prompt[0], cfg.chars_per_token)
+                else:
+                    raise _BadRequest("prompt must be a string or a list", param="prompt")
+            elif isinstance(prompt, str):
+                prompt_ids = tokenize(prompt, cfg.chars_per_token)
+            else:
+                raise _BadRequest("prompt is required", code="missing_required_parameter", param="prompt")
+        completion_ids = data.get("completion_token_ids")
+        if completion_ids is None:
+            completion_ids = []
+        elif not _int_list(completion_ids):
+            raise _BadRequest("completion_token_ids must be a list of integers", param="completion_token_ids")
+        max_tokens = data.get("max_completion_tokens")
+        if max_tokens is None:
+            max_tokens = data.get("max_tokens")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
+                                       or max_tokens < 1):
+            raise _BadRequest("max_tokens must be a positive integer", param="max_tokens")
+        n_prompt = len(prompt_ids) + len(completion_ids)
+        if n_prompt >= cfg.max_model_len:
+            raise _BadRequest(f"Input text is too long, input_ids_len ({n_prompt}) should be less than "
+                              f"max_model_len ({cfg.max_model_len})", code="context_length_exceeded")
+        if -(-max(1, n_prompt) // cfg.block_size) > cfg.num_gpu_blocks:
+            raise _BadRequest("prompt needs more KV blocks than the instance has", code="context_length_exceeded")
+        opts = data.get("stream_options")
+        opts = opts if isinstance(opts, dict) else {}
+        return _Parsed(
+            request_id=rid if explicit else str(uuid.uuid4()), explicit_id=explicit,
+            model=model or cfg.served_model_name, prompt_ids=prompt_ids, completion_ids=list(completion_ids),
+            max_tokens=max_tokens, ignore_eos=data.get("ignore_eos") is True, stream=data.get("stream") is True,
+            include_usage=opts.get("include_usage") is True,
+            continuous_usage=opts.get("continuous_usage_stats") is True,
+            return_token_ids=data.get("return_token_ids") is True)
+
+    async def _serve(self, request: web.Request, kind: str, data: dict[str, Any], raw: bytes,
+                     ordinal: int) -> web.StreamResponse:
+        cfg, k = self.config, self.knobs
+        try:
+            req = self._parse(kind, data)
+        except _BadRequest as exc:
+            return _json(exc.body, exc.status)
+        target: DisaggTarget | None = None
+        phase = "full"
+        info = data.get("disaggregate_info")
+        if info is not None and cfg.role != "mixed":
+            try:
+                target = parse_disaggregate_info(info)
+            except DisaggError as exc:
+                return _json(P.error_body(f"invalid disaggregate_info: {exc}", param="disaggregate_info"), 400)
+            if not req.explicit_id:
+                return _json(P.error_body("request_id is required with disaggregate_info",
+                                          code="missing_required_parameter", param="request_id"), 400)
+            phase = "prefill" if cfg.role == "prefill" else "decode"
+        ctx = P.ResponseContext(
+            kind=kind, id=("chatcmpl-" if kind == "chat" else "cmpl-") + req.request_id,
+            created=int(time.time()), model=req.model, prompt_token_ids=req.prompt_ids,
+            return_token_ids=req.return_token_ids, include_usage=req.include_usage,
+            continuous_usage=req.continuous_usage)
+        gen = GenRequest(
+            request_id=req.request_id, prompt_token_ids=req.prompt_ids + req.completion_ids,
+            max_tokens=req.max_tokens, ignore_eos=req.ignore_eos, start_index=len(req.completion_ids),
+            phase=phase, ttft_override=k.ttft, itl_override=k.itl)  # type: ignore[arg-type]
+        if ordinal in k.pd_reschedule_on:
+            gen.reschedule_after = max(1, k.pd_reschedule_after)
+
+        resp: web.StreamResponse | None = None
+        if k.first_byte_delay > 0:
+            resp = await self._prepare(request, req.stream)
+            await asyncio.sleep(k.first_byte_delay)
+
+        if phase == "decode":
+            assert target is not None
+            timeout = k.handoff_timeout if k.handoff_timeout is not None else cfg.handoff_timeout
+            try:
+                handoff = await self.handoffs.wait(req.request_id, timeout)
+            except asyncio.TimeoutError:
+                return await self._fail(request, resp, req.stream, 504, P.error_body(
+                    f"decode timed out after {timeout}s waiting for the prefill hand-off of {req.request_id}",
+                    type_="timeout_error", code="timeout"))
+            except HandoffAborted:
+                return await self._fail(request, resp, req.stream, 500, P.error_body(
+                    f"request {req.request_id} aborted", type_="internal_error", code="internal_error"))
+            first = handoff.get("first_token")
+            if isinstance(first, int) and not isinstance(first, bool):
+                gen.first_token_id = first
+            proto = handoff.get("transfer_protocol")
+            proto = proto if proto in ("ipc", "rdma") else target.transfer_protocol
+            gen.transfer_delay = transfer_delay(
+                proto, len(gen.prompt_token_ids), ipc_base=cfg.transfer_ipc_base,
+                ipc_per_token=cfg.transfer_ipc_per_token, rdma_base=cfg.transfer_rdma_base,
+                rdma_per_token=cfg.transfer_rdma_per_token)
+
+        if req.stream:
+            return await self._stream(request, ctx, gen, target, resp)
+        return await self._non_stream(request, ctx, gen, target, resp, raw)
+
+    async def _tokens(self, gen: GenRequest, target: DisaggTarget | None) -> AsyncIterator[TokenOut]:
+        """Engine tokens; a prefill hands the request to the decode before its first token."""
+        async with contextlib.aclosing(self.engine.generate(gen)) as tokens:
+            async for tok in tokens:
+                if target is not None and gen.phase == "prefill":
+                    payload = {"request_id": gen.request_id, "first_token": tok.token_id,
+                               "prompt_tokens": len(gen.prompt_token_ids),
+                               "transfer_protocol": target.transfer_protocol,
+                               "prefill": f"{_bracket(self.advertise_host)}:{self.port}"}
+                    try:
+                        await send_handoff(self._client(), target, payload,
+                                           timeout=self.config.handoff_connect_timeout)
+                    except HandoffError:
+                        self.engine.stats.inc("fastdeploy:send_cache_failed_num")
+                        raise
+                    self.handoffs_sent.append(payload)
+                    target = None
+                yield tok
+
+    async def _prepare(self, request: web.Request, stream: bool,
+                       content_length: int | None = None) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200)
+        if stream:
+            resp.headers["Content-Type"] = P.SSE_CONTENT_TYPE
+        else:
+            resp.headers["Content-Type"] = P.JSON_CONTENT_TYPE
+        if content_length is not None:
+            resp.content_length = content_length
+        await resp.prepare(request)
+        return resp
+
+    async def _fail(self, request: web.Request, resp: web.StreamResponse | None, stream: bool,
+                    status: int, body: dict[str, Any]) -> web.StreamResponse:
+        if resp is None:
+            return _json(body, status)
+        with contextlib.suppress(ConnectionError):
+            if stream:
+                await resp.write(P.ResponseContext.stream_error(body["error"]["message"],
+                                                                body["error"].get("code") or "internal_error"))
+                await resp.write(P.DONE)
+            else:
+                await resp.write(P.dumps(body))
+            await resp.write_eof()
+        return resp
+
+    async def _stream(self, request: web.Request, ctx: P.ResponseContext, gen: GenRequest,
+                      target: DisaggTarget | None, resp: web.StreamResponse | None) -> web.StreamResponse:
+        k = self.knobs
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        events = 0
+        n_prompt = len(gen.prompt_token_ids)
+
+        async def emit(chunk: bytes) -> None:
+            nonlocal resp, events
+            if resp is None:
+                resp = await self._prepare(request, True)
+            await resp.write(chunk)
+            events += 1
+            if k.drop_after_events is not None and events >= k.drop_after_events:
+                await asyncio.sleep(k.drop_delay)
+                _reset(request)
+                raise _Dropped
+
+        first_sent = False
+        final_sent = False
+        n_out = 0
+        try:
+            async with contextlib.aclosing(self._tokens(gen, target)) as tokens:
+                async for tok in tokens:
+                    if not first_sent:
+                        first = ctx.first_chunk(P.usage(n_prompt, 0, gen.cached_tokens))
+                        if first is not None:
+                            await emit(first)
+                        first_sent = True
+                    n_out += 1
+                    await emit(ctx.token_chunk(tok.text, tok.token_id, tok.finish_reason,
+                                               round(loop.time() - t0, 6),
+                                               P.usage(n_prompt, n_out, gen.cached_tokens)))
+                    final_sent = tok.finish_reason is not None
+            if not first_sent:
+                first = ctx.first_chunk(P.usage(n_prompt, 0, gen.cached_tokens))
+                if first is not None:
+                    await emit(first)
+            if not final_sent:
+                await emit(ctx.token_chunk("", None, gen.finish_reason or "abort",
+                                           round(loop.time() - t0, 6), P.usage(n_prompt, n_out, gen.cached_tokens)))
+            if ctx.include_usage:
+                await emit(ctx.usage_chunk(P.usage(n_prompt, n_out, gen.cached_tokens)))
+            await emit(P.DONE)
+            assert resp is not None
+            await resp.write_eof()
+            return resp
+        except HandoffError as exc:
+            return await self._fail(request, resp, True, 500, P.error_body(
+                str(exc), type_="internal_error", code="connection_error"))
+        except (_Dropped, ConnectionError):
+            return resp if resp is not None else web.Response(status=500)
+
+    async def _non_stream(self, request: web.Request, ctx: P.ResponseContext, gen: GenRequest,
+                          target: DisaggTarget | None, resp: web.StreamResponse | None,
+                          raw: bytes) -> web.StreamResponse:
+        k = self.knobs
+        texts: list[str] = []
+        ids: list[int] = []
+        try:
+            async with contextlib.aclosing(self._tokens(gen, target)) as tokens:
+                async for tok in tokens:
+                    texts.append(tok.text)
+                    ids.append(tok.token_id)
+        except HandoffError as exc:
+            return await self._fail(request, resp, False, 500, P.error_body(
+                str(exc), type_="internal_error", code="connection_error"))
+        body = ctx.full_response("".join(texts), ids, gen.finish_reason or "abort",
+                                 P.usage(len(gen.prompt_token_ids), len(ids), gen.cached_tokens))
+        if k.echo:
+            body["echo"] = {"body": raw.decode("utf-8", "replace"), "headers": dict(request.headers)}
+        payload = P.dumps(body)
+        try:
+            if k.drop_after_events is not None:
+                if resp is None:
+                    resp = await self._prepare(request, False, content_length=len(payload))
+                await resp.write(payload[: len(payload) // 2])
+                await asyncio.sleep(k.drop_delay)
+                _reset(request)
+                return resp
+            if resp is not None:
+                await resp.write(payload)
+                await resp.write_eof()
+                return resp
+        except ConnectionError:
+            return resp if resp is not None else web.Response(status=500)
+        return web.Response(body=payload, content_type=P.JSON_CONTENT_TYPE)
+
+    async def _script(self, request: web.Request, script: list[bytes]) -> web.StreamResponse:
+        k = self.knobs
+        resp = await self._prepare(request, True)
+        try:
+            for i, item in enumerate(script):
+                if i and k.sse_script_delay > 0:
+                    await asyncio.sleep(k.sse_script_delay)
+                await resp.write(item)
+                if k.drop_after_events is not None and i + 1 >= k.drop_after_events:
+                    await asyncio.sleep(k.drop_delay)
+                    _reset(request)
+                    return resp
+            await resp.write_eof()
+        except ConnectionError:
+            pass
+        return resp

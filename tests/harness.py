@@ -1,0 +1,124 @@
+"""Test harness: a real kvrouter process on 127.0.0.1 with a config written for the test."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+QUIET = {"scheduler": {"stats-interval-secs": 0},
+         "manager": {"health-check-interval-secs": 60}}
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k].update(v)
+        else:
+            out[k] = v
+    return out
+
+
+class RouterProcess:
+    """``python -m kvrouter`` started with ``--port 0``; knows its URL once it serves."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, log_path: Path) -> None:
+        self.proc = proc
+        self.log_path = log_path
+        self.port = 0
+        self.host = "127.0.0.1"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def stop(self) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        return self.proc.returncode
+
+
+async def start_router(tmp_path: Path, config: dict | None = None, *args: str,
+                       quiet: bool = True) -> RouterProcess:
+    cfg = merge(QUIET, config or {}) if quiet else (config or {})
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    log_path = tmp_path / "router.log"
+    logf = open(log_path, "wb")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kvrouter", "--port", "0", "--config_path", str(cfg_path), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=logf, env=env, cwd=str(tmp_path))
+    router = RouterProcess(proc, log_path)
+    try:
+        async with asyncio.timeout(20):
+            while True:
+                line = await proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"router exited: {router.log()}")
+                logf.write(line)
+                logf.flush()
+                text = line.decode()
+                if text.startswith("Starting server on "):
+                    hostport = text.split()[-1]
+                    host, _, port = hostport.rpartition(":")
+                    router.port = int(port)
+                    if host not in ("0.0.0.0", "[::]"):
+                        router.host = host
+                    break
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    asyncio.get_running_loop().create_task(_pump(proc.stdout, logf))
+    return router
+
+
+async def _pump(stream: asyncio.StreamReader, sink) -> None:
+    while line := await stream.readline():
+        sink.write(line)
+        sink.flush()
+
+
+async def get_json(url: str, **kw) -> tuple[int, object]:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url, **kw) as r:
+            return r.status, await r.json(content_type=None)
+
+
+async def post_json(url: str, payload: object = None, *, data: bytes | None = None,
+                    headers: dict | None = None) -> tuple[int, object, dict]:
+    async with aiohttp.ClientSession() as s:
+        kw = {"data": data} if data is not None else {"json": payload}
+        async with s.post(url, headers=headers, **kw) as r:
+            raw = await r.read()
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                body = raw
+            return r.status, body, dict(r.headers)
+
+
+async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
+    """Poll an async predicate until it returns a truthy value."""
+    async with asyncio.timeout(timeout):
+        while True:
+            value = await predicate()
+            if value:
+                return value
+            await asyncio.sleep(interval)

@@ -1,0 +1,421 @@
+"""Prefix machinery: rendering, tokenizers, block hashes, the prefix index (contract §6.4)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import struct
+import subprocess
+import sys
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from kvrouter.config import SchedulerConfig
+from kvrouter.prefix.hashing import H0, block_hashes
+from kvrouter.prefix.index import PrefixIndex
+from kvrouter.prefix.render import extract_session_id, render_prompt
+from kvrouter.prefix.tokenizer import (
+    CodePointTokenizer,
+    LocalTokenizer,
+    RemoteTokenizer,
+    TokenizerError,
+    code_points,
+    make_tokenizer,
+    normalize_tokenizer_url,
+)
+from kvrouter.prefix.view import build_request_view
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+
+# --------------------------------------------------------------------------- rendering
+def test_render_chat_roles_and_newlines():
+    body = {"messages": [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": " hi\n"}]}
+    assert render_prompt(body, CHAT) == "system:Be brief. \nuser: hi\n\n"
+
+
+def test_render_chat_role_is_part_of_key():
+    a = render_prompt({"messages": [{"role": "user", "content": "X"}]}, CHAT)
+    b = render_prompt({"messages": [{"role": "system", "content": "X"}]}, CHAT)
+    assert a != b and a == "user:X\n" and b == "system:X\n"
+
+
+def test_render_chat_tools_canonical_json():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"b": 1, "a": "é"}}}]
+    body = {"tools": tools, "messages": [{"role": "user", "content": "q"}]}
+    expected_tools = json.dumps(tools, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert render_prompt(body, CHAT) == f"tools:{expected_tools}\nuser:q\n"
+    # key order in the body does not matter
+    tools2 = [{"function": {"parameters": {"a": "é", "b": 1}, "name": "f"}, "type": "function"}]
+    assert render_prompt({"tools": tools2, "messages": body["messages"]}, CHAT) == render_prompt(body, CHAT)
+
+
+def test_render_chat_parts_and_attachments():
+    url = "https://example.com/cat.png"
+    body = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "look "},
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": " here"},
+                    {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+                ],
+            }
+        ]
+    }
+    img = hashlib.sha256(url.encode()).hexdigest()[:16]
+    aud = hashlib.sha256(b"AAAA").hexdigest()[:16]
+    assert render_prompt(body, CHAT) == f"user:look <image_url:{img}> here<input_audio:{aud}>\n"
+    # a different image gives a different key
+    body2 = json.loads(json.dumps(body))
+    body2["messages"][0]["content"][1]["image_url"]["url"] = url + "?v=2"
+    assert render_prompt(body2, CHAT) != render_prompt(body, CHAT)
+
+
+def test_render_chat_tool_calls_and_null_content():
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    body = {
+        "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": None, "tool_calls": calls},
+            {"role": "tool", "content": "42", "tool_call_id": "c1"},
+        ]
+    }
+    canon = json.dumps(calls, sort_keys=True, separators=(",", ":"))
+    assert render_prompt(body, CHAT) == f"user:q\nassistant:{canon}\ntool:42\n"
+
+
+def test_render_chat_missing_messages():
+    assert render_prompt({}, CHAT) == ""
+    assert render_prompt({"messages": "nope"}, CHAT) == ""
+
+
+def test_render_completions():
+    assert render_prompt({"prompt": "  abc "}, COMPLETIONS) == "  abc "
+    assert render_prompt({"prompt": ["first", "second"]}, COMPLETIONS) == "first"
+    assert render_prompt({"prompt": [1, 2, 3]}, COMPLETIONS) == [1, 2, 3]
+    assert render_prompt({"prompt": [[4, 5], [6]]}, COMPLETIONS) == [4, 5]
+    assert render_prompt({"prompt": []}, COMPLETIONS) == ""
+    assert render_prompt({}, COMPLETIONS) == ""
+    assert render_prompt({"prompt": "x", "prompt_token_ids": [7, 8]}, COMPLETIONS) == [7, 8]
+    assert render_prompt({"prompt_token_ids": [[9, 10]]}, COMPLETIONS) == [9, 10]
+    # booleans are not token ids
+    assert render_prompt({"prompt": "x", "prompt_token_ids": [True]}, COMPLETIONS) == "x"
+    assert render_prompt({"messages": [], "prompt_token_ids": [1]}, CHAT) == [1]
+
+
+def test_extract_session_id():
+    assert extract_session_id({"session_id": "s1"}) == "s1"
+    assert extract_session_id({"session_id": "", "extra_body": {"session_id": "s2"}}) == "s2"
+    assert extract_session_id({"session_id": 5, "extra_body": {"session_id": "s3"}}) == "s3"
+    assert extract_session_id({"extra_body": {"session_id": ""}}) is None
+    assert extract_session_id({"extra_body": "x"}) is None
+    assert extract_session_id({}) is None
+
+
+# --------------------------------------------------------------------------- hashing
+def _reference_hashes(tokens, block_size):
+    """Direct transcription of §6.4: h_i = blake2b-64(le64(h_{i-1}) ‖ le64(tokens of block i))."""
+    h = H0
+    out = []
+    for b in range(len(tokens) // block_size):
+        msg = struct.pack("<Q", h) + b"".join(
+            struct.pack("<Q", t % 2**64) for t in tokens[b * block_size : (b + 1) * block_size]
+        )
+        h = int.from_bytes(hashlib.blake2b(msg, digest_size=8).digest(), "little")
+        out.append(h)
+    return out
+
+
+def test_h0_is_fixed():
+    assert H0 == int.from_bytes(b"kvrouter", "little")
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 64])
+def test_block_hashes_match_reference(block_size):
+    rng = random.Random(7)
+    tokens = [rng.randrange(0, 200_000) for _ in range(1000)]
+    assert block_hashes(tokens, block_size) == _reference_hashes(tokens, block_size)
+
+
+def test_block_hashes_full_blocks_only_and_chained():
+    assert block_hashes([1, 2, 3], 4) == []
+    assert block_hashes([], 4) == []
+    a = block_hashes([1, 2, 3, 4, 5, 6, 7, 8, 9], 4)
+    assert len(a) == 2
+    assert a == block_hashes([1, 2, 3, 4, 5, 6, 7, 8], 4)
+    # a different first block changes every later hash (chained prefix identity)
+    b = block_hashes([0, 2, 3, 4, 5, 6, 7, 8], 4)
+    assert a[0] != b[0] and a[1] != b[1]
+    # negative / huge ids are reduced modulo 2**64
+    assert block_hashes([-1, 2**64 + 5], 2) == _reference_hashes([-1, 2**64 + 5], 2)
+    with pytest.raises(ValueError):
+        block_hashes([1], 0)
+
+
+def test_block_hashes_stable_across_processes():
+    code = (
+        "from kvrouter.prefix.hashing import block_hashes;"
+        "print(block_hashes(list(range(100)), 8))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        env={"PYTHONHASHSEED": "123"},
+    ).stdout.strip()
+    assert out == str(block_hashes(list(range(100)), 8))
+
+
+def test_block_hashes_fast_enough():
+    import time
+
+    tokens = list(range(8192))
+    t0 = time.perf_counter()
+    for _ in range(10):
+        block_hashes(tokens, 64)
+    assert (time.perf_counter() - t0) / 10 < 0.01
+
+
+# --------------------------------------------------------------------------- index
+def test_index_match_leading_blocks():
+    idx = PrefixIndex(1000, 0)
+    idx.record([1, 2, 3, 4], "a:1", 1.0)
+    idx.record([1, 2], "b:1", 1.0)
+    assert idx.match([1, 2, 3, 4], ["a:1", "b:1", "c:1"]) == {"a:1": 4, "b:1": 2, "c:1": 0}
+    # chained hashes: after a divergence every later hash differs too
+    assert idx.match([1, 2, 9, 10], ["a:1"]) == {"a:1": 2}
+    assert idx.match([9, 2, 3], ["a:1"]) == {"a:1": 0}
+    assert idx.match([], ["a:1"]) == {"a:1": 0}
+    assert idx.match([1, 2, 3, 4, 5, 6, 7], ["a:1"]) == {"a:1": 4}
+    assert idx.size == 6
+
+
+def test_index_lookup_does_not_refresh():
+    idx = PrefixIndex(1000, 10)
+    idx.record([1, 2], "a:1", 0.0)
+    for t in range(5):
+        idx.match([1, 2], ["a:1"])
+    assert idx.sweep(10.5) == 2
+    assert idx.match([1, 2], ["a:1"]) == {"a:1": 0}
+
+
+def test_index_ttl_sweep():
+    idx = PrefixIndex(1000, 60)
+    idx.record([1, 2, 3], "a:1", 0.0)
+    idx.record([1, 2], "b:1", 30.0)
+    idx.record([1], "a:1", 50.0)          # refreshes a's first block only
+    assert idx.sweep(60.0) == 0           # exactly TTL old is kept
+    assert idx.sweep(70.0) == 2           # a's blocks 2, 3 (recorded at 0)
+    assert idx.match([1, 2, 3], ["a:1", "b:1"]) == {"a:1": 1, "b:1": 2}
+    assert idx.sweep(95.0) == 2
+    assert idx.sweep(111.0) == 1
+    assert idx.size == 0
+    assert idx.evictions["ttl"] == 5
+
+
+def test_index_ttl_zero_never_expires():
+    idx = PrefixIndex(1000, 0)
+    idx.record([1, 2], "a:1", 0.0)
+    assert idx.sweep(1e12) == 0
+    assert idx.size == 2
+
+
+def test_index_capacity_lru_deepest_first():
+    idx = PrefixIndex(5, 0)
+    idx.record([1, 2, 3], "a:1", 1.0)     # order: 3, 2, 1
+    idx.record([1, 7, 8], "b:1", 2.0)     # 6 entries → evict a's deepest (3)
+    assert idx.size == 5
+    assert idx.evictions["capacity"] == 1
+    assert idx.match([1, 2, 3], ["a:1"]) == {"a:1": 2}
+    idx.record([1], "a:1", 3.0)           # refresh the shared root; a:2 is now the oldest
+    idx.record([9], "c:1", 4.0)
+    assert idx.match([1, 2, 3], ["a:1"]) == {"a:1": 1}
+    assert idx.match([1, 7, 8], ["b:1"]) == {"b:1": 3}
+    # one call larger than the cap keeps its shallowest blocks
+    idx2 = PrefixIndex(3, 0)
+    idx2.record(list(range(100, 110)), "a:1", 1.0)
+    assert idx2.size == 3
+    assert idx2.match(list(range(100, 110)), ["a:1"]) == {"a:1": 3}
+
+
+def test_index_cap_never_exceeded_and_match_is_prefix_exact():
+    rng = random.Random(3)
+    idx = PrefixIndex(1000, 0)
+    shared = [rng.getrandbits(64) for _ in range(20)]
+    chains = []
+    for i in range(3000):
+        chain = shared[: rng.randrange(0, 21)] + [rng.getrandbits(64) for _ in range(rng.randrange(1, 30))]
+        chains.append(chain)
+        idx.record(chain, f"i{i % 4}:1", float(i))
+        assert idx.size <= 1000
+    # binary-search match equals a linear scan of the entries
+    for chain in chains[-200:]:
+        for ident in ("i0:1", "i1:1", "i2:1", "i3:1"):
+            linear = 0
+            num = idx._ids[ident]
+            for h in chain:
+                if ((num << 64) | h) in idx._entries:
+                    linear += 1
+                else:
+                    break
+            assert idx.match(chain, [ident])[ident] == linear
+    assert idx.evictions["capacity"] > 0
+
+
+def test_index_remove_instance():
+    idx = PrefixIndex(100, 0)
+    idx.record([1, 2, 3], "a:1", 1.0)
+    idx.record([1, 2], "b:1", 1.0)
+    assert idx.instance_blocks("a:1") == 3
+    assert idx.remove_instance("a:1") == 3
+    assert idx.remove_instance("zz:1") == 0
+    assert idx.match([1, 2, 3], ["a:1", "b:1"]) == {"a:1": 0, "b:1": 2}
+    assert idx.size == 2
+    assert idx.evictions == {"ttl": 0, "capacity": 0, "instance_removed": 3}
+
+
+# --------------------------------------------------------------------------- tokenizers
+def test_code_points():
+    s = "aé😀\n"
+    assert code_points(s) == [ord(c) for c in s]
+    assert code_points("") == []
+
+
+async def test_code_point_tokenizer():
+    tok = CodePointTokenizer()
+    assert not tok.real
+    assert await tok.tokens_for("ab😀") == ([97, 98, 0x1F600], False)
+    assert await tok.tokens_for([5, 6]) == ([5, 6], True)
+
+
+def _write_word_tokenizer(path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, "[CLS]": 3}
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="[CLS] $A", special_tokens=[("[CLS]", 3)])
+    tok.save(str(path))
+
+
+async def test_local_tokenizer(tmp_path):
+    p = tmp_path / "tokenizer.json"
+    _write_word_tokenizer(p)
+    tok = make_tokenizer(SchedulerConfig(tokenizer_path=str(p), tokenizer_url="http://ignored"))
+    assert isinstance(tok, LocalTokenizer) and tok.real
+    # no special tokens ([CLS]) added
+    assert await tok.tokens_for("hello world zzz") == ([1, 2, 0], True)
+    with pytest.raises(TokenizerError):
+        LocalTokenizer(str(tmp_path / "missing.json"))
+
+
+def test_normalize_tokenizer_url():
+    assert normalize_tokenizer_url("10.0.0.1:8000") == "http://10.0.0.1:8000/tokenize"
+    assert normalize_tokenizer_url("http://h:1/") == "http://h:1/tokenize"
+    assert normalize_tokenizer_url("https://h:1/api/tok") == "https://h:1/api/tok"
+    assert normalize_tokenizer_url("h:1/x?y=1") == "http://h:1/x?y=1"
+
+
+class FakeTokenizerServer:
+    def __init__(self):
+        self.received: list[dict] = []
+        self.mode = "ok"
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.received.append(await request.json())
+        if self.mode == "500":
+            return web.json_response({"error": "boom"}, status=500)
+        if self.mode == "empty":
+            return web.json_response({"input_ids": []})
+        if self.mode == "strings":
+            return web.json_response({"input_ids": ["a"]})
+        if self.mode == "notjson":
+            return web.Response(text="hi")
+        return web.json_response({"input_ids": [11, 12, 13]})
+
+
+@pytest.fixture
+async def fake_tokenizer():
+    fake = FakeTokenizerServer()
+    app = web.Application()
+    app.router.add_post("/tokenize", fake.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    fake.port = port
+    yield fake
+    await runner.cleanup()
+
+
+async def test_remote_tokenizer_success_and_failures(fake_tokenizer, caplog):
+    async with aiohttp.ClientSession() as session:
+        cfg = SchedulerConfig(tokenizer_url=f"127.0.0.1:{fake_tokenizer.port}", tokenizer_timeout_secs=2)
+        tok = make_tokenizer(cfg, lambda: session)
+        assert isinstance(tok, RemoteTokenizer)
+        assert tok.url == f"http://127.0.0.1:{fake_tokenizer.port}/tokenize"
+        assert await tok.tokens_for("user:hi\n") == ([11, 12, 13], True)
+        assert fake_tokenizer.received[-1] == {"text": "user:hi\n", "prompt": "user:hi\n", "message": "user:hi\n"}
+
+        caplog.set_level(logging.WARNING, logger="kvrouter.tokenizer")
+        for mode in ("500", "empty", "strings", "notjson"):
+            fake_tokenizer.mode = mode
+            assert await tok.tokens_for("ab") == ([97, 98], False)
+        warnings = [r for r in caplog.records if "remote tokenizer" in r.getMessage()]
+        assert len(warnings) == 1          # rate-limited: once per 30 s
+        assert "HTTP 500" in warnings[0].getMessage()
+        assert tok.failures == 4
+        # token-id prompts never call the tokenizer
+        n = len(fake_tokenizer.received)
+        assert await tok.tokens_for([1, 2]) == ([1, 2], True)
+        assert len(fake_tokenizer.received) == n
+
+
+async def test_remote_tokenizer_unreachable_and_own_session():
+    # a port with nothing listening: connection refused → code points
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    tok = RemoteTokenizer(f"http://127.0.0.1:{port}", 0.5)
+    try:
+        assert await tok.tokens_for("xy") == ([120, 121], False)
+    finally:
+        await tok.close()
+
+
+async def test_build_request_view_500_fallback(fake_tokenizer):
+    fake_tokenizer.mode = "500"
+    body = {"messages": [{"role": "user", "content": "abcdefghij"}], "session_id": "s"}
+    async with aiohttp.ClientSession() as session:
+        tok = RemoteTokenizer(f"127.0.0.1:{fake_tokenizer.port}/", 2, lambda: session)
+        view = await build_request_view(body, CHAT, tok, 4, need_prefix=True)
+    rendered = "user:abcdefghij\n"
+    assert fake_tokenizer.received == [{"text": rendered, "prompt": rendered, "message": rendered}]
+    assert view.prompt == rendered and view.tokens is None
+    assert view.token_estimate == 2 * len(rendered)
+    assert view.hashes == block_hashes([ord(c) for c in rendered], 4)
+    assert view.session_id == "s"
+
+
+async def test_build_request_view_variants():
+    cp = CodePointTokenizer()
+    v = await build_request_view({"prompt": "abcdefgh"}, COMPLETIONS, cp, 4, need_prefix=False)
+    assert (v.tokens, v.token_estimate, v.hashes) == (None, 16, [])
+    v = await build_request_view({"prompt": [1, 2, 3, 4, 5]}, COMPLETIONS, cp, 4, need_prefix=True)
+    assert (v.tokens, v.token_estimate, v.hashes) == ([1, 2, 3, 4, 5], 5, block_hashes([1, 2, 3, 4], 4))
+    v = await build_request_view({"prompt": "abc"}, COMPLETIONS, cp, 4, need_prefix=True)
+    assert v.hashes == [] and v.token_estimate == 6
