@@ -741,7 +741,8 @@ class SimInstance:
         body = ctx.full_response("".join(texts), ids, gen.finish_reason or "abort",
                                  P.usage(len(gen.prompt_token_ids), len(ids), gen.cached_tokens))
         if k.echo:
-            body["echo"] = {"body": raw.decode("utf-8", "replace"), "headers": dict(request.headers)}
+            body["echo"] = {"body": raw.decode("utf-8", "replace"),
+                            "headers": {str(k): v for k, v in request.headers.items()}}
         payload = P.dumps(body)
         try:
             if k.drop_after_events is not None:

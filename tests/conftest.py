@@ -1,0 +1,46 @@
+"""Shared fixtures: simulated instances started in the test's event loop and stopped after it."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvrouter.sim import SimConfig, SimInstance
+
+
+@pytest.fixture
+async def sims():
+    """``await sims(n, role=..., **SimConfig fields)`` → started instances, sorted by URL."""
+    started: list[SimInstance] = []
+
+    async def make(n: int = 1, **cfg) -> list[SimInstance]:
+        cfg.setdefault("time_scale", 0.01)
+        batch = []
+        for _ in range(n):
+            inst = SimInstance(SimConfig(**cfg))
+            await inst.start()
+            started.append(inst)
+            batch.append(inst)
+        return sorted(batch, key=lambda i: i.url)
+
+    yield make
+    for inst in started:
+        await inst.stop()
+
+
+@pytest.fixture
+async def router_factory(tmp_path):
+    """``await router_factory(config, *args)`` → a running router process, stopped after."""
+    from harness import start_router
+
+    started = []
+
+    async def make(config: dict | None = None, *args: str, **kw):
+        sub = tmp_path / f"r{len(started)}"
+        sub.mkdir()
+        router = await start_router(sub, config, *args, **kw)
+        started.append(router)
+        return router
+
+    yield make
+    for r in started:
+        await r.stop()
