@@ -153,7 +153,7 @@ async def test_metrics_on_separate_port(sim: Factory, client: aiohttp.ClientSess
 
 
 async def test_gauges_under_load(sim: Factory, client: aiohttp.ClientSession) -> None:
-    inst = await sim(max_num_seqs=2, num_gpu_blocks=100, knobs=Knobs(itl=0.02))
+    inst = await sim(max_num_seqs=2, num_gpu_blocks=100, knobs=Knobs(itl=0.01))
     murl = inst.url + "/metrics"
     body = {"prompt": "x" * 1000, "max_tokens": 30, "ignore_eos": True}  # 250 tokens = 4 blocks
 
@@ -396,6 +396,20 @@ async def test_pd_decode_timeout_and_prefill_failures(sim: Factory, client: aioh
     # no disaggregate_info on a P/D instance: served like mixed
     async with client.post(d.url + "/v1/chat/completions", json=chat_body(max_tokens=2)) as r:
         assert r.status == 200 and (await r.json())["usage"]["completion_tokens"] == 2
+
+
+async def test_pd_decode_wait_is_visible_and_cancellable(sim: Factory) -> None:
+    d = await sim(role="decode")
+    async with aiohttp.ClientSession() as s:
+        task = asyncio.create_task(s.post(d.url + "/v1/chat/completions",
+                                          json=chat_body(request_id="w", disaggregate_info=flat_info(d))))
+        await wait_for(lambda: d.handoffs.waiting() == 1)
+        assert d.gauges()["fastdeploy:num_requests_waiting"] == 1.0
+        task.cancel()                     # the router closes an orphaned D leg
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    await wait_for(lambda: d.handoffs.waiting() == 0 and d.in_flight == 0)
+    assert d.gauges()["fastdeploy:num_requests_waiting"] == 0.0
 
 
 async def test_pd_reschedule_knob(sim: Factory, client: aiohttp.ClientSession) -> None:

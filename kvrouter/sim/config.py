@@ -109,3 +109,4 @@ class Knobs:
     ttft: float | None = None                # override the modelled prefill time
     itl: float | None = None                 # override the modelled inter-token latency
     handoff_timeout: float | None = None     # override SimConfig.handoff_timeout
+    post_handoff_delay: float = 0.0          # prefill: pause after the hand-off, before any reply byte

@@ -22,7 +22,7 @@ import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -334,7 +334,13 @@ class SimInstance:
         return [r for r in self.received if r.path in ("/v1/chat/completions", "/v1/completions")]
 
     def gauges(self) -> dict[str, float]:
-        return self.engine.gauges()
+        """The §8.2 gauges as served on /metrics. Decode calls waiting for their hand-off
+        count as waiting requests."""
+        g = self.engine.gauges()
+        pending = self.handoffs.waiting()
+        if pending:
+            g["fastdeploy:num_requests_waiting"] = g.get("fastdeploy:num_requests_waiting", 0.0) + pending
+        return g
 
     # ------------------------------------------------------------------ apps
     def _make_app(self, listener: str) -> web.Application:
@@ -414,7 +420,7 @@ class SimInstance:
         k = self.knobs
         if k.metrics_delay > 0:
             await asyncio.sleep(k.metrics_delay)
-        text = render(self.engine.gauges(), self.engine.stats, self.http_stats, k.metrics_override)
+        text = render(self.gauges(), self.engine.stats, self.http_stats, k.metrics_override)
         return web.Response(status=k.metrics_status, body=text.encode(),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
@@ -642,6 +648,8 @@ class SimInstance:
                         raise
                     self.handoffs_sent.append(payload)
                     target = None
+                    if self.knobs.post_handoff_delay > 0:
+                        await asyncio.sleep(self.knobs.post_handoff_delay)
                 yield tok
 
     async def _prepare(self, request: web.Request, stream: bool,

@@ -148,7 +148,16 @@ class HandoffStore:
         return ids
 
     def pending(self) -> list[str]:
+        """Request ids of decode calls waiting for their hand-off."""
         return list(self._waiters)
+
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def buffered(self) -> int:
+        """Early hand-offs not yet claimed (within the TTL)."""
+        self._purge()
+        return len(self._early)
 
 
 def connector_url(ip: str, port: int) -> str:

@@ -1,0 +1,508 @@
+"""Black-box acceptance tests: listening, registration and heartbeats (contract §2–§3, §11
+items 2, 3, 4, 8, 10–23).
+
+Every test runs a real ``python -m kvrouter`` process (tests/harness.py) and simulated
+FastDeploy instances (kvrouter.sim) on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import socket
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from harness import RouterProcess, get_json, post_json, start_router, wait_for
+from kvrouter.sim.config import SimConfig
+from kvrouter.sim.instance import SimInstance
+
+FIELD = "invalid InstanceInfo format:"
+FORMAT = "Invalid InstanceInfo JSON format"
+EMPTY = {"mixed": 0, "prefill": 0, "decode": 0}
+CHAT = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 2}
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def bounded(seconds: float):
+    """Fail a test that runs longer than ``seconds``."""
+    def deco(fn):
+        @functools.wraps(fn)
+        async def wrapper(*args, **kwargs):
+            async with asyncio.timeout(seconds):
+                return await fn(*args, **kwargs)
+        return wrapper
+    return deco
+
+
+class Fleet:
+    """Routers and simulated instances started by one test; all stopped at teardown."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.routers: list[RouterProcess] = []
+        self.sims: list[SimInstance] = []
+
+    async def router(self, config: dict | None = None, *args: str) -> RouterProcess:
+        d = self.tmp_path / f"router{len(self.routers)}"
+        d.mkdir()
+        r = await start_router(d, config, *args)
+        self.routers.append(r)
+        return r
+
+    async def sim(self, **cfg) -> SimInstance:
+        inst = SimInstance(SimConfig(**cfg))
+        await inst.start()
+        self.sims.append(inst)
+        return inst
+
+    async def close(self) -> None:
+        for r in self.routers:
+            await r.stop()
+        for s in self.sims:
+            await s.stop()
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path):
+    f = Fleet(tmp_path)
+    try:
+        yield f
+    finally:
+        await f.close()
+
+
+async def register(router: RouterProcess, payload: object | None = None, *,
+                   data: bytes | None = None) -> tuple[int, object, dict]:
+    return await post_json(router.url + "/register", payload, data=data)
+
+
+async def registered(router: RouterProcess) -> dict:
+    status, body = await get_json(router.url + "/registered")
+    assert status == 200
+    return body
+
+
+async def number(router: RouterProcess) -> dict:
+    status, body = await get_json(router.url + "/registered_number")
+    assert status == 200
+    return body
+
+
+def every_record(reg: dict) -> list[dict]:
+    return [w for key in ("mixed", "prefill", "decode", "unavailable") for w in reg[key]]
+
+
+def where(reg: dict, url: str) -> tuple[str, dict] | None:
+    """(list name, worker record) of ``url`` in a /registered answer."""
+    for key in ("mixed", "prefill", "decode", "unavailable"):
+        for w in reg[key]:
+            if w["url"] == url:
+                return key, w
+    return None
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+async def connects(host: str, port: int) -> bool:
+    try:
+        _, w = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
+    except (OSError, TimeoutError):
+        return False
+    w.close()
+    return True
+
+
+def assert_json_error(status: int, body: object, headers: dict, want_status: int,
+                      msg: str | None = None, *, prefix: str | None = None,
+                      contains: str | None = None) -> None:
+    assert status == want_status, (status, body)
+    assert headers.get("Content-Type", "").startswith("application/json"), headers
+    assert isinstance(body, dict) and body.get("code") == want_status, body
+    if msg is not None:
+        assert body["msg"] == msg, body
+    if prefix is not None:
+        assert body["msg"].startswith(prefix), body
+    if contains is not None:
+        assert contains in body["msg"], body
+
+
+# --- CLI / listening (items 2, 3, 4, 8) --------------------------------------------------------
+
+
+@bounded(20)
+async def test_item02_port_flag_overrides_config(fleet: Fleet) -> None:
+    flag_port, cfg_port = free_ports(2)
+    r = await fleet.router({"server": {"port": str(cfg_port)}}, "--port", str(flag_port))
+    assert r.port == flag_port
+    assert f"Starting server on 0.0.0.0:{flag_port}" in r.log()
+    status, body = await get_json(f"http://127.0.0.1:{flag_port}/health")
+    assert status == 200 and body["status"] == "ok"
+    assert not await connects("127.0.0.1", cfg_port), "server.port must be overridden by --port"
+
+
+@bounded(20)
+async def test_item03_host_binds_loopback_only(fleet: Fleet) -> None:
+    r = await fleet.router({"server": {"host": "127.0.0.1"}})
+    assert r.host == "127.0.0.1"
+    assert f"Starting server on 127.0.0.1:{r.port}" in r.log()
+    status, _ = await get_json(f"http://127.0.0.1:{r.port}/health")
+    assert status == 200
+    # 127.0.0.2 reaches a wildcard listener on Linux; check that first (else skip the probe).
+    probe = socket.socket()
+    probe.bind(("0.0.0.0", 0))
+    probe.listen()
+    try:
+        other_loopback_works = await connects("127.0.0.2", probe.getsockname()[1])
+    finally:
+        probe.close()
+    if not other_loopback_works:
+        pytest.skip("127.0.0.2 does not reach a wildcard listener here")
+    assert not await connects("127.0.0.2", r.port), "router must be bound to 127.0.0.1 only"
+
+
+@bounded(20)
+async def test_item04_splitwise_flag_ors_config(fleet: Fleet) -> None:
+    r = await fleet.router({"server": {"splitwise": False}}, "--splitwise")
+    inst = await fleet.sim(role="mixed")
+    status, body, headers = await register(r, inst.registration_payload())
+    assert_json_error(status, body, headers, 400,
+                      "splitwise mode only supports PREFILL/DECODE instances")
+    _, health = await get_json(r.url + "/health")
+    assert health["mode"] == "splitwise"
+    assert await number(r) == EMPTY
+
+
+@bounded(20)
+async def test_item08_unknown_key_warns_and_starts(fleet: Fleet) -> None:
+    r = await fleet.router({"scheduler": {"interval-cleanup-secs": 30}})
+    status, _ = await get_json(r.url + "/health")
+    assert status == 200
+    cfg_path = r.log_path.parent / "config.yaml"
+    want = f"config warning: {cfg_path}: unknown key 'scheduler.interval-cleanup-secs' ignored"
+    assert want in r.log(), r.log()
+
+
+# --- registration (items 10–19, 22) ------------------------------------------------------------
+
+
+@bounded(20)
+async def test_item10_register_mixed(fleet: Fleet) -> None:
+    r = await fleet.router()
+    inst = await fleet.sim()
+    status, body, headers = await register(r, inst.registration_payload())
+    assert status == 200
+    assert body == {"code": 200, "msg": "Register success"}
+    assert headers["Content-Type"].startswith("application/json")
+    assert await number(r) == {"mixed": 1, "prefill": 0, "decode": 0}
+    reg = await registered(r)
+    assert [w["url"] for w in reg["mixed"]] == [inst.url]
+    w = reg["mixed"][0]
+    assert w["worker_type"] == "mixed" and w["state"] == "healthy" and w["port"] == str(inst.port)
+    assert len(inst.requests_to("/health")) == 1, "a new instance is probed exactly once"
+
+
+@bounded(20)
+async def test_item11_string_port_uppercase_role(fleet: Fleet) -> None:
+    r = await fleet.router()
+    inst = await fleet.sim()
+    payload = dict(inst.registration_payload(), port=str(inst.port), role="MIXED")
+    status, body, _ = await register(r, payload)
+    assert (status, body) == (200, {"code": 200, "msg": "Register success"})
+    assert await number(r) == {"mixed": 1, "prefill": 0, "decode": 0}
+
+
+@bounded(20)
+async def test_item11_15_pd_role_int_and_lists(fleet: Fleet) -> None:
+    r = await fleet.router({}, "--splitwise")
+    pre = await fleet.sim(role="prefill")
+    dec = await fleet.sim(role="decode")
+    # "role": 1 → prefill; rdma_ports / device_ids as ints and strings → strings
+    payload = dict(pre.registration_payload(), role=1, rdma_ports=[7100, "7101"],
+                   device_ids=[0, "1"])
+    status, body, _ = await register(r, payload)
+    assert (status, body) == (200, {"code": 200, "msg": "Register success"})
+    status, _, _ = await register(r, dict(dec.registration_payload(), role=2))
+    assert status == 200
+    reg = await registered(r)
+    assert [w["url"] for w in reg["prefill"]] == [pre.url]
+    assert [w["url"] for w in reg["decode"]] == [dec.url]
+    w = reg["prefill"][0]
+    assert w["worker_type"] == "prefill"
+    assert w["rdma_ports"] == ["7100", "7101"]
+    assert w["device_ids"] == ["0", "1"]
+    assert w["connector_port"] == str(pre.connector_port)
+    assert await number(r) == {"mixed": 0, "prefill": 1, "decode": 1}
+
+    # item 15, second half: format errors
+    for bad in ({"rdma_ports": [1.5]}, {"device_ids": "0,1"}):
+        status, body, headers = await register(r, dict(dec.registration_payload(), **bad))
+        assert_json_error(status, body, headers, 400, prefix=FORMAT)
+    # item 13, PD part: rdma port range
+    status, body, headers = await register(r, dict(dec.registration_payload(), rdma_ports=[99999]))
+    assert_json_error(status, body, headers, 400, FIELD + "rdma_ports[0] invalid port: 99999")
+    # item 22's mirror: PD router refuses a mixed instance
+    status, body, headers = await register(r, dict(dec.registration_payload(), role="mixed"))
+    assert_json_error(status, body, headers, 400,
+                      "splitwise mode only supports PREFILL/DECODE instances")
+    reg = await registered(r)
+    assert reg["decode"][0]["rdma_ports"] == [], "refused heartbeats must not change the entry"
+
+
+@bounded(20)
+async def test_item12_role_errors(fleet: Fleet) -> None:
+    r = await fleet.router()
+    inst = await fleet.sim()
+    base = inst.registration_payload()
+    no_role = {k: v for k, v in base.items() if k != "role"}
+    cases = [
+        (no_role, dict(msg=FIELD + "role is required")),
+        (dict(base, role=None), dict(msg=FIELD + "role is required")),
+        (dict(base, role="custom"), dict(contains="invalid role: custom")),
+        (dict(base, role=99), dict(prefix=FORMAT)),
+    ]
+    for payload, want in cases:
+        status, body, headers = await register(r, payload)
+        assert_json_error(status, body, headers, 400, **want)
+    _, body, _ = await register(r, dict(base, role=99))
+    assert "invalid role integer: 99" in body["msg"]
+    assert await number(r) == EMPTY
+    assert inst.requests_to("/health") == [], "invalid payloads must not be probed"
+    assert "ERROR" in r.log() and f"Failed to register instance: {FIELD}role is required" in r.log()
+
+
+@bounded(20)
+async def test_item13_field_errors(fleet: Fleet) -> None:
+    r = await fleet.router()
+    inst = await fleet.sim()
+    base = inst.registration_payload()
+    cases = [
+        (dict(base, host_ip="bad host!"), FIELD + "invalid host_ip: bad host!"),
+        (dict(base, port=99999), FIELD + "invalid port: 99999"),
+        (dict(base, port=0), FIELD + "invalid port: 0"),
+        (dict(base, transfer_protocol=["tcp"]), FIELD + "invalid protocol: tcp"),
+    ]
+    for payload, msg in cases:
+        status, body, headers = await register(r, payload)
+        assert_json_error(status, body, headers, 400, msg)
+    assert await number(r) == EMPTY
+
+
+@bounded(20)
+async def test_item14_localhost(fleet: Fleet) -> None:
+    r = await fleet.router()
+    inst = await fleet.sim()
+    status, body, _ = await register(r, dict(inst.registration_payload(), host_ip="localhost"))
+    assert (status, body) == (200, {"code": 200, "msg": "Register success"})
+    reg = await registered(r)
+    assert [w["url"] for w in reg["mixed"]] == [f"http://localhost:{inst.port}"]
+    status, _, headers = await post_json(r.url + "/v1/chat/completions", CHAT)
+    assert status == 200
+    assert headers["X-Router-Mixed-URL"] == f"http://localhost:{inst.port}"
+    assert len(inst.inference_requests) == 1
+
+
+def _ipv6_available() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_available(), reason="cannot bind ::1")
+@bounded(20)
+async def test_item14_ipv6(fleet: Fleet) -> None:
+    r = await fleet.router()
+    inst = await fleet.sim(host="::1")
+    payload = inst.registration_payload()
+    assert payload["host_ip"] == "::1"
+    status, body, _ = await register(r, payload)
+    assert (status, body) == (200, {"code": 200, "msg": "Register success"})
+    url = f"http://[::1]:{inst.port}"
+    reg = await registered(r)
+    assert [w["url"] for w in reg["mixed"]] == [url]
+    status, _, headers = await post_json(r.url + "/v1/chat/completions", CHAT)
+    assert status == 200
+    assert headers["X-Router-Mixed-URL"] == url
+    assert len(inst.inference_requests) == 1
+    # the bracketed form is the same identity
+    status, _, _ = await register(r, dict(payload, host_ip="[::1]"))
+    assert status == 200
+    assert await number(r) == {"mixed": 1, "prefill": 0, "decode": 0}
+
+
+@bounded(20)
+async def test_item16_metrics_port_defaults_to_port(fleet: Fleet) -> None:
+    r = await fleet.router()
+    inst = await fleet.sim()
+    payload = {k: v for k, v in inst.registration_payload().items() if k != "metrics_port"}
+    status, _, _ = await register(r, payload)
+    assert status == 200
+    w = (await registered(r))["mixed"][0]
+    assert w["metrics_port"] == str(inst.port)
+
+
+@bounded(20)
+async def test_item17_unhealthy_instance_refused(fleet: Fleet) -> None:
+    r = await fleet.router()
+    inst = await fleet.sim()
+    inst.knobs.health_status = 500
+    status, body, headers = await register(r, inst.registration_payload())
+    assert_json_error(status, body, headers, 503, f"{inst.url} service is not healthy")
+    assert len(inst.requests_to("/health")) == 1
+    reg = await registered(r)
+    assert every_record(reg) == []
+    assert await number(r) == EMPTY
+
+
+@bounded(20)
+async def test_item18_invalid_bodies(fleet: Fleet) -> None:
+    r = await fleet.router()
+    for raw in (b"invalid json", b""):
+        status, body, headers = await register(r, data=raw)
+        assert_json_error(status, body, headers, 400, prefix=FORMAT)
+    # an empty body through the plain client (no Content-Type at all)
+    async with aiohttp.ClientSession() as s, s.post(r.url + "/register") as resp:
+        assert resp.status == 400
+        assert resp.headers["Content-Type"].startswith("application/json")
+        assert (await resp.json())["code"] == 400
+
+
+@bounded(20)
+async def test_item19_reregistration_is_idempotent(fleet: Fleet) -> None:
+    r = await fleet.router()
+    inst = await fleet.sim()
+    base = inst.registration_payload()
+    assert (await register(r, dict(base, connector_port=1234)))[0] == 200
+    assert (await register(r, dict(base, connector_port=1235)))[0] == 200
+    assert await number(r) == {"mixed": 1, "prefill": 0, "decode": 0}
+    reg = await registered(r)
+    assert len(every_record(reg)) == 1
+    assert reg["mixed"][0]["connector_port"] == "1235"
+    # the same identity spelled differently (scheme, trailing slash) is still one instance
+    assert (await register(r, dict(base, host_ip="http://127.0.0.1/")))[0] == 200
+    assert len(every_record(await registered(r))) == 1
+
+
+@bounded(20)
+async def test_item20_heartbeat_of_healthy_instance_never_probes(fleet: Fleet) -> None:
+    r = await fleet.router()   # health interval 60 s: no periodic round during the test
+    inst = await fleet.sim()
+    payload = inst.registration_payload()
+    assert (await register(r, payload))[0] == 200
+    probes = len(inst.requests_to("/health"))
+    assert probes == 1
+    inst.knobs.health_delay = 3.0
+    async with aiohttp.ClientSession() as s:
+        for _ in range(10):
+            t0 = time.perf_counter()
+            async with s.post(r.url + "/register", json=payload) as resp:
+                body = await resp.json()
+            elapsed = time.perf_counter() - t0
+            assert resp.status == 200 and body == {"code": 200, "msg": "Register success"}
+            assert elapsed < 0.2, f"heartbeat took {elapsed:.3f}s"
+    assert len(inst.requests_to("/health")) == probes, "a healthy heartbeat must not probe"
+
+
+@bounded(20)
+async def test_item21_paused_instances(fleet: Fleet) -> None:
+    r = await fleet.router()
+    a = await fleet.sim()
+    b = await fleet.sim()
+    for inst in (a, b):
+        assert (await register(r, inst.registration_payload()))[0] == 200
+    assert await number(r) == {"mixed": 2, "prefill": 0, "decode": 0}
+
+    a.config.is_paused = True
+    assert await a.register_once(r.url) == 200
+    assert await number(r) == {"mixed": 1, "prefill": 0, "decode": 0}
+    reg = await registered(r)
+    assert [w["url"] for w in reg["mixed"]] == [b.url]
+    assert [(w["url"], w["is_paused"]) for w in reg["unavailable"]] == [(a.url, True)]
+    for _ in range(3):
+        status, _, headers = await post_json(r.url + "/v1/chat/completions", CHAT)
+        assert status == 200 and headers["X-Router-Mixed-URL"] == b.url
+    assert a.inference_requests == []
+
+    b.config.is_paused = True
+    assert await b.register_once(r.url) == 200
+    assert await number(r) == EMPTY
+    status, body, headers = await post_json(r.url + "/v1/chat/completions", CHAT)
+    assert status == 503, body
+    assert body["error"]["code"] == "no_available_instance"
+
+    a.config.is_paused = False
+    assert await a.register_once(r.url) == 200
+    assert await number(r) == {"mixed": 1, "prefill": 0, "decode": 0}
+    status, _, headers = await post_json(r.url + "/v1/chat/completions", CHAT)
+    assert status == 200 and headers["X-Router-Mixed-URL"] == a.url
+    assert len(a.inference_requests) == 1
+
+
+@bounded(20)
+async def test_item22_mixed_router_refuses_prefill(fleet: Fleet) -> None:
+    r = await fleet.router()
+    inst = await fleet.sim(role="prefill")
+    status, body, headers = await register(r, inst.registration_payload())
+    assert_json_error(status, body, headers, 400, "only MIXED instances are allowed")
+    assert await number(r) == EMPTY
+    assert inst.requests_to("/health") == []
+
+
+# --- register.yaml (item 23, first half) ---------------------------------------------------------
+
+
+@bounded(25)
+async def test_item23_register_yaml_static_entries(fleet: Fleet, tmp_path: Path) -> None:
+    good = await fleet.sim()
+    late = await fleet.sim()
+    await late.close_port()                 # keeps its port number; unreachable for now
+    entries = []
+    for inst in (good, late):
+        p = inst.registration_payload()
+        entries.append({"role": "mixed", "host_ip": p["host_ip"], "port": p["port"],
+                        "transfer_protocol": ["ipc", "rdma"], "device_ids": [0]})
+    reg_file = tmp_path / "register.yaml"
+    reg_file.write_text(yaml.safe_dump({"instances": entries}))
+    interval = 1
+    r = await fleet.router({"manager": {"register-path": str(reg_file),
+                                        "health-check-interval-secs": interval}})
+    assert await number(r) == {"mixed": 1, "prefill": 0, "decode": 0}
+    reg = await registered(r)
+    assert [w["url"] for w in reg["mixed"]] == [good.url]
+    assert [w["url"] for w in reg["unavailable"]] == [late.url]
+    assert reg["unavailable"][0]["state"] == "unhealthy"
+    assert reg["unavailable"][0]["static"] is True and reg["mixed"][0]["static"] is True
+    assert late.url in r.log()   # WARN for the entry that is down at startup
+
+    await late.start()
+    assert late.url == f"http://127.0.0.1:{entries[1]['port']}"
+    t0 = time.monotonic()
+
+    async def both() -> bool:
+        return (await number(r))["mixed"] == 2
+
+    # success threshold (1) + 1 intervals, plus a little slack for the probe itself
+    await wait_for(both, timeout=(1 + 1) * interval + 0.8)
+    assert time.monotonic() - t0 <= (1 + 1) * interval + 0.8
+    assert "POST] /register" not in r.log(), "recovered without any registration POST"
+    assert late.requests_to("/health"), "recovered by the health loop's probe"
