@@ -13,6 +13,7 @@ from aiohttp import web
 from kvrouter import errors
 from kvrouter.config import ConfigError, RouterConfig
 from kvrouter.instance import load_register_yaml
+from kvrouter.prefix.tokenizer import TokenizerError
 from kvrouter.registry import HEALTHY
 from kvrouter.router import Router
 from kvrouter.server import admin, inference
@@ -93,7 +94,11 @@ async def load_static_instances(router: Router) -> None:
 
 async def run_server(cfg: RouterConfig) -> int:
     """Serve until SIGINT/SIGTERM; returns the process exit code."""
-    router = Router(cfg)
+    try:
+        router = Router(cfg)
+    except TokenizerError as e:
+        print(f"config error: {cfg.config_path}: scheduler.tokenizer-path: {e}", file=sys.stderr)
+        return 1
     runner: web.AppRunner | None = None
     try:
         await load_static_instances(router)

@@ -1,0 +1,879 @@
+"""Black-box acceptance tests: cache-aware and metrics policies through HTTP, health checking,
+the admin endpoints, ``/metrics`` and the ``[stats]`` line (contract §4, §6, §7, §9; §11 items
+9 and 45–57).
+
+Every test runs a real ``python -m kvrouter`` process (tests/harness.py) and simulated
+FastDeploy instances (kvrouter.sim) on 127.0.0.1. "Slow requests in flight" are made with the
+simulator's ``first_byte_delay`` knob (headers at once, body after the delay): the knob is set
+while the slow request is dispatched and cleared as soon as the router counts it in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from harness import RouterProcess, get_json, post_json, start_router, wait_for
+from kvrouter.sim.config import SimConfig
+from kvrouter.sim.instance import SimInstance
+
+CHAT_PATH = "/v1/chat/completions"
+EMPTY = {"mixed": 0, "prefill": 0, "decode": 0}
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def bounded(seconds: float):
+    """Fail a test that runs longer than ``seconds``."""
+    def deco(fn):
+        @functools.wraps(fn)
+        async def wrapper(*args, **kwargs):
+            async with asyncio.timeout(seconds):
+                return await fn(*args, **kwargs)
+        return wrapper
+    return deco
+
+
+class Fleet:
+    """Routers, simulated instances and tiny aiohttp fakes of one test; stopped at teardown."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.routers: list[RouterProcess] = []
+        self.sims: list[SimInstance] = []
+        self.runners: list[web.AppRunner] = []
+        self.tasks: list[asyncio.Task] = []
+
+    async def router(self, config: dict | None = None, *args: str) -> RouterProcess:
+        d = self.tmp_path / f"router{len(self.routers)}"
+        d.mkdir()
+        r = await start_router(d, config, *args)
+        self.routers.append(r)
+        return r
+
+    async def sim(self, **cfg) -> SimInstance:
+        inst = SimInstance(SimConfig(**cfg))
+        await inst.start()
+        self.sims.append(inst)
+        return inst
+
+    async def sims_sorted(self, n: int, **cfg) -> list[SimInstance]:
+        """``n`` instances sorted by URL (the policies' candidate order)."""
+        out = [await self.sim(**cfg) for _ in range(n)]
+        return sorted(out, key=lambda s: s.url)
+
+    async def fake(self, app: web.Application) -> str:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self.runners.append(runner)
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self.tasks.append(task)
+        return task
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for r in self.routers:
+            await r.stop()
+        for s in self.sims:
+            await s.stop()
+        for runner in self.runners:
+            await runner.cleanup()
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path):
+    f = Fleet(tmp_path)
+    try:
+        yield f
+    finally:
+        await f.close()
+
+
+async def register(router: RouterProcess, inst: SimInstance, **override) -> None:
+    status, body, _ = await post_json(router.url + "/register",
+                                      dict(inst.registration_payload(), **override))
+    assert status == 200, body
+
+
+async def registered(router: RouterProcess) -> dict:
+    status, body = await get_json(router.url + "/registered")
+    assert status == 200
+    return body
+
+
+async def number(router: RouterProcess) -> dict:
+    status, body = await get_json(router.url + "/registered_number")
+    assert status == 200
+    return body
+
+
+def record(reg: dict, url: str) -> dict | None:
+    for key in ("mixed", "prefill", "decode", "unavailable"):
+        for w in reg[key]:
+            if w["url"] == url:
+                return dict(w, _list=key)
+    return None
+
+
+async def in_flight(router: RouterProcess) -> dict[str, int]:
+    reg = await registered(router)
+    return {w["url"]: w["in_flight_requests"]
+            for key in ("mixed", "prefill", "decode", "unavailable") for w in reg[key]}
+
+
+async def metrics_text(router: RouterProcess) -> str:
+    async with aiohttp.ClientSession() as s, s.get(router.url + "/metrics") as r:
+        assert r.status == 200
+        return await r.text()
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one Prometheus sample whose labels include ``labels`` (summed if several)."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        m = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)", line)
+        if not m or m.group(1) != name:
+            continue
+        have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(3) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(m.group(4))
+            found = True
+    return total if found else None
+
+
+def chat(*messages: tuple[str, str], **extra) -> dict:
+    return {"messages": [{"role": r, "content": c} for r, c in messages], "max_tokens": 2,
+            **extra}
+
+
+async def send(router: RouterProcess, body: dict, path: str = CHAT_PATH) -> tuple[int, object, dict]:
+    return await post_json(router.url + path, body)
+
+
+async def chosen(router: RouterProcess, body: dict, header: str = "X-Router-Mixed-URL") -> str:
+    status, resp, headers = await send(router, body)
+    assert status == 200, resp
+    return headers[header]
+
+
+async def hold(fleet: Fleet, router: RouterProcess, inst: SimInstance, body: dict,
+               expect_in_flight: int, delay: float = 2.0) -> asyncio.Task:
+    """Start a request that the router dispatches to ``inst`` and that stays in flight for
+    ``delay`` s (first body byte delayed); returns once the router counts it."""
+    inst.knobs.first_byte_delay = delay
+    task = fleet.spawn(send(router, body))
+
+    async def counted() -> bool:
+        return (await in_flight(router)).get(inst.url) == expect_in_flight
+
+    try:
+        await wait_for(counted, timeout=5)
+        await wait_for(lambda: _true(len(inst.inference_requests) >= expect_in_flight), timeout=2)
+    finally:
+        inst.knobs.first_byte_delay = 0.0
+    return task
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+# --- item 9: load-balance-weight 0 is honoured (PD, cache_aware prefill) --------------------------
+
+
+@bounded(25)
+async def test_item09_load_balance_weight_zero(fleet: Fleet) -> None:
+    r = await fleet.router({"scheduler": {"prefill-policy": "cache_aware", "cache-block-size": 4,
+                                          "load-balance-weight": 0}}, "--splitwise")
+    p1, p2 = await fleet.sims_sorted(2, role="prefill")
+    d = await fleet.sim(role="decode")
+    for inst in (p1, p2, d):
+        await register(r, inst)
+    x = chat(("user", "the quick brown fox jumps over the lazy dog, twice over"))
+
+    assert await chosen(r, x, "X-Router-Prefill-URL") == p1.url      # idle tie → P1, recorded
+    slow = await hold(fleet, r, p1, chat(("user", "an unrelated slow prompt about ducks")), 1,
+                      delay=3.0)
+    assert (await in_flight(r))[p2.url] == 0
+    for _ in range(3):
+        # weight 0: P1 score 0 (full hit) vs P2 1. A weight replaced by 1 would tie at 1 and
+        # P2's lower in-flight tokens would win.
+        assert await chosen(r, x, "X-Router-Prefill-URL") == p1.url
+    loads = await in_flight(r)
+    assert (loads[p1.url], loads[p2.url]) == (1, 0), "the slow request must still hold P1"
+    status, body, _ = await slow
+    assert status == 200, body
+
+
+# --- items 45, 46: cache-aware routing (mixed) ----------------------------------------------------
+
+
+CACHE_AWARE = {"scheduler": {"policy": "cache_aware", "cache-block-size": 4,
+                             "load-balance-weight": 0.05}}
+
+
+@bounded(25)
+async def test_item45_roles_are_part_of_the_key(fleet: Fleet) -> None:
+    r = await fleet.router(CACHE_AWARE)
+    p1, p2 = await fleet.sims_sorted(2)
+    for inst in (p1, p2):
+        await register(r, inst)
+    text = "Tell me a story about a brave little toaster and its friends"
+    x = chat(("user", text))
+    x_system = chat(("system", text))
+
+    assert await chosen(r, x) == p1.url
+    slow = await hold(fleet, r, p1, chat(("user", "something else entirely, slowly please")), 1)
+    assert (await in_flight(r))[p2.url] == 0
+    assert await chosen(r, x) == p1.url, "full hit on P1 beats P2 at load 1 vs 0"
+    assert await chosen(r, x_system) == p2.url, "a different role must not hit X's prefix"
+    loads = await in_flight(r)
+    assert (loads[p1.url], loads[p2.url]) == (1, 0), "the slow request must still hold P1"
+    status, body, _ = await slow
+    assert status == 200, body
+
+
+@bounded(25)
+async def test_item46_fallback_records_and_partial_hits(fleet: Fleet) -> None:
+    r = await fleet.router(CACHE_AWARE)
+    p1, p2 = await fleet.sims_sorted(2)
+    for inst in (p1, p2):
+        await register(r, inst)
+    u = "Here is a long shared system-ish preamble that both conversations start with."
+    conv_a = chat(("user", u), ("assistant", "answer a, short"), ("user", "follow-up x"))
+    conv_b = chat(("user", u), ("assistant", "reply b differs"), ("user", "question y"))
+    slow_body = chat(("user", "unrelated slow request number one"))
+
+    assert await chosen(r, conv_a) == p1.url
+    slow1 = await hold(fleet, r, p1, slow_body, 1)
+    slow2 = await hold(fleet, r, p1, slow_body, 2)   # hits slow1's prefix → P1 again
+    loads = await in_flight(r)
+    assert (loads[p1.url], loads[p2.url]) == (2, 0)
+
+    assert await chosen(r, conv_b) == p2.url, "imbalance (2 vs 0) falls back to min tokens"
+    text = await metrics_text(r)
+    assert sample(text, "kvrouter_selections_total", instance=p2.url,
+                  strategy="imbalance_fallback") == 1
+    for task in (slow1, slow2):
+        status, body, _ = await task
+        assert status == 200, body
+
+    async def idle() -> bool:
+        return all(v == 0 for v in (await in_flight(r)).values())
+
+    await wait_for(idle, timeout=5)
+    assert await chosen(r, conv_b) == p2.url, "B was recorded on P2 by the fallback decision"
+    assert await chosen(r, conv_a) == p1.url
+    text = await metrics_text(r)
+    assert sample(text, "kvrouter_selections_total", instance=p2.url,
+                  strategy="cache_aware_scoring") >= 1
+    # shorter than one block (4 code points): no hashes, still served
+    status, body, _ = await send(r, {"prompt": "ab", "max_tokens": 1}, "/v1/completions")
+    assert status == 200, body
+
+
+# --- item 47: a failing remote tokenizer never fails a request -----------------------------------
+
+
+@bounded(20)
+async def test_item47_tokenizer_failure_is_tolerated(fleet: Fleet) -> None:
+    seen: list[tuple[str, object]] = []
+
+    async def tokenize(request: web.Request) -> web.Response:
+        seen.append((request.path, await request.json(content_type=None)))
+        return web.json_response({"error": "boom"}, status=500)
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", tokenize)
+    tok_url = await fleet.fake(app)
+    r = await fleet.router({"scheduler": {"policy": "cache_aware", "cache-block-size": 4,
+                                          "tokenizer-url": tok_url}})   # empty path → /tokenize
+    inst = await fleet.sim()
+    await register(r, inst)
+    for content in ("hello tokenizer world", "second request"):
+        status, body, _ = await send(r, chat(("user", content)))
+        assert status == 200, body
+    assert len(seen) == 2, seen
+    for (path, payload), content in zip(seen, ("hello tokenizer world", "second request")):
+        assert path == "/tokenize"
+        rendered = f"user:{content}\n"
+        assert payload == {"text": rendered, "prompt": rendered, "message": rendered}
+
+
+# --- item 48: fd_remote_metrics_score -------------------------------------------------------------
+
+
+@bounded(30)
+async def test_item48_remote_metrics_score(fleet: Fleet) -> None:
+    r = await fleet.router({"scheduler": {"policy": "fd_remote_metrics_score",
+                                          "metrics-scrape-interval-secs": 1,
+                                          "metrics-scrape-timeout-secs": 1}})
+    a, b = await fleet.sims_sorted(2)
+    running, waiting = "fastdeploy:num_requests_running", "fastdeploy:num_requests_waiting"
+    a.knobs.metrics_override = {running: 10, waiting: 5}
+    b.knobs.metrics_override = {running: 2, waiting: 1}
+    for inst in (a, b):
+        await register(r, inst)
+
+    async def scrapes(inst: SimInstance, result: str = "success") -> float:
+        return sample(await metrics_text(r), "kvrouter_metrics_scrape_total",
+                      instance=inst.url, result=result) or 0
+
+    async def both_scraped() -> bool:
+        return await scrapes(a) >= 1 and await scrapes(b) >= 1
+
+    await wait_for(both_scraped, timeout=5)
+    for _ in range(4):
+        assert await chosen(r, chat(("user", "hi"))) == b.url   # 15 vs 3
+    assert a.inference_requests == []
+
+    # A's /metrics hangs: decisions read snapshots only
+    a.knobs.metrics_delay = 5.0
+    seen = len(a.requests_to("/metrics"))
+    await wait_for(lambda: _true(len(a.requests_to("/metrics")) > seen), timeout=3)
+
+    async def timed_requests() -> None:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(5):
+                t0 = time.perf_counter()
+                async with s.post(r.url + CHAT_PATH, json=chat(("user", "quick"))) as resp:
+                    await resp.read()
+                elapsed = time.perf_counter() - t0
+                assert resp.status == 200
+                assert elapsed < 0.2, f"request took {elapsed:.3f}s while /metrics hangs"
+
+    await timed_requests()                         # while A's scrape is hanging
+    failed = await scrapes(a, "failure")
+    await wait_for(lambda: _gt(scrapes(a, "failure"), failed), timeout=4)
+    await timed_requests()                         # after the scrape timed out
+
+    # both report 0: 4 concurrent slow requests must split 2/2 (pending adjustment)
+    a.knobs.metrics_delay = 0.0
+    a.knobs.metrics_override = {running: 0, waiting: 0}
+    b.knobs.metrics_override = {running: 0, waiting: 0}
+    base_a, base_b = await scrapes(a), await scrapes(b)
+    await wait_for(lambda: _both_grew(scrapes, a, b, base_a + 2, base_b + 2), timeout=6)
+    before = {s.url: len(s.inference_requests) for s in (a, b)}
+    # fire right after a scrape so the 4 requests land within one scrape interval
+    mark = await scrapes(a)
+    await wait_for(lambda: _gt(scrapes(a), mark), timeout=3, interval=0.01)
+    for inst in (a, b):
+        inst.knobs.first_byte_delay = 1.0
+    try:
+        tasks = [fleet.spawn(send(r, chat(("user", f"slow {i}")))) for i in range(4)]
+
+        async def all_arrived() -> bool:
+            return sum(len(s.inference_requests) - before[s.url] for s in (a, b)) == 4
+
+        await wait_for(all_arrived, timeout=3)
+    finally:
+        for inst in (a, b):
+            inst.knobs.first_byte_delay = 0.0
+    split = sorted(len(s.inference_requests) - before[s.url] for s in (a, b))
+    assert split == [2, 2], split
+    for t in tasks:
+        status, body, _ = await t
+        assert status == 200, body
+
+
+async def _gt(value_coro, than: float) -> bool:
+    return (await value_coro) > than
+
+
+async def _both_grew(scrapes, a, b, want_a: float, want_b: float) -> bool:
+    return await scrapes(a) >= want_a and await scrapes(b) >= want_b
+
+
+# --- item 49: the prefix index is capped ----------------------------------------------------------
+
+
+@bounded(40)
+async def test_item49_prefix_index_capacity(fleet: Fleet) -> None:
+    r = await fleet.router({"scheduler": {"policy": "cache_aware", "cache-block-size": 4,
+                                          "cache-max-blocks": 1000}})
+    inst = await fleet.sim(time_scale=0.0)
+    await register(r, inst)
+    filler = "lorem ipsum dolor sit amet consectetur"
+    sem = asyncio.Semaphore(32)
+    statuses: list[int] = []
+
+    async with aiohttp.ClientSession() as s:
+        async def one(i: int) -> None:
+            body = {"prompt": f"{i:05d} {filler} {i}", "max_tokens": 1}
+            async with sem, s.post(r.url + "/v1/completions", json=body) as resp:
+                await resp.read()
+                statuses.append(resp.status)
+
+        await asyncio.gather(*(one(i) for i in range(3000)))
+    assert statuses.count(200) == 3000
+    text = await metrics_text(r)
+    size = sample(text, "kvrouter_prefix_index_blocks")
+    assert size is not None and 0 < size <= 1000, size
+    assert size >= 900, f"index should be near its cap after 3000 prompts, got {size}"
+    assert (sample(text, "kvrouter_prefix_evictions_total", reason="capacity") or 0) > 0
+
+
+# --- item 50: thresholds count rounds; in-flight streams survive -------------------------------
+
+
+@bounded(30)
+async def test_item50_failure_and_success_thresholds(fleet: Fleet) -> None:
+    r = await fleet.router({"manager": {"health-check-interval-secs": 1,
+                                        "health-failure-threshold": 3,
+                                        "health-success-threshold": 2}})
+    inst = await fleet.sim()
+    await register(r, inst)
+
+    async def health_counts() -> tuple[float, float, str]:
+        text = await metrics_text(r)
+        fails = sample(text, "kvrouter_health_checks_total", instance=inst.url, result="failure")
+        oks = sample(text, "kvrouter_health_checks_total", instance=inst.url, result="success")
+        state = next((s for s in ("healthy", "unhealthy", "paused")
+                      if sample(text, "kvrouter_instance_state", instance=inst.url,
+                                state=s) == 1), "?")
+        return fails or 0, oks or 0, state
+
+    # a long stream (ca. 4.5 s) that is in flight while the instance goes unhealthy
+    inst.knobs.itl = 0.045
+    stream_body = chat(("user", "stream please"), stream=True, ignore_eos=True)
+    stream_body["max_tokens"] = 100
+
+    async def read_stream() -> tuple[int, bytes]:
+        async with aiohttp.ClientSession() as s, s.post(r.url + CHAT_PATH, json=stream_body) as rs:
+            return rs.status, await rs.read()
+
+    inst.knobs.health_status = 500
+    stream = fleet.spawn(read_stream())
+    await wait_for(lambda: _true(len(inst.inference_requests) == 1), timeout=3)
+    inst.knobs.itl = None
+
+    seen_two_routable = False
+    while True:
+        fails, _, state = await health_counts()
+        if fails < 3:
+            assert state == "healthy", (fails, state)
+            if fails == 2 and not seen_two_routable:   # round 3 is ~1 s away: check once
+                assert (await number(r))["mixed"] == 1
+                status, body, _ = await send(r, chat(("user", "still routable")))
+                assert status == 200, body
+                seen_two_routable = True
+        else:
+            break
+        await asyncio.sleep(0.05)
+    assert seen_two_routable
+    async def unhealthy() -> bool:
+        return (await health_counts())[2] == "unhealthy"
+    await wait_for(unhealthy, timeout=1)
+    assert (await number(r)) == EMPTY
+    rec = record(await registered(r), inst.url)
+    assert rec["_list"] == "unavailable" and rec["state"] == "unhealthy"
+    assert rec["in_flight_requests"] == 1, "the stream must still be in flight when marked"
+    assert not stream.done()
+    status, body, _ = await send(r, chat(("user", "nobody home")))
+    assert status == 503 and body["error"]["code"] == "no_available_instance"
+    assert f"Instance {inst.url} marked unhealthy after 3 consecutive failed health checks" \
+        in r.log()
+
+    status, raw = await stream
+    assert status == 200
+    assert raw.endswith(b"data: [DONE]\n\n") and b"stream_interrupted" not in raw
+    assert raw.count(b"data: ") >= 100, "every token event relayed"
+
+    inst.knobs.health_status = 200
+    _, oks0, _ = await health_counts()
+    saw_one_success_unroutable = False
+    while True:
+        _, oks, state = await health_counts()
+        if oks - oks0 < 2:
+            assert state == "unhealthy", (oks - oks0, state)
+            if oks - oks0 == 1:
+                saw_one_success_unroutable = True
+        else:
+            break
+        await asyncio.sleep(0.05)
+    assert saw_one_success_unroutable
+    assert (await number(r))["mixed"] == 1
+    assert r.log().count("[POST] /register") == 1, "recovery needs no registration POST"
+    assert f"Instance {inst.url} healthy again" in r.log()
+    status, body, _ = await send(r, chat(("user", "back again")))
+    assert status == 200, body
+
+
+# --- item 51: timed removal of unhealthy instances ------------------------------------------------
+
+
+@bounded(20)
+async def test_item51_unhealthy_removal(fleet: Fleet) -> None:
+    r = await fleet.router({"manager": {"health-check-interval-secs": 1,
+                                        "unhealthy-removal-secs": 2}})
+    inst = await fleet.sim()
+    await register(r, inst)
+    inst.knobs.health_status = 500
+
+    async def listed_as(lst: str | None) -> bool:
+        rec = record(await registered(r), inst.url)
+        return (rec["_list"] if rec else None) == lst
+
+    await wait_for(lambda: listed_as("unavailable"), timeout=3, interval=0.02)
+    marked = time.monotonic()
+    await wait_for(lambda: listed_as(None), timeout=5, interval=0.02)
+    gone = time.monotonic() - marked
+    assert 1.5 <= gone <= 3.0, f"removed {gone:.2f}s after being marked unhealthy"
+    assert f"Removed unhealthy mixed instance: {inst.url}" in r.log()
+    text = await metrics_text(r)
+    assert sample(text, "kvrouter_instance_state", instance=inst.url) is None
+
+    inst.knobs.health_status = 200
+    assert await inst.register_once(r.url) == 200
+    assert await number(r) == {"mixed": 1, "prefill": 0, "decode": 0}
+
+
+# --- item 52: /health_generate --------------------------------------------------------------------
+
+
+@bounded(20)
+async def test_item52_health_generate_is_observational(fleet: Fleet) -> None:
+    r = await fleet.router()
+    ok, sick, gone = await fleet.sims_sorted(3)
+    for inst in (ok, sick, gone):
+        await register(r, inst)
+    sick.knobs.health_status = 500
+    await gone.close_port()
+
+    status, body = await get_json(r.url + "/health_generate")
+    assert status == 200
+    assert body["code"] == 200 and body["msg"] == "Health check complete"
+    rows = {row["url"]: row for row in body["results"]}
+    assert set(rows) == {ok.url, sick.url, gone.url}
+    assert rows[ok.url]["healthy"] is True and rows[ok.url]["status_code"] == 200
+    assert rows[sick.url]["healthy"] is False and rows[sick.url]["status_code"] == 500
+    assert rows[gone.url]["healthy"] is False and rows[gone.url]["status_code"] is None
+    assert rows[gone.url]["error"]
+    for row in rows.values():
+        assert row["worker_type"] == "mixed"
+        assert isinstance(row["latency_ms"], float)
+    assert (body["healthy"], body["unhealthy"]) == (1, 2)
+    # observational: nothing changed
+    assert await number(r) == {"mixed": 3, "prefill": 0, "decode": 0}
+    assert all(w["state"] == "healthy" for w in (await registered(r))["mixed"])
+
+
+# --- item 53: /health and an empty /registered ----------------------------------------------------
+
+
+@bounded(20)
+async def test_item53_health_and_empty_registered(fleet: Fleet) -> None:
+    r = await fleet.router()
+    status, body = await get_json(r.url + "/health")
+    assert status == 200
+    assert body == {"status": "ok", "mode": "mixed", "routable": EMPTY, "ready": False}
+    status, body = await get_json(r.url + "/registered")
+    assert status == 200
+    assert body == {"code": 200, "msg": "success", "prefill": [], "decode": [], "mixed": [],
+                    "unavailable": []}
+    inst = await fleet.sim()
+    await register(r, inst)
+    _, body = await get_json(r.url + "/health")
+    assert body["ready"] is True and body["routable"] == {"mixed": 1, "prefill": 0, "decode": 0}
+
+    pd = await fleet.router({}, "--splitwise")
+    _, body = await get_json(pd.url + "/health")
+    assert body["mode"] == "splitwise" and body["ready"] is False
+    await register(pd, await fleet.sim(role="prefill"))
+    _, body = await get_json(pd.url + "/health")
+    assert body["ready"] is False, "PD needs a prefill and a decode"
+    await register(pd, await fleet.sim(role="decode"))
+    _, body = await get_json(pd.url + "/health")
+    assert body["ready"] is True
+
+
+# --- item 54: /v1/models ------------------------------------------------------------------------
+
+
+@bounded(20)
+async def test_item54_models_union(fleet: Fleet) -> None:
+    r = await fleet.router()
+    status, body = await get_json(r.url + "/v1/models")
+    assert (status, body) == (200, {"object": "list", "data": []})
+    for _ in range(2):
+        await register(r, await fleet.sim(served_model_name="m1"))
+
+    async def listed() -> object:
+        _, b = await get_json(r.url + "/v1/models")
+        return b["data"]
+
+    data = await wait_for(listed, timeout=5)
+    await asyncio.sleep(0.2)   # let the second instance's cards land too
+    _, body = await get_json(r.url + "/v1/models")
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["m1"], body
+    card = body["data"][0]
+    assert card["object"] == "model" and card["owned_by"] == "FastDeploy"
+    assert data[0]["id"] == "m1"
+
+
+# --- item 55: /decode_instances -------------------------------------------------------------------
+
+
+@bounded(20)
+async def test_item55_decode_instances(fleet: Fleet) -> None:
+    r = await fleet.router({}, "--splitwise")
+    d_v2a = await fleet.sim(role="decode", version="v2", rdma_ports=[7100, 7101])
+    d_v1 = await fleet.sim(role="decode", version="v1")
+    d_v2b = await fleet.sim(role="decode", version="v2")
+    p_v2 = await fleet.sim(role="prefill", version="v2")
+    for inst in (d_v2a, d_v1, d_v2b, p_v2):
+        await register(r, inst)
+
+    status, body = await get_json(r.url + "/decode_instances?version=v2")
+    assert status == 200 and isinstance(body, list)
+    assert sorted(d["port"] for d in body) == sorted(str(d.port) for d in (d_v2a, d_v2b))
+    for rec in body:
+        assert rec["role"] == "DECODE" and rec["version"] == "v2"
+        assert rec["host_ip"] == "127.0.0.1"
+        assert rec["transfer_protocol"] == ["ipc", "rdma"]
+        assert isinstance(rec["rdma_ports"], list)
+    first = next(d for d in body if d["port"] == str(d_v2a.port))
+    assert first["rdma_ports"] == ["7100", "7101"]
+    assert first["connector_port"] == str(d_v2a.connector_port)
+
+    _, body = await get_json(r.url + "/decode_instances")
+    assert len(body) == 3
+    _, body = await get_json(r.url + "/decode_instances?version=v9")
+    assert body == []
+
+    mixed = await fleet.router()
+    await register(mixed, await fleet.sim())
+    status, body = await get_json(mixed.url + "/decode_instances?version=v2")
+    assert (status, body) == (200, [])
+
+
+# --- item 56: /v1/abort_requests fan-out ----------------------------------------------------------
+
+
+@bounded(20)
+async def test_item56_abort_fan_out(fleet: Fleet) -> None:
+    broken_seen: list[bytes] = []
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": []})
+
+    async def abort(request: web.Request) -> web.Response:
+        broken_seen.append(await request.read())
+        return web.json_response({"detail": "abort exploded"}, status=500)
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/abort_requests", abort)
+    broken_url = await fleet.fake(app)
+    r = await fleet.router()
+    a = await fleet.sim()
+    paused = await fleet.sim()
+    await register(r, a)
+    await register(r, paused, is_paused=True)
+    port = int(broken_url.rsplit(":", 1)[1])
+    status, body, _ = await post_json(r.url + "/register", {"role": "mixed", "host_ip": "127.0.0.1",
+                                                            "port": port})
+    assert status == 200, body
+
+    raw = b'{"req_ids":["a"]}'
+    status, body, headers = await post_json(
+        r.url + "/v1/abort_requests", data=raw,
+        headers={"Content-Type": "application/json", "Authorization": "Bearer k"})
+    assert status == 200, body
+    assert headers["Content-Type"].startswith("application/json")
+    assert body["code"] == 200 and body["msg"] == "success"
+    rows = {row["url"]: row for row in body["results"]}
+    assert set(rows) == {a.url, paused.url, broken_url}
+    for inst in (a, paused):
+        got = inst.requests_to("/v1/abort_requests")
+        assert len(got) == 1 and got[0].body == raw
+        assert got[0].headers.get("Authorization") == "Bearer k"
+        assert rows[inst.url]["status_code"] == 200
+        assert rows[inst.url]["body"]["not_found"] == ["a"]
+        assert rows[inst.url]["worker_type"] == "mixed"
+    assert broken_seen == [raw]
+    assert rows[broken_url]["status_code"] == 500
+    assert rows[broken_url]["body"] == {"detail": "abort exploded"}
+
+    for bad in (b"{}", b'{"req_ids":[]}', b"[1]", b"nope"):
+        status, body, headers = await post_json(r.url + "/v1/abort_requests", data=bad)
+        assert status == 400, (bad, body)
+        assert headers["Content-Type"].startswith("application/json")
+        assert "error" in body
+    assert len(a.requests_to("/v1/abort_requests")) == 1
+
+
+# --- item 57: 404 / 405 ---------------------------------------------------------------------------
+
+
+@bounded(20)
+async def test_item57_not_found_and_method_not_allowed(fleet: Fleet) -> None:
+    r = await fleet.router()
+    async with aiohttp.ClientSession() as s:
+        for method, path, want in (("GET", "/nope", 404), ("GET", CHAT_PATH, 405),
+                                   ("DELETE", "/register", 405)):
+            async with s.request(method, r.url + path) as resp:
+                assert resp.status == want, (method, path)
+                assert resp.headers["Content-Type"].startswith("application/json")
+                body = await resp.json()
+                assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+                assert "type" in body["error"] and "code" in body["error"]
+
+
+# --- §9.3: the [stats] line -----------------------------------------------------------------------
+
+
+STATS_RE = re.compile(
+    r"\[stats\] total_running=(\d+), workers: \[(.*)\], "
+    r"cache_hit_rate=(\d+\.\d\d)% \(hits=(\d+)/total=(\d+)\), prefix_hit_rate=(\d+\.\d\d)%$")
+WORKER_RE = re.compile(r"(http://\S+): running=(\d+) tokens=(\d+) state=(healthy|unhealthy|paused)")
+
+
+def stats_lines(router: RouterProcess) -> list[re.Match]:
+    out = []
+    for line in router.log().splitlines():
+        if "[stats]" in line:
+            m = STATS_RE.search(line)
+            assert m, f"malformed stats line: {line!r}"
+            out.append(m)
+    return out
+
+
+@bounded(25)
+async def test_stats_line_format(fleet: Fleet) -> None:
+    r = await fleet.router({"scheduler": {"stats-interval-secs": 1, "policy": "cache_aware",
+                                          "cache-block-size": 4}})
+    a, b = await fleet.sims_sorted(2)
+    await register(r, a)
+    await register(r, b, is_paused=True)
+
+    n0 = len(stats_lines(r))
+    await wait_for(lambda: _true(len(stats_lines(r)) > n0), timeout=3, interval=0.02)
+    # right after a line: both session requests land in the same interval
+    body = chat(("user", "a prompt that spans several blocks"), session_id="s-1")
+    for _ in range(2):
+        status, resp, _ = await send(r, body)
+        assert status == 200, resp
+    n1 = len(stats_lines(r))
+    await wait_for(lambda: _true(len(stats_lines(r)) > n1 + 1), timeout=4, interval=0.02)
+    lines = stats_lines(r)
+    busy, after = lines[n1], lines[n1 + 1]
+
+    total_running, workers, rate, hits, total, prefix_rate = busy.groups()
+    assert total_running == "0"
+    items = WORKER_RE.findall(workers)
+    assert [i[0] for i in items] == [a.url, b.url], "workers sorted by URL"
+    assert workers == ", ".join(f"{u}: running={n} tokens={t} state={s}" for u, n, t, s in items)
+    assert [i[3] for i in items] == ["healthy", "paused"]
+    assert (hits, total, rate) == ("1", "2", "50.00")
+    assert prefix_rate == "50.00"
+    # per interval: the next line starts from zero
+    assert after.group(4, 5, 3, 6) == ("0", "0", "0.00", "0.00")
+
+
+# --- §9.2: kvrouter_* families on /metrics --------------------------------------------------------
+
+
+KVROUTER_FAMILIES = {
+    "kvrouter_instance_in_flight_requests": "gauge",
+    "kvrouter_instance_in_flight_tokens": "gauge",
+    "kvrouter_instance_state": "gauge",
+    "kvrouter_instances": "gauge",
+    "kvrouter_request_ttft_seconds": "histogram",
+    "kvrouter_request_duration_seconds": "histogram",
+    "kvrouter_schedule_decision_seconds": "histogram",
+    "kvrouter_selections_total": "counter",
+    "kvrouter_errors_total": "counter",
+    "kvrouter_retries_total": "counter",
+    "kvrouter_prefix_lookup_blocks_total": "counter",
+    "kvrouter_prefix_hit_blocks_total": "counter",
+    "kvrouter_prefix_index_blocks": "gauge",
+    "kvrouter_prefix_evictions_total": "counter",
+    "kvrouter_backend_prompt_tokens_total": "counter",
+    "kvrouter_backend_cached_tokens_total": "counter",
+    "kvrouter_metrics_scrape_total": "counter",
+    "kvrouter_metrics_snapshot_age_seconds": "gauge",
+    "kvrouter_health_checks_total": "counter",
+}
+
+
+def declared_types(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            out[name] = kind
+    return out
+
+
+@bounded(25)
+async def test_metrics_kvrouter_families(fleet: Fleet) -> None:
+    r = await fleet.router({"scheduler": {"policy": "remote_cache_aware", "cache-block-size": 4,
+                                          "metrics-scrape-interval-secs": 0.5,
+                                          "metrics-scrape-timeout-secs": 0.5},
+                            "manager": {"health-check-interval-secs": 0.5}})
+    inst = await fleet.sim()
+    await register(r, inst)
+    body = chat(("user", "count my prompt tokens please"))
+    for _ in range(2):
+        assert (await send(r, body))[0] == 200
+    stream = dict(body, stream=True, stream_options={"include_usage": True})
+    status, raw, _ = await send(r, stream)
+    assert status == 200
+    assert (await post_json(r.url + CHAT_PATH, data=b"not json"))[0] == 400
+
+    async def scraped_and_probed() -> bool:
+        t = await metrics_text(r)
+        return bool(sample(t, "kvrouter_metrics_scrape_total", instance=inst.url)
+                    and sample(t, "kvrouter_health_checks_total", instance=inst.url))
+
+    await wait_for(scraped_and_probed, timeout=5)
+    text = await metrics_text(r)
+    types = declared_types(text)
+    missing = {n: k for n, k in KVROUTER_FAMILIES.items() if types.get(n) != k}
+    assert not missing, f"missing or mistyped families: {missing}"
+
+    url = inst.url
+    assert sample(text, "kvrouter_instance_in_flight_requests", instance=url, role="mixed") == 0
+    assert sample(text, "kvrouter_instance_in_flight_tokens", instance=url, role="mixed") == 0
+    assert sample(text, "kvrouter_instance_state", instance=url, role="mixed",
+                  state="healthy") == 1
+    assert sample(text, "kvrouter_instance_state", instance=url, role="mixed",
+                  state="unhealthy") == 0
+    assert sample(text, "kvrouter_instances", role="mixed", state="healthy") == 1
+    assert sample(text, "kvrouter_request_ttft_seconds_count", mode="mixed") >= 1
+    assert sample(text, "kvrouter_request_duration_seconds_count", mode="mixed") == 3
+    assert sample(text, "kvrouter_schedule_decision_seconds_count", role="mixed",
+                  policy="remote_cache_aware") == 3
+    assert sample(text, "kvrouter_selections_total", instance=url, role="mixed") == 3
+    assert sample(text, "kvrouter_errors_total", kind="invalid_request") == 1
+    assert sample(text, "kvrouter_prefix_lookup_blocks_total", role="mixed") > 0
+    assert sample(text, "kvrouter_prefix_hit_blocks_total", role="mixed") > 0
+    assert sample(text, "kvrouter_prefix_index_blocks") > 0
+    assert sample(text, "kvrouter_backend_prompt_tokens_total", instance=url) > 0
+    assert sample(text, "kvrouter_backend_cached_tokens_total", instance=url) is not None
+    assert sample(text, "kvrouter_metrics_scrape_total", instance=url, result="success") >= 1
+    assert sample(text, "kvrouter_metrics_snapshot_age_seconds", instance=url) is not None
+    assert sample(text, "kvrouter_health_checks_total", instance=url, result="success") >= 1
