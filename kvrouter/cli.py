@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         config, warnings = load_config(args.config_path, port=args.port, splitwise=args.splitwise)
         for warning in warnings:
             print(warning, file=sys.stderr)
-        if config.manager.register_path:  # validated before anything starts (§2.5)
-            load_register_yaml(config.manager.register_path, splitwise=config.server.splitwise)
+        static = (load_register_yaml(config.manager.register_path,  # §2.5: before serving
+                                     splitwise=config.server.splitwise)
+                  if config.manager.register_path else [])
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from kvrouter.server.app import serve
 
-    return serve(config)
+    return serve(config, static)
 
 
 def _normalise(argv: list[str]) -> list[str]:

@@ -149,7 +149,8 @@ def read_yaml_file(path: str) -> object:
             f"config error: {path}: invalid YAML{where}: {exc.problem or exc.context}"
         ) from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config error: {path}: invalid YAML: {exc}") from exc
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"config error: {path}: invalid YAML: {detail}") from exc
 
 
 _LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", re.IGNORECASE)

@@ -52,8 +52,8 @@ class HealthMonitor:
     async def probe(self, inst: Instance, timeout: float | None = None) -> bool:
         """Probe one instance and count the result as one round observation."""
         res = await self.probe_url(inst.url, timeout or self.cfg.health_check_timeout_secs)
-        self.metrics.health_checks.labels(inst.url, "success" if res.ok else "failure").inc()
-        if self.registry.get(inst.identity) is inst:
+        if self.registry.get(inst.identity) is inst:  # removed meanwhile: its series stay deleted
+            self.metrics.health_checks.labels(inst.url, "success" if res.ok else "failure").inc()
             self.observe(inst, res.ok)
         return res.ok
 

@@ -37,8 +37,10 @@ class MetricsScraper:
                 if status == 200 else None
         except Exception:  # noqa: BLE001 - a failed scrape keeps the previous snapshot
             snap = None
+        if self.registry.get(inst.identity) is not inst:
+            return  # removed while scraping: its series stay deleted
         self.metrics.scrapes.labels(inst.url, "success" if snap else "failure").inc()
-        if snap is not None and self.registry.get(inst.identity) is inst:
+        if snap is not None:
             inst.snapshot = snap
             inst.load.on_snapshot(taken_at)
             if inst.identity in self._stale:

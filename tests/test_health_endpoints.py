@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import re
 import time
 from pathlib import Path
@@ -297,7 +298,7 @@ async def test_item47_tokenizer_failure_is_tolerated(fleet: Fleet) -> None:
     seen: list[tuple[str, object]] = []
 
     async def tokenize(request: web.Request) -> web.Response:
-        seen.append((request.path, await request.json(content_type=None)))
+        seen.append((request.path, json.loads(await request.read())))
         return web.json_response({"error": "boom"}, status=500)
 
     app = web.Application()
@@ -521,10 +522,17 @@ async def test_item50_failure_and_success_thresholds(fleet: Fleet) -> None:
 
 @bounded(20)
 async def test_item51_unhealthy_removal(fleet: Fleet) -> None:
+    # a remote-metrics policy, so a scrape of the dying instance is in flight when it is removed
     r = await fleet.router({"manager": {"health-check-interval-secs": 1,
-                                        "unhealthy-removal-secs": 2}})
+                                        "unhealthy-removal-secs": 2},
+                            "scheduler": {"policy": "fd_remote_metrics_score",
+                                          "metrics-scrape-interval-secs": 1,
+                                          "metrics-scrape-timeout-secs": 1}})
     inst = await fleet.sim()
+    other = await fleet.sim()
     await register(r, inst)
+    await register(r, other)
+    inst.knobs.metrics_delay = 5.0     # its scrapes always hang until the 1 s timeout
     inst.knobs.health_status = 500
 
     async def listed_as(lst: str | None) -> bool:
@@ -537,12 +545,24 @@ async def test_item51_unhealthy_removal(fleet: Fleet) -> None:
     gone = time.monotonic() - marked
     assert 1.5 <= gone <= 3.0, f"removed {gone:.2f}s after being marked unhealthy"
     assert f"Removed unhealthy mixed instance: {inst.url}" in r.log()
+    assert (await number(r))["mixed"] == 1
+
+    # wait until a whole scrape round has ended after the removal (the other instance's
+    # counter moves twice), then no series may carry the removed instance's label
+    async def other_scrapes() -> float:
+        return sample(await metrics_text(r), "kvrouter_metrics_scrape_total",
+                      instance=other.url) or 0
+
+    base = await other_scrapes()
+    await wait_for(lambda: _gt(other_scrapes(), base + 1), timeout=5)
     text = await metrics_text(r)
-    assert sample(text, "kvrouter_instance_state", instance=inst.url) is None
+    leftovers = [line for line in text.splitlines() if f'instance="{inst.url}"' in line]
+    assert leftovers == [], "a removed instance's series must be deleted"
 
     inst.knobs.health_status = 200
+    inst.knobs.metrics_delay = 0.0
     assert await inst.register_once(r.url) == 200
-    assert await number(r) == {"mixed": 1, "prefill": 0, "decode": 0}
+    assert await number(r) == {"mixed": 2, "prefill": 0, "decode": 0}
 
 
 # --- item 52: /health_generate --------------------------------------------------------------------
@@ -612,21 +632,30 @@ async def test_item54_models_union(fleet: Fleet) -> None:
     r = await fleet.router()
     status, body = await get_json(r.url + "/v1/models")
     assert (status, body) == (200, {"object": "list", "data": []})
+    paused = await fleet.sim(served_model_name="m2")
+    await register(r, paused, is_paused=True)          # not routable: its cards are not listed
     for _ in range(2):
         await register(r, await fleet.sim(served_model_name="m1"))
 
-    async def listed() -> object:
+    async def ids() -> list[str]:
         _, b = await get_json(r.url + "/v1/models")
-        return b["data"]
+        assert b["object"] == "list"
+        return [m["id"] for m in b["data"]]
 
-    data = await wait_for(listed, timeout=5)
-    await asyncio.sleep(0.2)   # let the second instance's cards land too
+    await wait_for(ids, timeout=5)
+    await asyncio.sleep(0.2)   # let every instance's cards land
     _, body = await get_json(r.url + "/v1/models")
-    assert body["object"] == "list"
     assert [m["id"] for m in body["data"]] == ["m1"], body
     card = body["data"][0]
     assert card["object"] == "model" and card["owned_by"] == "FastDeploy"
-    assert data[0]["id"] == "m1"
+    assert card["max_model_len"] == 8192 and card["root"] == "m1"
+
+    await register(r, paused, is_paused=False)          # routable again → listed
+
+    async def both() -> bool:
+        return sorted(await ids()) == ["m1", "m2"]
+
+    await wait_for(both, timeout=5)
 
 
 # --- item 55: /decode_instances -------------------------------------------------------------------

@@ -9,7 +9,7 @@ import aiohttp
 import orjson
 import pytest
 
-from harness import get_json, post_json, wait_for
+from harness import post_json, wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
 

@@ -424,6 +424,31 @@ async def test_item20_heartbeat_of_healthy_instance_never_probes(fleet: Fleet) -
 
 
 @bounded(20)
+async def test_heartbeat_of_unhealthy_instance_probes_inline(fleet: Fleet) -> None:
+    """§3.3: a heartbeat from an unhealthy instance updates its fields and probes once; with
+    the default success threshold 1 a passing probe restores it at once."""
+    r = await fleet.router({"manager": {"health-check-interval-secs": 1}})
+    inst = await fleet.sim()
+    payload = inst.registration_payload()
+    assert (await register(r, payload))[0] == 200
+    inst.knobs.health_status = 500
+
+    async def unhealthy() -> bool:
+        return (await number(r))["mixed"] == 0
+
+    await wait_for(unhealthy, timeout=3)
+    status, body, headers = await register(r, dict(payload, connector_port=4321))
+    assert_json_error(status, body, headers, 503, f"{inst.url} service is not healthy")
+    reg = await registered(r)
+    assert [(w["url"], w["connector_port"]) for w in reg["unavailable"]] == [(inst.url, "4321")]
+
+    inst.knobs.health_status = 200
+    status, body, _ = await register(r, payload)
+    assert (status, body) == (200, {"code": 200, "msg": "Register success"})
+    assert await number(r) == {"mixed": 1, "prefill": 0, "decode": 0}
+
+
+@bounded(20)
 async def test_item21_paused_instances(fleet: Fleet) -> None:
     r = await fleet.router()
     a = await fleet.sim()

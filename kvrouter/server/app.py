@@ -11,8 +11,8 @@ import time
 from aiohttp import web
 
 from kvrouter import errors
-from kvrouter.config import ConfigError, RouterConfig
-from kvrouter.instance import load_register_yaml
+from kvrouter.config import RouterConfig
+from kvrouter.instance import InstanceInfo
 from kvrouter.prefix.tokenizer import TokenizerError
 from kvrouter.registry import HEALTHY
 from kvrouter.router import Router
@@ -78,12 +78,8 @@ def build_app(router: Router) -> web.Application:
     return app
 
 
-async def load_static_instances(router: Router) -> None:
+async def add_static_instances(router: Router, infos: list[InstanceInfo]) -> None:
     """register.yaml entries: probed once, concurrently; static, recovered by the health loop."""
-    path = router.cfg.manager.register_path
-    if not path:
-        return
-    infos = load_register_yaml(path, splitwise=router.splitwise)
     timeout = router.cfg.manager.health_check_timeout_secs
     results = await asyncio.gather(*(router.health.probe_url(i.url, timeout) for i in infos))
     for info, res in zip(infos, results):
@@ -92,7 +88,7 @@ async def load_static_instances(router: Router) -> None:
             log.warning("static instance %s is not healthy at startup (%s)", info.url, res.error)
 
 
-async def run_server(cfg: RouterConfig) -> int:
+async def run_server(cfg: RouterConfig, static: list[InstanceInfo]) -> int:
     """Serve until SIGINT/SIGTERM; returns the process exit code."""
     try:
         router = Router(cfg)
@@ -101,7 +97,7 @@ async def run_server(cfg: RouterConfig) -> int:
         return 1
     runner: web.AppRunner | None = None
     try:
-        await load_static_instances(router)
+        await add_static_instances(router, static)
         runner = web.AppRunner(build_app(router), access_log=None, handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, cfg.server.host, cfg.server.port, reuse_address=True)
@@ -124,18 +120,17 @@ async def run_server(cfg: RouterConfig) -> int:
         await stop.wait()
         log.info("shutting down")
         return 0
-    except ConfigError as e:
-        print(str(e), file=sys.stderr)
-        return 1
     finally:
         if runner is not None:
             await runner.cleanup()
         await router.close()
 
 
-def serve(cfg: RouterConfig) -> int:
+def serve(cfg: RouterConfig, static: list[InstanceInfo] | None = None) -> int:
+    """Run the router until SIGINT/SIGTERM (uvloop when available); returns the exit code."""
+    main = run_server(cfg, static or [])
     try:
         import uvloop
-        return uvloop.run(run_server(cfg))
     except ImportError:
-        return asyncio.run(run_server(cfg))
+        return asyncio.run(main)
+    return uvloop.run(main)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -18,7 +17,6 @@ from aiohttp import web
 from kvrouter import errors
 from kvrouter.backends import fastdeploy as fd
 from kvrouter.instance import Role
-from kvrouter.load import Lease
 from kvrouter.registry import Instance
 from kvrouter.router import Router
 from kvrouter.server.accounting import account
@@ -168,7 +166,6 @@ class _Pair:
             self.p_task.cancel()
 
     async def run(self) -> _Outcome:
-        router = self.router
         path = self.request.path_qs
         p_headers = forward_headers(self.request.headers, self.p.identity, identity=True)
         d_headers = forward_headers(self.request.headers, self.d.identity, identity=True)
