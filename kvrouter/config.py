@@ -290,9 +290,10 @@ def _endpoint(value: object) -> str:
 
 
 def _url(value: object) -> str:
+    """An http(s) URL; a missing scheme means ``http://`` (contract §6.4)."""
     url = _text(value)
     if url:
-        parts = urlsplit(url)
+        parts = urlsplit(url if "://" in url else "http://" + url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise _Invalid(f"must be an http:// or https:// URL, got {_show(value)}")
     return url

@@ -20,8 +20,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-
 from harness import RouterProcess, get_json, post_json, start_router, wait_for
+
 from kvrouter.sim.config import SimConfig
 from kvrouter.sim.instance import SimInstance
 
@@ -178,6 +178,7 @@ async def hold(fleet: Fleet, router: RouterProcess, inst: SimInstance, body: dic
                expect_in_flight: int, delay: float = 2.0) -> asyncio.Task:
     """Start a request that the router dispatches to ``inst`` and that stays in flight for
     ``delay`` s (first body byte delayed); returns once the router counts it."""
+    before = len(inst.inference_requests)
     inst.knobs.first_byte_delay = delay
     task = fleet.spawn(send(router, body))
 
@@ -186,7 +187,9 @@ async def hold(fleet: Fleet, router: RouterProcess, inst: SimInstance, body: dic
 
     try:
         await wait_for(counted, timeout=5)
-        await wait_for(lambda: _true(len(inst.inference_requests) >= expect_in_flight), timeout=2)
+        # the instance has read the knob once it recorded the request (no await in between)
+        await wait_for(lambda: _true(len(inst.inference_requests) > before), timeout=2,
+                       interval=0.005)
     finally:
         inst.knobs.first_byte_delay = 0.0
     return task
@@ -869,7 +872,7 @@ async def test_metrics_kvrouter_families(fleet: Fleet) -> None:
     for _ in range(2):
         assert (await send(r, body))[0] == 200
     stream = dict(body, stream=True, stream_options={"include_usage": True})
-    status, raw, _ = await send(r, stream)
+    status, _, _ = await send(r, stream)
     assert status == 200
     assert (await post_json(r.url + CHAT_PATH, data=b"not json"))[0] == 400
 

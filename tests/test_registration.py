@@ -16,8 +16,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
-
 from harness import RouterProcess, get_json, post_json, start_router, wait_for
+
 from kvrouter.sim.config import SimConfig
 from kvrouter.sim.instance import SimInstance
 
@@ -273,10 +273,10 @@ async def test_item12_role_errors(fleet: Fleet) -> None:
     base = inst.registration_payload()
     no_role = {k: v for k, v in base.items() if k != "role"}
     cases = [
-        (no_role, dict(msg=FIELD + "role is required")),
-        (dict(base, role=None), dict(msg=FIELD + "role is required")),
-        (dict(base, role="custom"), dict(contains="invalid role: custom")),
-        (dict(base, role=99), dict(prefix=FORMAT)),
+        (no_role, {"msg": FIELD + "role is required"}),
+        (dict(base, role=None), {"msg": FIELD + "role is required"}),
+        (dict(base, role="custom"), {"contains": "invalid role: custom"}),
+        (dict(base, role=99), {"prefix": FORMAT}),
     ]
     for payload, want in cases:
         status, body, headers = await register(r, payload)

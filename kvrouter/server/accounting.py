@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import time
 
+from kvrouter.registry import Instance
 from kvrouter.router import Router
 from kvrouter.server.relay import RelayOutcome
 
 
 def account(router: Router, endpoint: str, received: float, status: int, outcome: RelayOutcome,
-            body: dict, *, mixed: str = "", prefill: str = "", decode: str = "") -> None:
-    """Metrics of one finished inference request."""
+            body: dict, *, mixed: Instance | None = None, prefill: Instance | None = None,
+            decode: Instance | None = None) -> None:
+    """Metrics of one finished inference request.
+
+    Usage seen in a mixed answer counts for that instance; in PD mode the prefill's own answer
+    is counted where it is drained (the decode's ``cached_tokens`` is always 0).
+    """
     m = router.metrics
-    m.inference_requests.labels(decode, mixed, prefill, str(status)).inc()
+    m.inference_requests.labels(decode.url if decode else "", mixed.url if mixed else "",
+                                prefill.url if prefill else "", str(status)).inc()
     stream = body.get("stream") is True
     m.duration.labels(endpoint, router.mode, "true" if stream else "false").observe(
         time.perf_counter() - received)
@@ -24,7 +31,13 @@ def account(router: Router, endpoint: str, received: float, status: int, outcome
         m.errors.labels("stream_idle_timeout").inc()
     if outcome.client_gone:
         m.errors.labels("client_disconnect").inc()
-    url = mixed or prefill
-    if outcome.prompt_tokens is not None and url:
-        m.backend_prompt_tokens.labels(url).inc(outcome.prompt_tokens)
-        m.backend_cached_tokens.labels(url).inc(outcome.cached_tokens or 0)
+    if mixed is not None and outcome.prompt_tokens is not None:
+        count_usage(router, mixed, outcome.prompt_tokens, outcome.cached_tokens)
+
+
+def count_usage(router: Router, inst: Instance, prompt: int, cached: int | None) -> None:
+    """The instance-reported prompt and cached tokens (skipped once it was removed, so its
+    series stay deleted)."""
+    if router.registry.get(inst.identity) is inst:
+        router.metrics.backend_prompt_tokens.labels(inst.url).inc(prompt)
+        router.metrics.backend_cached_tokens.labels(inst.url).inc(cached or 0)

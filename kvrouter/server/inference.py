@@ -91,7 +91,7 @@ async def handle_mixed(router: Router, request: web.Request, raw: bytes, body: d
             resp, outcome = await relay(request, up, first, tag)
         finally:
             lease.release()
-        account(router, endpoint, received, resp.status, outcome, body, mixed=inst.url)
+        account(router, endpoint, received, resp.status, outcome, body, mixed=inst)
         return resp
     assert last_error is not None
     raise last_error

@@ -19,7 +19,7 @@ from kvrouter.backends import fastdeploy as fd
 from kvrouter.instance import Role
 from kvrouter.registry import Instance
 from kvrouter.router import Router
-from kvrouter.server.accounting import account
+from kvrouter.server.accounting import account, count_usage
 from kvrouter.server.relay import RelayOutcome, UsageScan, relay
 from kvrouter.server.transport import (BodyFailed, ConnectFailed, FirstByteTimeout,
                                        UpstreamResponse, forward_headers)
@@ -114,7 +114,8 @@ async def handle(router: Router, request: web.Request, body: dict, endpoint: str
             r = outcome.prefill_reply
             resp = web.Response(status=r.status, body=r.body, headers=tags,
                                 content_type=_content_type(r.headers))
-            _account(router, endpoint, received, r.status, RelayOutcome(), body, p, d)
+            account(router, endpoint, received, r.status, RelayOutcome(), body, prefill=p,
+                    decode=d)
             return resp
         start = outcome.start
         try:
@@ -123,18 +124,13 @@ async def handle(router: Router, request: web.Request, body: dict, endpoint: str
             pair.d_lease.release()
         if relayed.client_gone:
             pair.cancel_prefill()
-        _account(router, endpoint, received, resp.status, relayed, body, p, d)
+        account(router, endpoint, received, resp.status, relayed, body, prefill=p, decode=d)
         return resp
 
 
 def _content_type(headers) -> str:
     ctype = headers.get("Content-Type", "application/json") if headers else "application/json"
     return ctype.split(";")[0].strip()
-
-
-def _account(router: Router, endpoint: str, received: float, status: int, out: RelayOutcome,
-             body: dict, p: Instance, d: Instance) -> None:
-    account(router, endpoint, received, status, out, body, prefill=p.url, decode=d.url)
 
 
 @dataclass
@@ -295,9 +291,7 @@ class _Pair:
         scan.feed(raw)
         prompt, cached = scan.result()
         if prompt is not None:
-            m = self.router.metrics
-            m.backend_prompt_tokens.labels(self.p.url).inc(prompt)
-            m.backend_cached_tokens.labels(self.p.url).inc(cached or 0)
+            count_usage(self.router, self.p, prompt, cached)
 
     async def _decode(self, url: str, headers) -> DecodeStart:
         """Send to D; return at its first body byte, or its whole body for non-stream answers."""
