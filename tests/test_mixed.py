@@ -301,3 +301,29 @@ async def test_openai_client(router_factory, sims):
         assert text == out.choices[0].message.content
     finally:
         await client.close()
+
+
+async def test_stream_idle_timeout_interrupts(router_factory, sims):  # §5.7, §5.8
+    router = await router_factory({"server": {"stream-idle-timeout-secs": 0.3}})
+    (a,) = await sims(1)
+    await registered(router, a)
+    a.knobs.itl = 1.0
+    async with aiohttp.ClientSession() as s:
+        async with s.post(router.url + "/v1/chat/completions",
+                          json={**CHAT, "stream": True}) as r:
+            raw = await r.read()
+    assert b"upstream stream interrupted" in raw and raw.endswith(b"data: [DONE]\n\n")
+    assert 'kvrouter_errors_total{kind="stream_idle_timeout"} 1.0' in await metrics_text(router)
+    await wait_for(lambda: _zero(router), 5)
+
+
+async def test_body_over_limit_is_413(router_factory, sims):  # §5.9
+    router = await router_factory({"server": {"max-body-mb": 0.01}})
+    (a,) = await sims(1)
+    await registered(router, a)
+    big = {"messages": [{"role": "user", "content": "x" * 20000}]}
+    status, body, headers = await post_json(router.url + "/v1/chat/completions", big)
+    assert status == 413
+    assert body["error"]["code"] == "request_too_large"
+    assert headers["Content-Type"].startswith("application/json")
+    assert a.inference_requests == []
