@@ -25,8 +25,10 @@ class Load:
     snapshot_taken_at: float = 0.0
     _leases: set["Lease"] = field(default_factory=set, repr=False)
 
-    def acquire(self, tokens: int) -> "Lease":
-        lease = Lease(self, tokens, time.monotonic())
+    def acquire(self, tokens: int, now: float | None = None) -> "Lease":
+        """Count one dispatched leg; ``now`` is the clock of the metrics snapshots
+        (``time.monotonic()`` by default; the virtual clock in a simulation)."""
+        lease = Lease(self, tokens, time.monotonic() if now is None else now)
         self.requests += 1
         self.tokens += tokens
         self._leases.add(lease)

@@ -1,6 +1,11 @@
 """``kvrouter sim``: N simulated instances in one process, each heartbeating to a router.
 
-    kvrouter sim --instances 2 --role mixed --router 127.0.0.1:9000
+    kvrouter sim --instances 2 --role mixed --router 127.0.0.1:9000 --preset qwen3-32b-tp2-h100
+
+Each instance runs the engine core of :mod:`kvrouter.sim.core` with the ``--preset``
+parameters; ``--block-size``, ``--num-gpu-blocks``, ``--max-num-seqs``,
+``--max-num-batched-tokens`` and ``--timing`` override it. Instance ``i`` seeds its jitter
+with ``--seed + i``.
 
 Prints ``sim instance <role> <url> ready`` per instance, runs until SIGINT/SIGTERM, then
 stops cleanly (exit 0). Usage errors exit 2; bind/startup errors exit 1.
@@ -15,6 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from kvrouter.sim.config import ROLES, SimConfig
+from kvrouter.sim.core.params import DEFAULT_PRESET, PRESETS, TIMING_MODELS
 from kvrouter.sim.instance import SimInstance
 
 
@@ -30,10 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port-base", type=int, default=None,
                    help="serve /metrics on separate ports from this base (0 = ephemeral); default: API port")
     p.add_argument("--time-scale", type=float, default=1.0, help="multiply all model times (default 1.0)")
-    p.add_argument("--max-num-seqs", type=int, default=8)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+                   help=f"engine model preset (default {DEFAULT_PRESET})")
+    p.add_argument("--timing", choices=TIMING_MODELS, default=None,
+                   help="step-time model (default: the preset's, roofline)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="running slots (default: preset, 256)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget per engine step (default: preset, 8192)")
     p.add_argument("--max-concurrency", type=int, default=512)
-    p.add_argument("--num-gpu-blocks", type=int, default=4096)
-    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--num-gpu-blocks", type=int, default=None,
+                   help="KV cache blocks (default: from the preset's memory budget or measured capacity)")
+    p.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: preset, 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the step-time jitter (default 0)")
     p.add_argument("--output-tokens", type=int, default=16, help="natural answer length in tokens")
     p.add_argument("--served-model-name", default="default")
     p.add_argument("--max-model-len", type=int, default=8192)
@@ -46,24 +60,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _run(args: argparse.Namespace) -> int:
+def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
+    """One :class:`SimConfig` per instance (ports and jitter seeds offset by the index)."""
     protocols = [x.strip() for x in args.transfer_protocol.split(",") if x.strip()]
-    instances: list[SimInstance] = []
+    configs: list[SimConfig] = []
     for i in range(args.instances):
-        cfg = SimConfig(
+        configs.append(SimConfig(
             role=args.role, host=args.host,
             port=args.port_base + i if args.port_base else 0,
             connector_port=(args.connector_port_base + i if args.connector_port_base else
                             (None if args.role == "mixed" else 0)),
             metrics_port=(None if args.metrics_port_base is None else
                           (args.metrics_port_base + i if args.metrics_port_base else 0)),
-            time_scale=args.time_scale, max_num_seqs=args.max_num_seqs,
+            time_scale=args.time_scale, preset=args.preset, timing=args.timing,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_concurrency=args.max_concurrency, num_gpu_blocks=args.num_gpu_blocks,
-            block_size=args.block_size, output_tokens=args.output_tokens,
+            block_size=args.block_size, seed=args.seed + i, output_tokens=args.output_tokens,
             served_model_name=args.served_model_name, max_model_len=args.max_model_len,
             api_key=args.api_key, version=args.version, transfer_protocol=protocols,
-            device_ids=[str(i)], heartbeat_period=args.heartbeat_period)
-        instances.append(SimInstance(cfg))
+            device_ids=[str(i)], heartbeat_period=args.heartbeat_period))
+    return configs
+
+
+async def _run(args: argparse.Namespace, configs: list[SimConfig]) -> int:
+    instances = [SimInstance(cfg) for cfg in configs]
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -103,13 +123,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("kvrouter sim: error: --instances must be >= 1", file=sys.stderr)
         return 2
     try:
+        configs = configs_from_args(args)
+    except ValueError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"kvrouter sim: error: {exc}", file=sys.stderr)
+        return 2
+    try:
         import uvloop  # type: ignore[import-not-found]
     except ImportError:
         uvloop = None
     try:
         if uvloop is not None:
-            return uvloop.run(_run(args))
-        return asyncio.run(_run(args))
+            return uvloop.run(_run(args, configs))
+        return asyncio.run(_run(args, configs))
     except KeyboardInterrupt:
         return 0
 

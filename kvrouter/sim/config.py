@@ -6,12 +6,17 @@
 
 Time values in :class:`SimConfig` are *model* seconds: the simulator multiplies them by
 ``time_scale``. Time values in :class:`Knobs` are real (wall-clock) seconds.
+
+The engine model is the core of :mod:`kvrouter.sim.core`: ``preset`` picks the model/GPU
+parameters (engine-model.md §5 presets), and the scheduler fields below override it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from kvrouter.sim.core.params import EngineParams, make_params
 
 ROLES = ("mixed", "prefill", "decode")
 
@@ -43,27 +48,40 @@ class SimConfig:
     max_concurrency: int = 512               # in-flight inference calls before 429
     strict_model: bool = False               # True: a different "model" → 400 Unsupported model
 
-    # --- engine model ---------------------------------------------------------------
-    max_num_seqs: int = 8
-    block_size: int = 64
-    num_gpu_blocks: int = 4096
+    # --- engine model (kvrouter.sim.core) ---------------------------------------------
+    preset: str = "llama3-8b-h100"           # engine preset (kvrouter.sim.core.params.PRESETS)
+    # None = the preset's value; the defaults below are a small, fast instance for tests
+    # (8 slots, 4096 blocks of 64 tokens instead of the preset's 256 slots, ~6,200 blocks).
+    max_num_seqs: int | None = 8
+    block_size: int | None = 64
+    num_gpu_blocks: int | None = 4096
+    max_num_batched_tokens: int | None = None   # None: preset (8192)
+    timing: str | None = None                # roofline | mocker-poly | linear (None: preset's roofline)
+    jitter_sigma: float | None = None        # None: preset (0.03)
+    seed: int = 0                            # seeds the step-time jitter
+    engine_overrides: dict[str, Any] = field(default_factory=dict)  # any EngineParams field
+    engine: str = "core"                     # core | simple (the earlier placeholder model)
     enable_prefix_caching: bool = True       # always off on decode instances
-    prefix_cache_blocks: int | None = None   # LRU capacity of the prefix cache (default num_gpu_blocks)
+    prefix_cache_blocks: int | None = None   # cap of the cached-free LRU pool (default: no cap)
     output_tokens: int = 16                  # natural answer length ("stop"); max_tokens may cut it ("length")
     chars_per_token: int = 4                 # prompt tokenizer: one token per N characters
-    ttft_base: float = 0.05                  # model seconds
-    prefill_per_token: float = 0.0002        # model seconds per uncached prompt token
-    itl: float = 0.02                        # model seconds between output tokens
+    # linear timing model (timing="linear") and the simple engine: model seconds
+    ttft_base: float = 0.05
+    prefill_per_token: float = 0.0002        # per uncached prompt token
+    itl: float = 0.02
     time_scale: float = 0.1                  # real = model × time_scale
 
     # --- PD ---------------------------------------------------------------------------
     handoff_timeout: float = 30.0            # real seconds a decode waits for its hand-off
     handoff_ttl: float = 60.0                # real seconds an early hand-off stays buffered
     handoff_connect_timeout: float = 2.0     # real seconds for the prefill's POST to the connector
-    transfer_ipc_base: float = 0.002         # model seconds
-    transfer_ipc_per_token: float = 0.00001
+    # KV transfer to a decode: base + prompt tokens × KV bytes per token / bandwidth (model s)
+    transfer_ipc_base: float = 0.002         # model seconds (setup)
     transfer_rdma_base: float = 0.01
-    transfer_rdma_per_token: float = 0.00005
+    transfer_ipc_bw: float = 300e9           # bytes/s intra-node (engine-model.md §6)
+    transfer_rdma_bw: float = 50e9           # bytes/s, a 400 Gb/s NIC
+    transfer_ipc_per_token: float | None = None    # set: fixed seconds per token instead of KV bytes / bw
+    transfer_rdma_per_token: float | None = None
 
     # --- registration -------------------------------------------------------------------
     heartbeat_period: float = 5.0
@@ -75,10 +93,42 @@ class SimConfig:
         self.role = str(self.role).lower()
         if self.role not in ROLES:
             raise ValueError(f"invalid role {self.role!r}; expected one of {ROLES}")
-        if self.max_num_seqs < 1 or self.block_size < 1 or self.num_gpu_blocks < 1:
-            raise ValueError("max_num_seqs, block_size and num_gpu_blocks must be >= 1")
         if self.time_scale < 0:
             raise ValueError("time_scale must be >= 0")
+        if self.engine not in ("core", "simple"):
+            raise ValueError(f"invalid engine {self.engine!r}; expected core or simple")
+        # Resolve the preset's values for the fields left to it (so they are ints afterwards).
+        base = make_params(self.preset, **self._param_overrides())
+        if self.max_num_seqs is None:
+            self.max_num_seqs = base.max_num_seqs
+        if self.block_size is None:
+            self.block_size = base.block_size
+        if self.num_gpu_blocks is None:
+            self.num_gpu_blocks = base.total_blocks
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = base.max_num_batched_tokens
+        if self.max_num_seqs < 1 or self.block_size < 1 or self.num_gpu_blocks < 1:
+            raise ValueError("max_num_seqs, block_size and num_gpu_blocks must be >= 1")
+
+    def _param_overrides(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in ("max_num_seqs", "block_size", "num_gpu_blocks", "max_num_batched_tokens",
+                     "timing", "jitter_sigma"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        if self.timing == "linear":
+            out.update(linear_prefill_overhead=self.ttft_base,
+                       linear_prefill_per_token=self.prefill_per_token, linear_itl=self.itl)
+        out["enable_prefix_caching"] = self.enable_prefix_caching and self.role != "decode"
+        if self.prefix_cache_blocks is not None:
+            out["max_cached_free_blocks"] = self.prefix_cache_blocks
+        out.update(self.engine_overrides)
+        return out
+
+    def engine_params(self) -> EngineParams:
+        """The core's parameters: the preset with this config's fields applied."""
+        return make_params(self.preset, **self._param_overrides())
 
 
 @dataclass

@@ -10,6 +10,13 @@ Designed to run inside a test's event loop::
 
 Requests without ``disaggregate_info`` on a prefill or decode instance are served like on a
 mixed instance. A mixed instance ignores ``disaggregate_info``.
+
+The engine is :class:`~kvrouter.sim.engine.CoreEngine` (the engine core of
+:mod:`kvrouter.sim.core` in real time) unless ``SimConfig.engine == "simple"``. On a prefill
+instance the core request has phase ``prefill`` and is released once the hand-off is sent; on
+a decode instance it has phase ``decode`` with the modelled KV transfer time
+(:meth:`SimInstance.transfer_delay`). ``GET /sim/requests`` (API port) serves the per-request
+ground truth for reports; the router never calls it.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ from multidict import CIMultiDict
 
 from kvrouter.sim import protocol as P
 from kvrouter.sim.config import Knobs, SimConfig
-from kvrouter.sim.engine import Engine, EngineParams, GenRequest, SimpleEngine, TokenOut
+from kvrouter.sim.core.engine import EngineCore
+from kvrouter.sim.engine import CoreEngine, Engine, EngineParams, GenRequest, SimpleEngine, TokenOut
 from kvrouter.sim.metrics import HttpStats, render
 from kvrouter.sim.pd import (
     DisaggError,
@@ -42,7 +50,6 @@ from kvrouter.sim.pd import (
     HandoffStore,
     parse_disaggregate_info,
     send_handoff,
-    transfer_delay,
 )
 from kvrouter.sim.tokens import render_chat, tokenize
 
@@ -124,6 +131,20 @@ def _int_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
 
 
+def build_engine(cfg: SimConfig) -> Engine:
+    """The engine of an instance: the core (default) or the earlier simple model."""
+    if cfg.engine == "simple":
+        return SimpleEngine(EngineParams(
+            max_num_seqs=int(cfg.max_num_seqs or 8), block_size=int(cfg.block_size or 64),
+            num_gpu_blocks=int(cfg.num_gpu_blocks or 4096),
+            enable_prefix_caching=cfg.enable_prefix_caching and cfg.role != "decode",
+            prefix_cache_blocks=cfg.prefix_cache_blocks, output_tokens=cfg.output_tokens,
+            ttft_base=cfg.ttft_base, prefill_per_token=cfg.prefill_per_token, itl=cfg.itl,
+            time_scale=cfg.time_scale))
+    return CoreEngine(EngineCore(cfg.engine_params(), seed=cfg.seed), time_scale=cfg.time_scale,
+                      output_tokens=cfg.output_tokens)
+
+
 def normalize_router_url(router: str) -> str:
     router = router.strip().rstrip("/")
     if not router.startswith(("http://", "https://")):
@@ -137,12 +158,8 @@ class SimInstance:
         self.config = config or SimConfig()
         self.knobs = knobs or Knobs()
         cfg = self.config
-        self.engine: Engine = engine or SimpleEngine(EngineParams(
-            max_num_seqs=cfg.max_num_seqs, block_size=cfg.block_size, num_gpu_blocks=cfg.num_gpu_blocks,
-            enable_prefix_caching=cfg.enable_prefix_caching and cfg.role != "decode",
-            prefix_cache_blocks=cfg.prefix_cache_blocks, output_tokens=cfg.output_tokens,
-            ttft_base=cfg.ttft_base, prefill_per_token=cfg.prefill_per_token, itl=cfg.itl,
-            time_scale=cfg.time_scale))
+        self.core_params = cfg.engine_params()
+        self.engine: Engine = engine or build_engine(cfg)
         self.handoffs = HandoffStore(ttl=cfg.handoff_ttl)
         self.http_stats = HttpStats()
         self.received: list[ReceivedRequest] = []
@@ -228,6 +245,9 @@ class SimInstance:
     async def stop(self) -> None:
         await self.stop_heartbeat()
         await self.close_port()
+        aclose = getattr(self.engine, "aclose", None)
+        if aclose is not None:
+            await aclose()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -357,6 +377,7 @@ class SimInstance:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/abort_requests", self._abort)
+        app.router.add_get("/sim/requests", self._sim_requests)
         return app
 
     def _make_connector_app(self) -> web.Application:
@@ -423,6 +444,37 @@ class SimInstance:
         text = render(self.gauges(), self.engine.stats, self.http_stats, k.metrics_override)
         return web.Response(status=k.metrics_status, body=text.encode(),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def _sim_requests(self, request: web.Request) -> web.Response:
+        """Ground truth the router never sees: per finished request, the prompt and cached
+        tokens, queue time, TTFT and end-to-end time in *model* seconds (``*_real``: wall clock),
+        preemptions and finish reason; plus the engine core's gauges. ``?request_id=`` filters."""
+        truth = getattr(self.engine, "requests_truth", None)
+        rows = truth() if truth is not None else []
+        rid = request.query.get("request_id")
+        if rid:
+            rows = [r for r in rows if r.get("request_id") == rid]
+        core = getattr(self.engine, "core", None)
+        return _json({
+            "role": self.config.role, "preset": self.core_params.name,
+            "time_scale": self.config.time_scale, "block_size": self.core_params.block_size,
+            "num_gpu_blocks": self.core_params.total_blocks,
+            "core": core.gauges() if core is not None else None,
+            "requests": rows,
+        })
+
+    def transfer_delay(self, protocol: str, tokens: int) -> float:
+        """Modelled KV transfer to this decode, in model seconds: setup + tokens × KV bytes
+        per token / link bandwidth (``transfer_*_per_token`` replaces the bandwidth term)."""
+        cfg = self.config
+        kv_bytes = self.core_params.kv_bytes_per_token
+        if protocol == "ipc":
+            per = cfg.transfer_ipc_per_token if cfg.transfer_ipc_per_token is not None \
+                else kv_bytes / cfg.transfer_ipc_bw
+            return cfg.transfer_ipc_base + per * tokens
+        per = cfg.transfer_rdma_per_token if cfg.transfer_rdma_per_token is not None \
+            else kv_bytes / cfg.transfer_rdma_bw
+        return cfg.transfer_rdma_base + per * tokens
 
     async def _abort(self, request: web.Request) -> web.Response:
         try:
@@ -557,7 +609,7 @@ class SimInstance:
         if n_prompt >= cfg.max_model_len:
             raise _BadRequest(f"Input text is too long, input_ids_len ({n_prompt}) should be less than "
                               f"max_model_len ({cfg.max_model_len})", code="context_length_exceeded")
-        if -(-max(1, n_prompt) // cfg.block_size) > cfg.num_gpu_blocks:
+        if -(-(max(1, n_prompt) + 1) // cfg.block_size) > cfg.num_gpu_blocks:
             raise _BadRequest("prompt needs more KV blocks than the instance has", code="context_length_exceeded")
         opts = data.get("stream_options")
         opts = opts if isinstance(opts, dict) else {}
@@ -622,10 +674,7 @@ class SimInstance:
                 gen.first_token_id = first
             proto = handoff.get("transfer_protocol")
             proto = proto if proto in ("ipc", "rdma") else target.transfer_protocol
-            gen.transfer_delay = transfer_delay(
-                proto, len(gen.prompt_token_ids), ipc_base=cfg.transfer_ipc_base,
-                ipc_per_token=cfg.transfer_ipc_per_token, rdma_base=cfg.transfer_rdma_base,
-                rdma_per_token=cfg.transfer_rdma_per_token)
+            gen.transfer_delay = self.transfer_delay(proto, len(gen.prompt_token_ids))
 
         if req.stream:
             return await self._stream(request, ctx, gen, target, resp)
@@ -648,6 +697,9 @@ class SimInstance:
                         raise
                     self.handoffs_sent.append(payload)
                     target = None
+                    release = getattr(self.engine, "release_prefill", None)
+                    if release is not None:
+                        release(gen.request_id, gen)   # the KV is with the decode now
                     if self.knobs.post_handoff_delay > 0:
                         await asyncio.sleep(self.knobs.post_handoff_delay)
                 yield tok
