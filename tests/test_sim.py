@@ -645,3 +645,23 @@ def test_config_validation() -> None:
         SimConfig(role="custom")
     assert SimConfig(role="DECODE").role == "decode"
     assert json.loads(json.dumps(SimInstance(SimConfig()).registration_payload()))["role"] == "mixed"
+
+
+async def test_knobs_over_http():
+    inst = SimInstance(SimConfig(time_scale=0.01))
+    await inst.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(inst.url + "/sim/knobs",
+                              json={"health_status": 500, "pd_reschedule_on": [2]}) as r:
+                assert r.status == 200
+                assert (await r.json())["pd_reschedule_on"] == [2]
+            async with s.get(inst.url + "/health") as r:
+                assert r.status == 500
+            async with s.post(inst.url + "/sim/knobs", json={"nope": 1}) as r:
+                assert r.status == 400 and "nope" in (await r.json())["error"]
+            async with s.get(inst.url + "/sim/knobs") as r:
+                assert (await r.json())["health_status"] == 500
+        assert inst.knobs.pd_reschedule_on == {2}
+    finally:
+        await inst.stop()

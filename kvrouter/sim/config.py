@@ -13,7 +13,7 @@ parameters (engine-model.md §5 presets), and the scheduler fields below overrid
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from kvrouter.sim.core.params import EngineParams, make_params
@@ -160,3 +160,36 @@ class Knobs:
     itl: float | None = None                 # override the modelled inter-token latency
     handoff_timeout: float | None = None     # override SimConfig.handoff_timeout
     post_handoff_delay: float = 0.0          # prefill: pause after the hand-off, before any reply byte
+
+
+def knobs_to_json(knobs: Knobs) -> dict[str, Any]:
+    """The knobs as JSON-able values (bytes as text, sets as sorted lists)."""
+    out: dict[str, Any] = {}
+    for f in fields(Knobs):
+        value = getattr(knobs, f.name)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        elif isinstance(value, set):
+            value = sorted(value)
+        elif isinstance(value, list) and value and isinstance(value[0], bytes):
+            value = [v.decode("utf-8", "replace") for v in value]
+        out[f.name] = value
+    return out
+
+
+def update_knobs(knobs: Knobs, changes: dict[str, Any]) -> None:
+    """Apply a JSON object of knob changes (the inverse of :func:`knobs_to_json`); an unknown
+    name raises ``KeyError`` and nothing is changed."""
+    names = {f.name for f in fields(Knobs)}
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        raise KeyError(", ".join(unknown))
+    for name, value in changes.items():
+        current = getattr(knobs, name)
+        if isinstance(current, bytes) and isinstance(value, str):
+            value = value.encode()
+        elif isinstance(current, set):
+            value = set(value or ())
+        elif name == "sse_script" and value is not None:
+            value = [v.encode() if isinstance(v, str) else v for v in value]
+        setattr(knobs, name, value)

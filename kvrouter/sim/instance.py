@@ -38,7 +38,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from kvrouter.sim import protocol as P
-from kvrouter.sim.config import Knobs, SimConfig
+from kvrouter.sim.config import Knobs, SimConfig, knobs_to_json, update_knobs
 from kvrouter.sim.core.engine import EngineCore
 from kvrouter.sim.engine import CoreEngine, Engine, EngineParams, GenRequest, SimpleEngine, TokenOut
 from kvrouter.sim.metrics import HttpStats, render
@@ -378,6 +378,8 @@ class SimInstance:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/abort_requests", self._abort)
         app.router.add_get("/sim/requests", self._sim_requests)
+        app.router.add_get("/sim/knobs", self._get_knobs)
+        app.router.add_post("/sim/knobs", self._set_knobs)
         return app
 
     def _make_connector_app(self) -> web.Application:
@@ -444,6 +446,23 @@ class SimInstance:
         text = render(self.gauges(), self.engine.stats, self.http_stats, k.metrics_override)
         return web.Response(status=k.metrics_status, body=text.encode(),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def _get_knobs(self, request: web.Request) -> web.Response:
+        return _json(knobs_to_json(self.knobs))
+
+    async def _set_knobs(self, request: web.Request) -> web.Response:
+        """Change fault knobs of a running instance (e.g. of a ``kvrouter sim`` process):
+        ``{"health_status": 500}``, ``{"itl": 0.5}``, ``{"reset_before_response": true}``."""
+        try:
+            changes = orjson.loads(await request.read())
+            if not isinstance(changes, dict):
+                raise ValueError("expected a JSON object")
+            update_knobs(self.knobs, changes)
+        except KeyError as e:
+            return _json({"error": f"unknown knob: {e.args[0]}"}, 400)
+        except (ValueError, TypeError) as e:
+            return _json({"error": str(e)}, 400)
+        return _json(knobs_to_json(self.knobs))
 
     async def _sim_requests(self, request: web.Request) -> web.Response:
         """Ground truth the router never sees: per finished request, the prompt and cached

@@ -1,0 +1,128 @@
+"""Starting and stopping a router and simulated instances as real processes, as an operator
+would run them (``kvrouter --port 0 …`` and ``kvrouter sim … --router``)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+
+async def spawn(*args: str, marker: str, count: int = 1,
+                timeout: float = 30) -> tuple[asyncio.subprocess.Process, list[str]]:
+    """Start ``python -m kvrouter *args``; wait for ``count`` stdout lines starting with
+    ``marker`` and return them. The rest of stdout is drained in the background."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kvrouter", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL)
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while len(lines) < count:
+                raw = await proc.stdout.readline()
+                if not raw:
+                    raise RuntimeError(f"'kvrouter {' '.join(args[:2])}' exited early")
+                if raw.decode().startswith(marker):
+                    lines.append(raw.decode().strip())
+    except BaseException:
+        await stop(proc)
+        raise
+    asyncio.ensure_future(_drain(proc.stdout))
+    return proc, lines
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.read(65536):
+        pass
+
+
+async def stop(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM the process we started, then SIGKILL it if it does not exit in 10 s."""
+    if proc.returncode is None:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+@dataclass
+class ClusterSpec:
+    """A router and its simulated instances."""
+
+    policy: str
+    instances: int = 4
+    pd: tuple[int, int] | None = None          # (prefill, decode) counts in PD mode
+    preset: str = "llama3-8b-h100"
+    time_scale: float = 1.0
+    sim_args: list[str] = field(default_factory=list)   # extra `kvrouter sim` flags
+    router_config: dict = field(default_factory=dict)   # merged into config.yaml
+
+
+@dataclass
+class RunningCluster:
+    url: str
+    instances: int
+
+
+async def start_cluster(spec: ClusterSpec, workdir: Path, stack: AsyncExitStack) -> RunningCluster:
+    """Start the router, then the instances (which register themselves by heartbeat); returns
+    once every instance is routable. Everything started is stopped when ``stack`` closes."""
+    sched = {"stats-interval-secs": 0}
+    if spec.pd:
+        sched.update({"prefill-policy": spec.policy, "decode-policy": "request_num"})
+    else:
+        sched["policy"] = spec.policy
+    cfg = {"scheduler": sched, "manager": {"health-check-interval-secs": 5},
+           "log": {"level": "warn"}}
+    for section, values in spec.router_config.items():
+        cfg.setdefault(section, {}).update(values)
+    cfg_path = workdir / f"router-{spec.policy}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    mode = ["--splitwise"] if spec.pd else []
+    router, lines = await spawn("--port", "0", "--config_path", str(cfg_path), *mode,
+                                marker="Starting server on ")
+    stack.push_async_callback(stop, router)
+    port = lines[0].rsplit(":", 1)[1]
+    roles = [("prefill", spec.pd[0]), ("decode", spec.pd[1])] if spec.pd \
+        else [("mixed", spec.instances)]
+    total = sum(n for _, n in roles)
+    for role, n in roles:
+        sim, _ = await spawn("sim", "--instances", str(n), "--role", role,
+                             "--router", f"127.0.0.1:{port}", "--preset", spec.preset,
+                             "--time-scale", str(spec.time_scale), "--heartbeat-period", "2",
+                             "--first-heartbeat-delay", "0", *spec.sim_args,
+                             marker="sim instance", count=n)
+        stack.push_async_callback(stop, sim)
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as s:
+        async with asyncio.timeout(30):
+            while True:
+                async with s.get(url + "/health") as r:
+                    health = await r.json()
+                if health["ready"] and sum(health["routable"].values()) == total:
+                    break
+                await asyncio.sleep(0.1)
+    return RunningCluster(url, total)
+
+
+async def backend_token_totals(url: str) -> tuple[float, float]:
+    """Σ prompt and Σ cached tokens the instances reported, from the router's ``/metrics``
+    (in PD mode these come from the prefill instances' answers, which the client never sees)."""
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url + "/metrics") as r:
+            text = await r.text()
+    totals = {"kvrouter_backend_prompt_tokens_total": 0.0,
+              "kvrouter_backend_cached_tokens_total": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return (totals["kvrouter_backend_prompt_tokens_total"],
+            totals["kvrouter_backend_cached_tokens_total"])

@@ -1,0 +1,109 @@
+"""Open-loop replay of a workload through a router over HTTP, measuring what a client sees.
+
+Requests go to ``/v1/completions`` with ``prompt_token_ids`` (so the router and the instances
+see exactly the workload's tokens), streamed; TTFT and inter-token gaps are client-side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+
+from kvrouter.sim.workloads import WorkloadRequest
+
+
+@dataclass
+class ClientResult:
+    ok: bool
+    status: int
+    instance: str
+    ttft: float | None         # seconds, as the client measured them (real time)
+    end: float | None
+    itl: list[float]
+    output_tokens: int
+
+
+async def replay(url: str, workload: Sequence[WorkloadRequest], *, time_scale: float = 1.0,
+                 progress: Callable[[int, int], None] | None = None,
+                 timeout: float = 120.0) -> tuple[list[ClientResult], float]:
+    """Send every request at its arrival time × ``time_scale``; returns results and the span."""
+    done = 0
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as s:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+
+        async def one(req: WorkloadRequest) -> ClientResult:
+            nonlocal done
+            await asyncio.sleep(max(0.0, t0 + req.arrival * time_scale - loop.time()))
+            try:
+                async with asyncio.timeout(timeout):
+                    return await _send(s, url, req)
+            except (aiohttp.ClientError, TimeoutError):
+                return ClientResult(False, 0, "", None, None, [], 0)
+            finally:
+                done += 1
+                if progress:
+                    progress(done, len(workload))
+
+        results = await asyncio.gather(*(one(r) for r in workload))
+        return list(results), loop.time() - t0
+
+
+async def _send(s: aiohttp.ClientSession, url: str, req: WorkloadRequest) -> ClientResult:
+    body = {"model": "default", "prompt_token_ids": req.prompt_tokens,
+            "max_tokens": req.max_tokens, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if req.session_id:
+        body["session_id"] = req.session_id
+    start = time.perf_counter()
+    async with s.post(url + "/v1/completions", data=orjson.dumps(body),
+                      headers={"Content-Type": "application/json"}) as r:
+        instance = r.headers.get("X-Router-Mixed-URL") or r.headers.get(
+            "X-Router-Prefill-URL", "")
+        if r.status != 200:
+            await r.read()
+            return ClientResult(False, r.status, instance, None, None, [], 0)
+        ttft = None
+        last = start
+        itl: list[float] = []
+        usage: dict = {}
+        failed = False
+        async for line in r.content:
+            if not line.startswith(b"data: "):
+                continue
+            now = time.perf_counter()
+            if line.startswith(b"data: [DONE]"):
+                break
+            event = orjson.loads(line[6:])
+            if event.get("error"):
+                failed = True
+            if event.get("usage") and not event.get("choices"):
+                usage = event["usage"]
+                continue
+            if ttft is None:
+                ttft = now - start
+            else:
+                itl.append(now - last)
+            last = now
+        end = time.perf_counter() - start
+    return ClientResult(not failed and ttft is not None, 200, instance, ttft, end, itl,
+                        usage.get("completion_tokens", 0))
+
+
+def progress_bar(label: str) -> Callable[[int, int], None]:
+    """A one-line progress bar on a terminal; one line at the end otherwise."""
+    def show(done: int, total: int, width: int = 30) -> None:
+        if sys.stderr.isatty():
+            filled = width * done // total
+            print(f"\r  {label:<18} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}",
+                  end="" if done < total else "\n", file=sys.stderr, flush=True)
+        elif done == total:
+            print(f"  {label:<18} {done}/{total} requests done", file=sys.stderr)
+    return show

@@ -1,0 +1,112 @@
+"""Summaries, the table, the PNG plot and the Markdown report of a demo run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kvrouter.demo.replay import ClientResult
+
+
+@dataclass
+class PolicySummary:
+    policy: str
+    completed: int
+    failed: int
+    seconds: float             # real seconds the replay took
+    throughput_tok_s: float    # output tokens per model second
+    ttft_p50: float            # model seconds (client-measured real time / time scale)
+    ttft_p90: float
+    ttft_p99: float
+    itl_p50: float
+    hit_rate: float            # Σ cached / Σ prompt tokens, as reported by the instances
+    spread: dict[str, int]     # requests per instance (prefill instance in PD)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summarize(policy: str, results: Sequence[ClientResult], seconds: float,
+              time_scale: float, prompt_tokens: float, cached_tokens: float) -> PolicySummary:
+    """``prompt_tokens``/``cached_tokens``: the instances' usage totals (the measured hit rate)."""
+    ok = [r for r in results if r.ok]
+    scale = 1.0 / time_scale if time_scale else 1.0
+    ttfts = [r.ttft * scale for r in ok]
+    itls = [x * scale for r in ok for x in r.itl]
+    spread: dict[str, int] = {}
+    for r in ok:
+        spread[r.instance] = spread.get(r.instance, 0) + 1
+    model_seconds = seconds * scale
+    return PolicySummary(
+        policy, len(ok), len(results) - len(ok), seconds,
+        sum(r.output_tokens for r in ok) / model_seconds if model_seconds else 0.0,
+        percentile(ttfts, 0.5), percentile(ttfts, 0.9), percentile(ttfts, 0.99),
+        percentile(itls, 0.5), cached_tokens / prompt_tokens if prompt_tokens else 0.0,
+        dict(sorted(spread.items())))
+
+
+def table(rows: Sequence[PolicySummary]) -> str:
+    head = (f"{'policy':<16} {'done':>5} {'fail':>5} {'tok/s':>8} {'TTFT p50':>9} "
+            f"{'TTFT p99':>9} {'hit rate':>9}  requests per instance")
+    out = [head, "-" * len(head)]
+    for r in rows:
+        out.append(f"{r.policy:<16} {r.completed:>5} {r.failed:>5} {r.throughput_tok_s:>8.0f} "
+                   f"{r.ttft_p50:>8.3f}s {r.ttft_p99:>8.3f}s {r.hit_rate:>8.1%}  "
+                   f"{'/'.join(str(v) for v in r.spread.values())}")
+    return "\n".join(out)
+
+
+def plot(rows: Sequence[PolicySummary], path: Path, title: str) -> None:
+    """Two panels: TTFT p50/p99 per policy, and the measured cache hit rate."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.policy for r in rows]
+    x = range(len(rows))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    w = 0.38
+    ax1.bar([i - w / 2 for i in x], [r.ttft_p50 for r in rows], w, label="p50")
+    ax1.bar([i + w / 2 for i in x], [r.ttft_p99 for r in rows], w, label="p99")
+    ax1.set_xticks(list(x), names)
+    ax1.set_ylabel("time to first token (s, model time)")
+    ax1.set_title("TTFT (lower is better)")
+    ax1.legend()
+    ax2.bar(list(x), [100 * r.hit_rate for r in rows], 0.6, color="tab:green")
+    ax2.set_xticks(list(x), names)
+    ax2.set_ylabel("prompt tokens served from cache (%)")
+    ax2.set_ylim(0, 100)
+    ax2.set_title("prefix-cache hit rate, measured at the instances")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(rows: Sequence[PolicySummary], setup: dict, command: str, png: str) -> str:
+    lines = ["# kvrouter demo report", "", f"Command: `{command}`", "", "## Setup", ""]
+    lines += [f"- {k}: {v}" for k, v in setup.items()]
+    lines += ["", "## Results", "",
+              "| policy | completed | failed | output tok/s | TTFT p50 (s) | TTFT p90 (s) | "
+              "TTFT p99 (s) | ITL p50 (ms) | hit rate | requests per instance |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r.policy} | {r.completed} | {r.failed} | {r.throughput_tok_s:.0f} | "
+                     f"{r.ttft_p50:.3f} | {r.ttft_p90:.3f} | {r.ttft_p99:.3f} | "
+                     f"{1e3 * r.itl_p50:.1f} | {r.hit_rate:.1%} | "
+                     f"{'/'.join(str(v) for v in r.spread.values())} |")
+    lines += ["", f"![TTFT and hit rate per policy]({png})", "",
+              "Times are model seconds: client-measured real time divided by the simulator's "
+              "time scale. The hit rate is Σ `cached_tokens` / Σ `prompt_tokens` from the "
+              "instances' own `usage` reports.", ""]
+    return "\n".join(lines)
+
+
+def write_json(rows: Sequence[PolicySummary], path: Path) -> None:
+    path.write_text(json.dumps([asdict(r) for r in rows], indent=2))
