@@ -209,7 +209,9 @@ async def test_queueing_over_http_matches_core(sim: Factory, client: aiohttp.Cli
     rows = (await truth(client, inst))["requests"]
     assert len(rows) == 4
     queued = sorted(r["queue_time"] for r in rows)
-    assert queued[0] < 0.01 and queued[-1] > 0.05      # two waited for a slot (model seconds)
+    # two were admitted at once, two waited for a slot (~40 decode steps, model seconds); the
+    # bound is relative because scheduling lag on a loaded machine is scaled up by 1/time_scale
+    assert queued[2] > 0.2 and queued[1] < queued[2] / 3
     async with client.get(inst.url + "/sim/requests", params={"request_id": "q3"}) as r:
         assert [x["request_id"] for x in (await r.json())["requests"]] == ["q3"]
 
