@@ -17,7 +17,8 @@ from kvrouter.config import ConfigError, load_config
 from kvrouter.instance import load_register_yaml
 from kvrouter.logsetup import setup_logging
 
-SUBCOMMANDS: dict[str, str] = {"sim": "kvrouter.sim.cli:main", "demo": "kvrouter.demo:main"}
+SUBCOMMANDS: dict[str, str] = {"sim": "kvrouter.sim.cli:main", "demo": "kvrouter.demo:main",
+                               "bench": "kvrouter.bench:main"}
 """Subcommand name → ``"module:function"``; the function gets the remaining argv."""
 
 _LONG_FLAGS = ("port", "splitwise", "config_path", "version")

@@ -63,12 +63,35 @@ class ClusterSpec:
     time_scale: float = 1.0
     sim_args: list[str] = field(default_factory=list)   # extra `kvrouter sim` flags
     router_config: dict = field(default_factory=dict)   # merged into config.yaml
+    decode_policy: str = "request_num"                  # PD: the decode policy
 
 
 @dataclass
 class RunningCluster:
     url: str
     instances: int
+    sim_urls: list[str] = field(default_factory=list)   # every instance (prefill first in PD)
+    roles: dict[str, str] = field(default_factory=dict)  # instance URL → role
+
+
+async def start_sims(spec: ClusterSpec, stack: AsyncExitStack,
+                     router: str | None = None) -> dict[str, str]:
+    """Start the ``kvrouter sim`` processes of ``spec`` (one per role); with ``router``
+    (``host:port``) they register themselves by heartbeat, without it they only listen (for a
+    router that is given their URLs). Returns instance URL → role, in start order."""
+    roles = [("prefill", spec.pd[0]), ("decode", spec.pd[1])] if spec.pd \
+        else [("mixed", spec.instances)]
+    out: dict[str, str] = {}
+    for role, n in roles:
+        register = ["--router", router, "--heartbeat-period", "2",
+                    "--first-heartbeat-delay", "0"] if router else []
+        sim, lines = await spawn("sim", "--instances", str(n), "--role", role, *register,
+                                 "--preset", spec.preset, "--time-scale", str(spec.time_scale),
+                                 *spec.sim_args, marker="sim instance", count=n)
+        stack.push_async_callback(stop, sim)
+        for line in lines:   # "sim instance <role> <url> ready"
+            out[line.split()[3]] = role
+    return out
 
 
 async def start_cluster(spec: ClusterSpec, workdir: Path, stack: AsyncExitStack) -> RunningCluster:
@@ -76,7 +99,7 @@ async def start_cluster(spec: ClusterSpec, workdir: Path, stack: AsyncExitStack)
     once every instance is routable. Everything started is stopped when ``stack`` closes."""
     sched = {"stats-interval-secs": 0}
     if spec.pd:
-        sched.update({"prefill-policy": spec.policy, "decode-policy": "request_num"})
+        sched.update({"prefill-policy": spec.policy, "decode-policy": spec.decode_policy})
     else:
         sched["policy"] = spec.policy
     cfg = {"scheduler": sched, "manager": {"health-check-interval-secs": 5},
@@ -90,16 +113,8 @@ async def start_cluster(spec: ClusterSpec, workdir: Path, stack: AsyncExitStack)
                                 marker="Starting server on ")
     stack.push_async_callback(stop, router)
     port = lines[0].rsplit(":", 1)[1]
-    roles = [("prefill", spec.pd[0]), ("decode", spec.pd[1])] if spec.pd \
-        else [("mixed", spec.instances)]
-    total = sum(n for _, n in roles)
-    for role, n in roles:
-        sim, _ = await spawn("sim", "--instances", str(n), "--role", role,
-                             "--router", f"127.0.0.1:{port}", "--preset", spec.preset,
-                             "--time-scale", str(spec.time_scale), "--heartbeat-period", "2",
-                             "--first-heartbeat-delay", "0", *spec.sim_args,
-                             marker="sim instance", count=n)
-        stack.push_async_callback(stop, sim)
+    sims = await start_sims(spec, stack, router=f"127.0.0.1:{port}")
+    total = len(sims)
     url = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as s:
         async with asyncio.timeout(30):
@@ -109,7 +124,21 @@ async def start_cluster(spec: ClusterSpec, workdir: Path, stack: AsyncExitStack)
                 if health["ready"] and sum(health["routable"].values()) == total:
                     break
                 await asyncio.sleep(0.1)
-    return RunningCluster(url, total)
+    return RunningCluster(url, total, list(sims), sims)
+
+
+async def sim_truth(urls: list[str]) -> list[dict]:
+    """Every instance's ground-truth rows (``GET /sim/requests``: prompt and cached tokens,
+    model-time queue/TTFT/e2e per finished request), each with its ``instance`` URL."""
+    rows: list[dict] = []
+    async with aiohttp.ClientSession() as s:
+        for url in urls:
+            async with s.get(url + "/sim/requests") as r:
+                data = await r.json()
+            for row in data.get("requests", []):
+                row["instance"] = url
+                rows.append(row)
+    return rows
 
 
 async def backend_token_totals(url: str) -> tuple[float, float]:

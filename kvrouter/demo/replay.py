@@ -27,12 +27,21 @@ class ClientResult:
     end: float | None
     itl: list[float]
     output_tokens: int
+    sent: float = 0.0          # real seconds after the replay started when it was sent
 
 
 async def replay(url: str, workload: Sequence[WorkloadRequest], *, time_scale: float = 1.0,
                  progress: Callable[[int, int], None] | None = None,
-                 timeout: float = 120.0) -> tuple[list[ClientResult], float]:
-    """Send every request at its arrival time × ``time_scale``; returns results and the span."""
+                 timeout: float = 120.0,
+                 prompt_format: str = "ids") -> tuple[list[ClientResult], float]:
+    """Send every request at its arrival time × ``time_scale``; returns results and the span.
+
+    ``prompt_format``: ``"ids"`` sends ``prompt_token_ids`` (FastDeploy's field); ``"text"``
+    sends ``prompt`` as text, four hex digits per token id (:func:`tokens_as_text`), for
+    routers that drop unknown fields (sglang-router): the simulator cuts text into 4-character
+    tokens, so the instances see as many tokens, with the same shared prefixes."""
+    if prompt_format not in ("ids", "text"):
+        raise ValueError(f"unknown prompt format {prompt_format!r} (ids or text)")
     done = 0
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as s:
@@ -42,24 +51,37 @@ async def replay(url: str, workload: Sequence[WorkloadRequest], *, time_scale: f
         async def one(req: WorkloadRequest) -> ClientResult:
             nonlocal done
             await asyncio.sleep(max(0.0, t0 + req.arrival * time_scale - loop.time()))
+            sent = loop.time() - t0
             try:
                 async with asyncio.timeout(timeout):
-                    return await _send(s, url, req)
+                    res = await _send(s, url, req, prompt_format)
             except (aiohttp.ClientError, TimeoutError):
-                return ClientResult(False, 0, "", None, None, [], 0)
+                res = ClientResult(False, 0, "", None, None, [], 0)
             finally:
                 done += 1
                 if progress:
                     progress(done, len(workload))
+            res.sent = sent
+            return res
 
         results = await asyncio.gather(*(one(r) for r in workload))
         return list(results), loop.time() - t0
 
 
-async def _send(s: aiohttp.ClientSession, url: str, req: WorkloadRequest) -> ClientResult:
-    body = {"model": "default", "prompt_token_ids": req.prompt_tokens,
-            "max_tokens": req.max_tokens, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+def tokens_as_text(tokens: Sequence[int]) -> str:
+    """Token ids as text the simulator cuts back into as many tokens: four lowercase hex
+    digits per id (ids are 0..65535), so equal id prefixes give equal text prefixes."""
+    return "".join(f"{t & 0xFFFF:04x}" for t in tokens)
+
+
+async def _send(s: aiohttp.ClientSession, url: str, req: WorkloadRequest,
+                prompt_format: str = "ids") -> ClientResult:
+    body = {"model": "default", "max_tokens": req.max_tokens, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    if prompt_format == "text":
+        body["prompt"] = tokens_as_text(req.prompt_tokens)
+    else:
+        body["prompt_token_ids"] = req.prompt_tokens
     if req.session_id:
         body["session_id"] = req.session_id
     start = time.perf_counter()

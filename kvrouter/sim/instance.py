@@ -377,6 +377,17 @@ class SimInstance:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/abort_requests", self._abort)
+        # probes of peer routers (peer-routers.md §5.1), so sglang-router / vllm-router can
+        # sit in front of the same instances
+        for path in ("/server_info", "/get_server_info"):
+            app.router.add_get(path, self._server_info)
+        for path in ("/model_info", "/get_model_info"):
+            app.router.add_get(path, self._model_info)
+        app.router.add_get("/health_generate", self._health)
+        app.router.add_get("/get_load", self._get_load)
+        app.router.add_post("/v1/completions/render", self._render_completion)
+        app.router.add_post("/v1/chat/completions/render", self._render_chat)
+        app.router.add_post("/tokenize", self._tokenize)
         app.router.add_get("/sim/requests", self._sim_requests)
         app.router.add_get("/sim/knobs", self._get_knobs)
         app.router.add_post("/sim/knobs", self._set_knobs)
@@ -438,6 +449,78 @@ class SimInstance:
                 "organization": "*", "group": None, "is_blocking": False}],
         }
         return _json({"object": "list", "data": [card]})
+
+    # ------------------------------------------------------------------ peer-router probes
+    async def _server_info(self, request: web.Request) -> web.Response:
+        """SGLang-style ``/server_info``: SGLang's router reads the model id, ``dp_size``,
+        ``tp_size`` and ``disaggregation_mode`` from it at worker registration."""
+        cfg = self.config
+        name = cfg.served_model_name
+        return _json({
+            "model_path": cfg.model_root or name, "served_model_name": name,
+            "tokenizer_path": None, "dp_size": 1, "tp_size": cfg.tp_size,
+            "disaggregation_mode": "null" if cfg.role == "mixed" else cfg.role,
+            "disaggregation_bootstrap_port": None, "max_model_len": cfg.max_model_len,
+            "page_size": self.core_params.block_size, "preset": self.core_params.name,
+            "version": cfg.version or "sim",
+        })
+
+    async def _model_info(self, request: web.Request) -> web.Response:
+        cfg = self.config
+        return _json({"model_path": cfg.model_root or cfg.served_model_name,
+                      "tokenizer_path": None, "is_generation": True, "model_type": "sim",
+                      "architectures": ["SimForCausalLM"]})
+
+    async def _get_load(self, request: web.Request) -> web.Response:
+        """SGLang-style ``/get_load`` (power_of_two load monitors): requests in the engine and
+        the KV tokens they use."""
+        g = self.gauges()
+        running = g.get("fastdeploy:num_requests_running", 0.0)
+        waiting = g.get("fastdeploy:num_requests_waiting", 0.0)
+        total = g.get("fastdeploy:max_gpu_block_num", 0.0)
+        available = g.get("fastdeploy:available_gpu_block_num", total)
+        tokens = max(0.0, total - available) * self.core_params.block_size
+        return _json([{"dp_rank": 0, "num_reqs": int(running + waiting),
+                       "num_waiting_reqs": int(waiting), "num_tokens": int(tokens)}])
+
+    async def _render(self, request: web.Request, kind: str) -> web.Response:
+        """vLLM-style ``/v1/{chat/}completions/render`` (vllm-router's cache_aware calls it on
+        every worker for every request): the prompt's token ids, nothing generated."""
+        try:
+            data = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
+            return _json(P.error_body(f"Invalid JSON format: {exc}"), 400)
+        if not isinstance(data, dict):
+            return _json(P.error_body("request body must be a JSON object"), 400)
+        try:
+            req = self._parse(kind, data)
+        except _BadRequest as exc:
+            return _json(exc.body, exc.status)
+        return _json({"token_ids": req.prompt_ids, "count": len(req.prompt_ids),
+                      "max_model_len": self.config.max_model_len})
+
+    async def _render_completion(self, request: web.Request) -> web.Response:
+        return await self._render(request, "completion")
+
+    async def _render_chat(self, request: web.Request) -> web.Response:
+        return await self._render(request, "chat")
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        """vLLM-style ``/tokenize`` (``prompt`` or ``messages``; vllm-router's fallback when
+        render is missing): ``{"tokens", "count", "max_model_len"}``."""
+        try:
+            data = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
+            return _json(P.error_body(f"Invalid JSON format: {exc}"), 400)
+        if not isinstance(data, dict):
+            return _json(P.error_body("request body must be a JSON object"), 400)
+        cfg = self.config
+        if isinstance(data.get("messages"), list):
+            ids = tokenize(render_chat(data["messages"]), cfg.chars_per_token)
+        else:
+            prompt = data.get("prompt", data.get("text", ""))
+            ids = list(prompt) if _int_list(prompt) else tokenize(str(prompt), cfg.chars_per_token)
+        return _json({"tokens": ids, "count": len(ids), "max_model_len": cfg.max_model_len})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         k = self.knobs

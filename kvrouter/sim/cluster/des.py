@@ -1,33 +1,6 @@
-"""Virtual-time discrete-event simulation of a routed cluster (engine-model.md §2).
-
-One process, one event heap, no wall clock: a load generator replays a workload's arrivals;
-each arrival is routed by the *real* kvrouter policy objects (``make_policy``, the same code
-the server runs) over fake :class:`~kvrouter.registry.Instance` objects, then added to that
-instance's engine core (:mod:`kvrouter.sim.core`), which is stepped in virtual time.
-
-Router-side accounting follows the server (``kvrouter.server.inference`` / ``.pd``): a mixed
-leg's lease releases its tokens at the first token and its request at the end; in PD the
-prefill lease is released at the prefill's first token and the decode lease at the end. The
-prefix index is swept every ``eviction-interval-secs``; policies that need remote metrics get
-snapshots (from the cores' gauges) every ``metrics-scrape-interval-secs``, stored in
-``inst.snapshot`` with ``load.on_snapshot`` exactly as the scraper does.
-
-PD: the prefill core runs the prompt (``phase="prefill"``) and emits one token; at that token
-the decode request is added to the decode core with ``transfer_time = setup + missing tokens ×
-KV bytes per token / link bandwidth`` (missing = prompt tokens not already cached on the
-decode core); the prefill core keeps the blocks until the transfer is over
-(``release_prefill``). The client's TTFT is the decode core's first token.
-
-``policy="oracle"`` selects :class:`OraclePolicy`, a cluster-side policy with the same
-``select`` signature that sees every core's true prefix cache and queued prefill work and picks
-the lowest estimated TTFT (a bound on what routing can achieve, not a deployable policy).
-
-Usage::
-
-    res = run_cluster(make_workload("b2b", rate=20, n=500, seed=1), policy="cache_aware",
-                      instances=4, preset="llama3-8b-h100", seed=1)
-    summarize(res.results)   # or res.summary()
-"""
+"""The event loop: arrivals routed by real kvrouter policies onto engine cores stepped in
+virtual time, router-side lease accounting, PD hand-offs, scrapes and index sweeps
+(see :mod:`kvrouter.sim.cluster` for the model)."""
 
 from __future__ import annotations
 
@@ -35,18 +8,28 @@ import dataclasses
 import heapq
 import math
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvrouter.config import SchedulerConfig
 from kvrouter.instance import InstanceInfo, Role
-from kvrouter.load import Lease, Load
+from kvrouter.load import Load
 from kvrouter.policies import make_policy
-from kvrouter.policies.base import Policy, RequestView, Selection
+from kvrouter.policies.base import Policy, RequestView
 from kvrouter.prefix.hashing import block_hashes
 from kvrouter.prefix.index import PrefixIndex
 from kvrouter.registry import Instance
+from kvrouter.sim.cluster.nodes import (
+    CoreFactory,
+    Flight,
+    Node,
+    cached_prefix_tokens,
+    calibrate_prefill,
+    core_param,
+    gauge,
+)
+from kvrouter.sim.cluster.oracle import OraclePolicy
+from kvrouter.sim.cluster.results import ClusterResult, CoreStats, RequestResult
 from kvrouter.sim.core.api import (
     PHASE_DECODE,
     PHASE_FULL,
@@ -62,296 +45,14 @@ from kvrouter.snapshot import MetricsSnapshot
 if TYPE_CHECKING:
     from kvrouter.sim.core.params import EngineParams
 
-__all__ = [
-    "ClusterResult",
-    "CoreStats",
-    "OraclePolicy",
-    "RequestResult",
-    "percentile",
-    "run_cluster",
-    "summarize",
-]
-
-CoreFactory = Callable[[int], EngineCoreAPI]   # index → a fresh core
-
-# Gauge names tried, in order, for the snapshot fields (vLLM / FastDeploy / bare).
-_GAUGES: dict[str, tuple[str, ...]] = {
-    "running": ("fastdeploy:num_requests_running", "vllm:num_requests_running",
-                "num_requests_running", "running"),
-    "waiting": ("fastdeploy:num_requests_waiting", "vllm:num_requests_waiting",
-                "num_requests_waiting", "waiting"),
-    "available_gpu_block_num": ("fastdeploy:available_gpu_block_num",
-                                "available_gpu_block_num", "available_blocks", "free_blocks"),
-    "max_batch_size": ("fastdeploy:max_batch_size", "max_batch_size", "max_num_seqs"),
-    "gpu_cache_usage_perc": ("fastdeploy:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc",
-                             "gpu_cache_usage_perc", "kv_cache_usage_perc", "kv_usage_perc"),
-}
+__all__ = ["Sim", "run_cluster"]
 
 # event kinds (ints: cheap to compare; the heap orders by (time, seq) only)
 _ARRIVE, _STEP_END, _WAKE, _RELEASE_PREFILL, _TIMEOUT, _SCRAPE, _SWEEP, _SAMPLE = range(8)
 
 
-# ------------------------------------------------------------------------------- results
-@dataclass(slots=True)
-class RequestResult:
-    """The outcome of one workload request (times in virtual seconds)."""
 
-    index: int                        # position in the workload
-    request_id: str
-    arrival: float
-    instance: str                     # URL of the mixed (or, in PD, decode) instance
-    prompt_tokens: int
-    max_tokens: int
-    session_id: str | None = None
-    prefill_instance: str | None = None   # PD only
-    strategy: str = ""                # Selection.strategy of the (prefill) decision
-    ttft: float | None = None         # first client-visible token − arrival
-    itls: list[float] = field(default_factory=list)   # gaps between successive tokens
-    end: float | None = None          # last token (or abort) time
-    output_tokens: int = 0
-    cached_tokens: int = 0            # true prefix-cache hit at the (prefill) core
-    queue_time: float | None = None   # first scheduled − arrival at the (prefill) core
-    transfer_time: float = 0.0        # PD KV transfer (modelled)
-    preemptions: int = 0
-    finish_reason: str | None = None  # the core's reason ("length"), or the error below
-    error: str | None = None          # None: completed; else "timeout", "abort",
-                                      # "pd_reschedule", "length" (can never fit), "rejected"
-
-    @property
-    def ok(self) -> bool:
-        return self.end is not None and self.error is None
-
-    @property
-    def e2e(self) -> float | None:
-        return None if self.end is None else self.end - self.arrival
-
-    @property
-    def mean_itl(self) -> float | None:
-        return sum(self.itls) / len(self.itls) if self.itls else None
-
-
-@dataclass(slots=True)
-class CoreStats:
-    """What one core did (for utilisation identities)."""
-
-    url: str
-    role: str
-    steps: int = 0
-    busy_time: float = 0.0            # Σ step durations
-    prefill_tokens: int = 0           # Σ Step.prefill_tokens
-    decode_tokens: int = 0            # Σ Step.decode_tokens
-    token_events: int = 0             # TokenEvents delivered
-    requests: int = 0                 # requests added
-    occupied_time: float = 0.0        # time with >= 1 routed request not yet ended
-
-
-@dataclass
-class ClusterResult:
-    results: list[RequestResult]
-    policy: str
-    instances: list[str]              # URLs (prefill first in PD)
-    pd: tuple[int, int] | None
-    start: float                      # first arrival
-    end: float                        # last event that changed a request
-    core_stats: list[CoreStats]
-    in_system_integral: float         # ∫ (requests arrived and not ended) dt
-    router_inflight_integral: float   # ∫ Σ_instances Load.requests dt (router counters;
-                                      # PD counts the prefill and decode legs separately)
-    samples: list[tuple[float, int, float]] = field(default_factory=list)
-    """``(t, requests in system, Σ core running + waiting gauges)`` every ``sample_interval``."""
-    final_load: dict[str, tuple[int, int]] = field(default_factory=dict)
-    """Router ``Load`` (requests, tokens) per instance URL at the end (all zero when every
-    lease was released)."""
-
-    @property
-    def span(self) -> float:
-        return self.end - self.start
-
-    def summary(self) -> dict[str, Any]:
-        return summarize(self.results)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (``q`` in 0..100) of ``values``; NaN when empty."""
-    if not values:
-        return math.nan
-    xs = sorted(values)
-    if len(xs) == 1:
-        return float(xs[0])
-    pos = (len(xs) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def summarize(results: Sequence[RequestResult]) -> dict[str, Any]:
-    """Aggregate metrics of one run.
-
-    ``throughput`` = output tokens of completed requests / (last end − first arrival);
-    percentiles over completed requests (ITLs pooled over all their token gaps);
-    ``token_hit_rate`` = Σ cached / Σ prompt tokens of the requests that reached a core
-    (including aborted and timed-out ones); ``per_instance`` counts routed requests.
-    """
-    done = [r for r in results if r.ok]
-    failed = len(results) - len(done)
-    ttfts = [r.ttft for r in done if r.ttft is not None]
-    itls = [x for r in done for x in r.itls]
-    e2es = [r.e2e for r in done if r.e2e is not None]
-    start = min((r.arrival for r in results), default=0.0)
-    end = max((r.end for r in results if r.end is not None), default=start)
-    span = end - start
-    out_tokens = sum(r.output_tokens for r in done)
-    prompt = sum(r.prompt_tokens for r in results)
-    cached = sum(r.cached_tokens for r in results)
-    per_instance: dict[str, int] = {}
-    per_prefill: dict[str, int] = {}
-    for r in results:
-        per_instance[r.instance] = per_instance.get(r.instance, 0) + 1
-        if r.prefill_instance is not None:
-            per_prefill[r.prefill_instance] = per_prefill.get(r.prefill_instance, 0) + 1
-    out: dict[str, Any] = {
-        "requests": len(results),
-        "completed": len(done),
-        "failed": failed,
-        "duration": span,
-        "throughput": out_tokens / span if span > 0 else 0.0,
-        "request_throughput": len(done) / span if span > 0 else 0.0,
-        "ttft_mean": sum(ttfts) / len(ttfts) if ttfts else math.nan,
-        "ttft_p50": percentile(ttfts, 50),
-        "ttft_p90": percentile(ttfts, 90),
-        "ttft_p99": percentile(ttfts, 99),
-        "itl_mean": sum(itls) / len(itls) if itls else math.nan,
-        "itl_p50": percentile(itls, 50),
-        "itl_p99": percentile(itls, 99),
-        "e2e_p50": percentile(e2es, 50),
-        "e2e_p99": percentile(e2es, 99),
-        "queue_time_mean": (sum(r.queue_time for r in done if r.queue_time is not None)
-                            / max(1, sum(1 for r in done if r.queue_time is not None))),
-        "token_hit_rate": cached / prompt if prompt else 0.0,
-        "preemptions": sum(r.preemptions for r in results),
-        "per_instance": dict(sorted(per_instance.items())),
-    }
-    if per_prefill:
-        out["per_prefill_instance"] = dict(sorted(per_prefill.items()))
-    return out
-
-
-# ---------------------------------------------------------------------------- core access
-def cached_prefix_tokens(core: Any, tokens: list[int],
-                         hashes: dict[int, list[int]] | None = None) -> int | None:
-    """Prompt tokens of ``tokens`` the core would serve from its prefix cache right now (no
-    side effects), or ``None`` when the core offers no way to ask.
-
-    Not part of ``EngineCoreAPI`` (the simulator's ground truth, used by the oracle and the PD
-    transfer size): a ``cached_prefix_tokens(tokens)`` method if the core has one, else a
-    read-only ``core.kv.match`` of the kvrouter block hashes at ``core.block_size`` (the
-    :class:`~kvrouter.sim.core.engine.EngineCore` layout), capped like its admission (the
-    last prompt token is always computed). ``hashes`` memoises the hashes per block size.
-    """
-    fn = getattr(core, "cached_prefix_tokens", None)
-    if callable(fn):
-        return int(fn(tokens))
-    kv = getattr(core, "kv", None)
-    bs = getattr(core, "block_size", None)
-    match = getattr(kv, "match", None)
-    if not callable(match) or not isinstance(bs, int) or bs < 1:
-        return None
-    if not getattr(kv, "enable_prefix_caching", True) or len(tokens) < 1:
-        return 0
-    hs = hashes.get(bs) if hashes is not None else None
-    if hs is None:
-        hs = block_hashes(tokens, bs)
-        if hashes is not None:
-            hashes[bs] = hs
-    return len(match(hs, (len(tokens) - 1) // bs)) * bs
-
-
-def _core_param(core: Any, name: str) -> float | None:
-    """A positive number ``core.params.<name>`` (or ``core.<name>``), else None."""
-    for holder in (getattr(core, "params", None), core):
-        v = getattr(holder, name, None) if holder is not None else None
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
-            return float(v)
-    return None
-
-
-def _gauge(g: dict[str, float], field_name: str) -> float | None:
-    for key in _GAUGES[field_name]:
-        if key in g:
-            return float(g[key])
-    return None
-
-
-# ------------------------------------------------------------------------------ the oracle
-class OraclePolicy(Policy):
-    """Zero-lag, perfect-knowledge baseline: lowest estimated TTFT.
-
-    For a prefill-capable role, estimated TTFT on a candidate = (queued prefill tokens on its
-    core + this request's tokens not in its core's cache right now) × seconds per prefill
-    token (calibrated per core); ties → fewer in-flight requests, then the earliest URL. For
-    the decode role: fewest requests on the core. Needs the core's ``cached_prefix_tokens``.
-    """
-
-    name = "oracle"
-
-    def __init__(self, role: str, sim: _Sim) -> None:
-        super().__init__(role)
-        self._sim = sim
-
-    def select(self, candidates: Sequence[Instance], request: RequestView) -> Selection:
-        sim = self._sim
-        tokens = request.tokens if request.tokens is not None else []
-        memo: dict[int, list[int]] = {}
-        best_i = 0
-        best_key: tuple[float, int] | None = None
-        for i, inst in enumerate(candidates):
-            node = sim.nodes_by_identity[inst.identity]
-            if self.role == Role.DECODE.value:
-                key = (float(node.inflight), inst.load.requests)
-            else:
-                hit = sim.cached(node, tokens, memo)
-                est = (node.pending_prefill + len(tokens) - hit) * node.sec_per_prefill_token
-                key = (est, inst.load.requests)
-            if best_key is None or key < best_key:
-                best_i, best_key = i, key
-        return Selection(candidates[best_i])
-
-
-# ------------------------------------------------------------------------------ simulation
-@dataclass(eq=False)
-class _Node:
-    index: int
-    inst: Instance
-    core: EngineCoreAPI
-    role: str                          # "mixed" | "prefill" | "decode"
-    stats: CoreStats
-    busy: bool = False
-    wake_at: float | None = None
-    inflight: int = 0                  # requests on this core (router view of the sim)
-    occupied_since: float = 0.0
-    pending_prefill: int = 0           # uncached prompt tokens not yet prefilled (oracle)
-    sec_per_prefill_token: float = 0.0
-    handoffs: dict[str, _Flight] = field(default_factory=dict)  # decode: waiting for xfer
-
-
-@dataclass(eq=False)
-class _Flight:
-    idx: int
-    req: WorkloadRequest
-    res: RequestResult
-    node: _Node                        # mixed or decode
-    lease: Lease
-    creq: CoreRequest | None = None    # on node
-    pnode: _Node | None = None
-    p_lease: Lease | None = None
-    p_creq: CoreRequest | None = None
-    p_released: bool = False
-    prefill_estimate: int = 0          # oracle bookkeeping
-    last_token_at: float | None = None
-    done: bool = False
-
-
-class _Sim:
+class Sim:
     def __init__(self, workload: Sequence[WorkloadRequest], *, policy: str, instances: int,
                  seed: int, pd: tuple[int, int] | None, cfg: SchedulerConfig,
                  core_factory: CoreFactory, decode_policy: str | None,
@@ -382,12 +83,12 @@ class _Sim:
             if instances not in (0, p + d):
                 raise ValueError(f"instances={instances} does not match pd={pd}")
             roles = [Role.PREFILL] * p + [Role.DECODE] * d
-        self.nodes: list[_Node] = []
+        self.nodes: list[Node] = []
         for i, role in enumerate(roles):
             info = InstanceInfo(role=role, host="10.0.0.1", scheme="http", port=str(20000 + i))
             inst = Instance(info=info, load=Load(), stale_after=stale_after)
             core = core_factory(i)
-            self.nodes.append(_Node(i, inst, core, role.value, CoreStats(inst.url, role.value)))
+            self.nodes.append(Node(i, inst, core, role.value, CoreStats(inst.url, role.value)))
         self.nodes_by_identity = {n.inst.identity: n for n in self.nodes}
         self.candidates: dict[Role, list[Instance]] = {}
         for n in self.nodes:
@@ -413,21 +114,21 @@ class _Sim:
         if self.uses_oracle:
             for n in self.nodes:
                 if n.role != Role.DECODE.value:
-                    n.sec_per_prefill_token = _calibrate_prefill(core_factory, n.index)
+                    n.sec_per_prefill_token = calibrate_prefill(core_factory, n.index)
                     if cached_prefix_tokens(n.core, [0]) is None:
                         raise ValueError("the oracle policy needs cores with "
                                          "cached_prefix_tokens(tokens)")
         core0 = self.nodes[0].core
         self.kv_bytes = (kv_bytes_per_token if kv_bytes_per_token is not None
-                         else _core_param(core0, "kv_bytes_per_token") or 131072.0)
+                         else core_param(core0, "kv_bytes_per_token") or 131072.0)
         if link_bandwidth is None:
-            link_bandwidth = _core_param(core0, "pd_rdma_bw") or 50e9
+            link_bandwidth = core_param(core0, "pd_rdma_bw") or 50e9
         if transfer_setup is None:
-            transfer_setup = _core_param(core0, "pd_rdma_setup") or 0.01
+            transfer_setup = core_param(core0, "pd_rdma_setup") or 0.01
         self.link_bandwidth = link_bandwidth
         self.transfer_setup = transfer_setup
 
-        self.flights: dict[str, _Flight] = {}
+        self.flights: dict[str, Flight] = {}
         self.results: list[RequestResult] = []
         self.next_arrival = 0
         self.outstanding = 0
@@ -458,7 +159,7 @@ class _Sim:
     def _router_inflight_now(self) -> int:
         return sum(n.inst.load.requests for n in self.nodes)
 
-    def _occupy(self, node: _Node, delta: int) -> None:
+    def _occupy(self, node: Node, delta: int) -> None:
         """Change a node's request count, integrating the time it holds any request."""
         if node.inflight == 0 and delta > 0:
             node.occupied_since = self.now
@@ -466,7 +167,7 @@ class _Sim:
         if node.inflight == 0 and delta < 0:
             node.stats.occupied_time += self.now - node.occupied_since
 
-    def cached(self, node: _Node, tokens: list[int],
+    def cached(self, node: Node, tokens: list[int],
                memo: dict[int, list[int]] | None = None) -> int:
         hit = cached_prefix_tokens(node.core, tokens, memo)
         return 0 if hit is None else hit
@@ -527,7 +228,7 @@ class _Sim:
         )
 
     # -- cores -------------------------------------------------------------------------------
-    def _kick(self, node: _Node) -> None:
+    def _kick(self, node: Node) -> None:
         """Start the node's next step if it is idle; else arrange a wake-up."""
         if node.busy:
             return
@@ -548,7 +249,7 @@ class _Sim:
                 self._push(w, _WAKE, node)
         self._check_handoffs(node)
 
-    def _on_step_end(self, node: _Node, step: Step) -> None:
+    def _on_step_end(self, node: Node, step: Step) -> None:
         node.busy = False
         st = node.stats
         st.steps += 1
@@ -557,7 +258,7 @@ class _Sim:
         st.decode_tokens += step.decode_tokens
         events = node.core.finish_step(step, self.now)
         st.token_events += len(events)
-        touched: list[_Node] = []
+        touched: list[Node] = []
         for ev in events:
             self._on_token(node, ev, touched)
         self._kick(node)
@@ -565,7 +266,7 @@ class _Sim:
             if other is not node:
                 self._kick(other)
 
-    def _on_token(self, node: _Node, ev: TokenEvent, touched: list[_Node]) -> None:
+    def _on_token(self, node: Node, ev: TokenEvent, touched: list[Node]) -> None:
         fl = self.flights.get(ev.request_id)
         if fl is None or fl.done:
             return
@@ -594,12 +295,12 @@ class _Sim:
         if ev.finished:
             self._finish(fl, ev.finish_reason or "length")
 
-    def _prefill_done(self, fl: _Flight, node: _Node) -> None:
+    def _prefill_done(self, fl: Flight, node: Node) -> None:
         if fl.prefill_estimate:
             node.pending_prefill -= fl.prefill_estimate
             fl.prefill_estimate = 0
 
-    def _start_decode(self, fl: _Flight) -> None:
+    def _start_decode(self, fl: Flight) -> None:
         """The prefill's token is out: hand the request to its decode core.
 
         The decode core continues from output index 1 (the prefill produced index 0, as in
@@ -617,7 +318,7 @@ class _Sim:
             return
         node.handoffs[creq.request_id] = fl
 
-    def _add(self, node: _Node, creq: CoreRequest, fl: _Flight) -> bool:
+    def _add(self, node: Node, creq: CoreRequest, fl: Flight) -> bool:
         """Add a request to a core; a refusal (e.g. a prompt that can never fit) fails it."""
         try:
             node.core.add_request(creq, self.now)
@@ -627,7 +328,7 @@ class _Sim:
         node.stats.requests += 1
         return True
 
-    def _check_handoffs(self, node: _Node) -> None:
+    def _check_handoffs(self, node: Node) -> None:
         """Schedule the prefill release of decode requests whose transfer has started."""
         if not node.handoffs:
             return
@@ -639,14 +340,14 @@ class _Sim:
             at = max(self.now, fl.creq.first_scheduled_at + fl.creq.transfer_time)
             self._push(at, _RELEASE_PREFILL, fl)
 
-    def _release_prefill(self, fl: _Flight) -> None:
+    def _release_prefill(self, fl: Flight) -> None:
         if fl.p_released or fl.pnode is None:
             return
         fl.p_released = True
         fl.pnode.core.release_prefill(fl.res.request_id)
         self._kick(fl.pnode)
 
-    def _finish(self, fl: _Flight, reason: str, error: str | None = None) -> None:
+    def _finish(self, fl: Flight, reason: str, error: str | None = None) -> None:
         """The request ended (last token, error or timeout): record it, release its leases."""
         self._account_time()
         fl.done = True
@@ -687,7 +388,7 @@ class _Sim:
         self._router_inflight = self._router_inflight_now()
         self.end = max(self.end, self.now)
 
-    def _on_timeout(self, fl: _Flight) -> None:
+    def _on_timeout(self, fl: Flight) -> None:
         if fl.done:
             return
         rid = fl.res.request_id
@@ -724,7 +425,7 @@ class _Sim:
             lease = node.inst.load.acquire(len(prompt), now)
             res = RequestResult(i, rid, req.arrival, node.inst.url, len(prompt), req.max_tokens,
                                 req.session_id, strategy=sel.strategy)
-            fl = _Flight(i, req, res, node, lease)
+            fl = Flight(i, req, res, node, lease)
             creq = CoreRequest(request_id=rid, prompt_tokens=prompt, max_tokens=req.max_tokens,
                                phase=PHASE_FULL, arrival=now)
             fl.creq = creq
@@ -741,7 +442,7 @@ class _Sim:
             res = RequestResult(i, rid, req.arrival, dnode.inst.url, len(prompt), req.max_tokens,
                                 req.session_id, prefill_instance=pnode.inst.url,
                                 strategy=sel.strategy)
-            fl = _Flight(i, req, res, dnode, lease, pnode=pnode, p_lease=p_lease)
+            fl = Flight(i, req, res, dnode, lease, pnode=pnode, p_lease=p_lease)
             p_creq = CoreRequest(request_id=rid, prompt_tokens=prompt, max_tokens=1,
                                  phase=PHASE_PREFILL, arrival=now)
             fl.p_creq = p_creq
@@ -751,7 +452,7 @@ class _Sim:
                 self._kick(pnode)
         self._router_inflight = self._router_inflight_now()
 
-    def _enter(self, fl: _Flight, prefill_node: _Node) -> None:
+    def _enter(self, fl: Flight, prefill_node: Node) -> None:
         self.flights[fl.res.request_id] = fl
         self.results.append(fl.res)
         self.outstanding += 1
@@ -768,35 +469,24 @@ class _Sim:
         now = self.now
         for n in self.nodes:
             g = n.core.gauges()
-            running = _gauge(g, "running")
-            waiting = _gauge(g, "waiting")
+            running = gauge(g, "running")
+            waiting = gauge(g, "waiting")
             if running is None or waiting is None:
                 continue   # like a failed scrape: keep the previous snapshot
             n.inst.snapshot = MetricsSnapshot(
                 running=running, waiting=waiting, taken_at=now,
-                available_gpu_block_num=_gauge(g, "available_gpu_block_num"),
-                max_batch_size=_gauge(g, "max_batch_size"),
-                gpu_cache_usage_perc=_gauge(g, "gpu_cache_usage_perc"))
+                available_gpu_block_num=gauge(g, "available_gpu_block_num"),
+                max_batch_size=gauge(g, "max_batch_size"),
+                gpu_cache_usage_perc=gauge(g, "gpu_cache_usage_perc"))
             n.inst.load.on_snapshot(now)
 
     def _sample(self) -> None:
         total = 0.0
         for n in self.nodes:
             g = n.core.gauges()
-            total += (_gauge(g, "running") or 0.0) + (_gauge(g, "waiting") or 0.0)
+            total += (gauge(g, "running") or 0.0) + (gauge(g, "waiting") or 0.0)
         self.samples.append((self.now, self.outstanding, total))
 
-
-def _calibrate_prefill(core_factory: CoreFactory, index: int) -> float:
-    """Seconds per prefill token of a core, from one planned step on a throwaway core."""
-    core = core_factory(index)
-    rng = random.Random(f"calibrate:{index}")
-    n = 2048
-    core.add_request(CoreRequest("calibrate", [rng.randrange(65536) for _ in range(n)], 1), 0.0)
-    step = core.next_step(0.0)
-    if step is None or step.prefill_tokens <= 0:
-        return 1e-4
-    return step.duration / step.prefill_tokens
 
 
 def _normalise_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -846,7 +536,7 @@ def run_cluster(workload: Sequence[WorkloadRequest], *, policy: str, instances: 
         def core_factory(i: int) -> EngineCoreAPI:
             return make_engine_core(preset, seed=seed * 1_000_003 + i, **overrides)
 
-    sim = _Sim(workload, policy=policy, instances=instances, seed=seed, pd=pd, cfg=cfg,
+    sim = Sim(workload, policy=policy, instances=instances, seed=seed, pd=pd, cfg=cfg,
                core_factory=core_factory, decode_policy=decode_policy,
                scrape_interval=scrape_interval, request_timeout=request_timeout,
                link_bandwidth=link_bandwidth, transfer_setup=transfer_setup,
