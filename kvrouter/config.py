@@ -55,6 +55,19 @@ class SchedulerConfig:
     metrics_scrape_interval_secs: float = 2.0
     metrics_scrape_timeout_secs: float = 1.0
     cache_max_blocks: int = 200_000
+    # sglang_cache_aware (SGLang router defaults)
+    sglang_cache_threshold: float = 0.3
+    sglang_balance_abs_threshold: float = 64.0
+    sglang_balance_rel_threshold: float = 1.5
+    sglang_miss_policy: str = "min_load"
+    # kv_cost
+    kv_cost_prefill_tokens_per_sec: float = 12000.0
+    kv_cost_decode_weight: float = 0.002
+    kv_cost_exploration: float = 0.01
+    kv_cost_miss_weight: float = 2.0
+    kv_cost_itl_weight: float = 0.1
+    kv_cost_transfer_tokens_per_sec: float = 190000.0
+    kv_cost_chars_per_token: float = 4.0
 
 
 @dataclass
@@ -97,6 +110,8 @@ POLICY_NAMES: tuple[str, ...] = (
     "fd_remote_metrics_score",
     "cache_aware",
     "remote_cache_aware",
+    "sglang_cache_aware",
+    "kv_cost",
 )
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warn", "error")
 
@@ -334,6 +349,17 @@ _SCHEMA: dict[str, dict[str, Checker]] = {
         "metrics-scrape-interval-secs": _num(0, strict=True),
         "metrics-scrape-timeout-secs": _num(0, strict=True),
         "cache-max-blocks": _int(1),
+        "sglang-cache-threshold": _num(0, 1),
+        "sglang-balance-abs-threshold": _num(0),
+        "sglang-balance-rel-threshold": _num(0),
+        "sglang-miss-policy": _choice("min_load", "smallest_tree"),
+        "kv-cost-prefill-tokens-per-sec": _num(0, strict=True),
+        "kv-cost-decode-weight": _num(0),
+        "kv-cost-exploration": _num(0, 1),
+        "kv-cost-miss-weight": _num(0),
+        "kv-cost-itl-weight": _num(0),
+        "kv-cost-transfer-tokens-per-sec": _num(0),
+        "kv-cost-chars-per-token": _num(0, strict=True),
     },
     "manager": {
         "register-path": _text,

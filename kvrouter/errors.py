@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import orjson
-from aiohttp import web
+
+from kvrouter.http.response import Response
 
 
 class RouterError(Exception):
@@ -27,9 +28,8 @@ def error_body(message: str, type_: str, code: str) -> bytes:
 
 
 def error_response(status: int, message: str, type_: str, code: str,
-                   headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=error_body(message, type_, code),
-                        content_type="application/json", headers=headers)
+                   headers: dict[str, str] | None = None) -> Response:
+    return Response(error_body(message, type_, code), status, headers=headers)
 
 
 def invalid_body(err: str) -> RouterError:

@@ -52,7 +52,7 @@ class Router:
         self.registry.on_added.append(self._on_added)
         self.registry.on_removed.append(self._on_removed)
         self._tasks: set[asyncio.Task] = set()
-        self._stats_prev = (0.0, 0.0, 0.0, 0.0)
+        self._stats_prev = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
     # -- scheduling ---------------------------------------------------------------------------
     async def request_view(self, body: dict, endpoint: str, roles: tuple[Role, ...]) -> RequestView:
@@ -147,28 +147,39 @@ class Router:
             log.info(self.stats_line())
 
     def stats_line(self) -> str:
-        """The periodic ``[stats]`` line (contract §9.3); hits and totals are per interval."""
+        """The periodic ``[stats]`` line (contract §9.3); hits and totals are per interval.
+
+        After the contract's ``prefix_hit_rate`` (hit rate *predicted* by the router's prefix
+        index) kvrouter appends ``measured_hit_rate``: cached / prompt tokens reported by the
+        instances (``kvrouter_backend_cached_tokens_total`` / ``_prompt_tokens_total``) in the
+        same interval, ``0.00%`` when no usage was seen.
+        """
         instances = self.registry.all()
         workers = ", ".join(
             f"{i.url}: running={i.load.requests} tokens={i.load.tokens} "
             f"state={'paused' if i.paused and i.state == 'healthy' else i.state}"
             for i in instances)
-        hits, total, hit_blocks, looked = self._interval_deltas()
+        hits, total, hit_blocks, looked, cached, prompt = self._interval_deltas()
         rate = 100.0 * hits / total if total else 0.0
         prefix_rate = 100.0 * hit_blocks / looked if looked else 0.0
+        measured = 100.0 * cached / prompt if prompt > 0 else 0.0
         running = sum(i.load.requests for i in instances)
         return (f"[stats] total_running={running}, workers: [{workers}], "
                 f"cache_hit_rate={rate:.2f}% (hits={hits}/total={total}), "
-                f"prefix_hit_rate={prefix_rate:.2f}%")
+                f"prefix_hit_rate={prefix_rate:.2f}%, measured_hit_rate={measured:.2f}%")
 
-    def _interval_deltas(self) -> tuple[int, int, float, float]:
-        """Session hits/requests and prefix hit/lookup blocks since the previous stats line."""
+    def _interval_deltas(self) -> tuple[int, int, float, float, float, float]:
+        """Since the previous stats line: session hits/requests, predicted prefix hit/lookup
+        blocks, and cached/prompt tokens reported by the instances."""
         m = self.metrics
         now = (_total(m.cache_hit), _total(m.cache_request), _total(m.hit_blocks),
-               _total(m.lookup_blocks))
+               _total(m.lookup_blocks), _total(m.backend_cached_tokens),
+               _total(m.backend_prompt_tokens))
         prev, self._stats_prev = self._stats_prev, now
-        return (int(now[0] - prev[0]), int(now[1] - prev[1]), now[2] - prev[2],
-                now[3] - prev[3])
+        d = [a - b for a, b in zip(now, prev)]
+        # a removed instance's series vanish, so a delta can go negative: count it as 0
+        return (int(max(0.0, d[0])), int(max(0.0, d[1])), max(0.0, d[2]), max(0.0, d[3]),
+                max(0.0, d[4]), max(0.0, d[5]))
 
 
 def _total(metric) -> float:

@@ -779,7 +779,8 @@ async def test_item57_not_found_and_method_not_allowed(fleet: Fleet) -> None:
 
 STATS_RE = re.compile(
     r"\[stats\] total_running=(\d+), workers: \[(.*)\], "
-    r"cache_hit_rate=(\d+\.\d\d)% \(hits=(\d+)/total=(\d+)\), prefix_hit_rate=(\d+\.\d\d)%$")
+    r"cache_hit_rate=(\d+\.\d\d)% \(hits=(\d+)/total=(\d+)\), prefix_hit_rate=(\d+\.\d\d)%, "
+    r"measured_hit_rate=(\d+\.\d\d)%$")
 WORKER_RE = re.compile(r"(http://\S+): running=(\d+) tokens=(\d+) state=(healthy|unhealthy|paused)")
 
 
@@ -813,7 +814,7 @@ async def test_stats_line_format(fleet: Fleet) -> None:
     lines = stats_lines(r)
     busy, after = lines[n1], lines[n1 + 1]
 
-    total_running, workers, rate, hits, total, prefix_rate = busy.groups()
+    total_running, workers, rate, hits, total, prefix_rate, measured = busy.groups()
     assert total_running == "0"
     items = WORKER_RE.findall(workers)
     assert [i[0] for i in items] == [a.url, b.url], "workers sorted by URL"
@@ -821,8 +822,14 @@ async def test_stats_line_format(fleet: Fleet) -> None:
     assert [i[3] for i in items] == ["healthy", "paused"]
     assert (hits, total, rate) == ("1", "2", "50.00")
     assert prefix_rate == "50.00"
+    # measured at the instances: cached / prompt tokens from their usage, this interval
+    text = await metrics_text(r)
+    prompt = sample(text, "kvrouter_backend_prompt_tokens_total") or 0.0
+    cached = sample(text, "kvrouter_backend_cached_tokens_total") or 0.0
+    assert prompt > 0
+    assert measured == f"{100.0 * cached / prompt:.2f}"
     # per interval: the next line starts from zero
-    assert after.group(4, 5, 3, 6) == ("0", "0", "0.00", "0.00")
+    assert after.group(4, 5, 3, 6, 7) == ("0", "0", "0.00", "0.00", "0.00")
 
 
 # --- §9.2: kvrouter_* families on /metrics --------------------------------------------------------

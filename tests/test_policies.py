@@ -82,14 +82,19 @@ def test_policy_names_and_factory():
     assert POLICY_NAMES == (
         "random", "round_robin", "power_of_two", "process_tokens", "request_num",
         "fd_metrics_score", "fd_remote_metrics_score", "cache_aware", "remote_cache_aware",
+        "sglang_cache_aware", "kv_cost",
     )
+    from kvrouter.config import POLICY_NAMES as CONFIG_NAMES
+    assert CONFIG_NAMES == POLICY_NAMES
     idx = PrefixIndex(10, 0)
     for name in POLICY_NAMES:
         p = make_policy(name, "prefill", SchedulerConfig(), idx)
         assert p.name == name and p.role == "prefill"
-        assert p.needs_prefix == (name in ("cache_aware", "remote_cache_aware"))
+        assert p.needs_prefix == (
+            name in ("cache_aware", "remote_cache_aware", "sglang_cache_aware", "kv_cost"))
         assert p.needs_remote_metrics == (
-            name in ("fd_metrics_score", "fd_remote_metrics_score", "remote_cache_aware")
+            name in ("fd_metrics_score", "fd_remote_metrics_score", "remote_cache_aware",
+                     "kv_cost")
         )
     assert make_policy("request_num", Role.DECODE, SchedulerConfig(), idx).role == "decode"
     with pytest.raises(ValueError, match="typo_policy.*random, round_robin"):
@@ -518,3 +523,157 @@ def test_parse_fd_metrics_large_page():
         lines.append(f'fastdeploy:request_prompt_tokens_bucket{{le="{i}"}} {i}.0\n')
     s = parse_fd_metrics("".join(lines), 0.0)
     assert s is not None and s.running == 3.0
+
+
+# --------------------------------------------------------------------------- cold-prefix spreading
+def test_cache_aware_cold_prefixes_spread_over_idle_instances():
+    idx = PrefixIndex(1000, 0)
+    cands = make_instances(3)
+    p = ca(index=idx)
+    prompts = [view({"prompt": f"{i}: a cold prompt " * 3}) for i in range(6)]   # distinct 1st block
+    # nothing in flight (each request finished before the next): loads tie every time, no
+    # candidate has a hit → least recently selected, the first request to the earliest URL
+    picks = [p.select(cands, req).instance for req in prompts]
+    assert picks == cands * 2
+    # a known prefix still goes where it was recorded
+    assert p.select(cands, prompts[1]).instance is cands[1]
+    # the next cold ones go to the least recently selected: cands[0] (4th pick), then
+    # cands[2] (6th pick) — cands[1] was just selected for the known prefix
+    assert p.select(cands, view({"prompt": "another cold prompt " * 3})).instance is cands[0]
+    assert p.select(cands, view({"prompt": "yet another cold one " * 3})).instance is cands[2]
+
+
+def test_cache_aware_cold_spreading_only_breaks_exact_ties():
+    idx = PrefixIndex(1000, 0)
+    a, b = make_instances(2)
+    p = ca(index=idx)
+    assert p.select([a, b], view({"prompt": "first cold prompt"})).instance is a
+    # lower load still wins over recency: a idle, b busy (0 vs 1: no imbalance fallback)
+    lease = b.load.acquire(5)
+    assert p.select([a, b], view({"prompt": "second cold prompt"})).instance is a
+    lease.release()
+    # and lower T breaks a load tie before recency
+    p2 = ca(index=PrefixIndex(1000, 0))
+    a.load.tokens = 7
+    assert p2.select([a, b], view({"prompt": "third cold prompt"})).instance is b
+    a.load.tokens = 0
+
+
+def test_cache_aware_cold_spreading_counts_fallback_choices():
+    idx = PrefixIndex(1000, 0)
+    a, b = make_instances(2)
+    p = ca(index=idx)
+    a.load.requests, a.load.tokens = 2, 20          # 2 vs 0: imbalance fallback → b
+    assert p.select([a, b], view({"prompt": "one: cold"})).strategy == STRATEGY_IMBALANCE
+    a.load.requests, a.load.tokens = 0, 0
+    # b was selected last, so the next cold prompt goes to a
+    assert p.select([a, b], view({"prompt": "two: cold"})).instance is a
+    assert p.select([a, b], view({"prompt": "six: cold"})).instance is b
+
+
+# --------------------------------------------------------------------------- sglang_cache_aware
+def sgl(index=None, **kw) -> Policy:
+    return policy("sglang_cache_aware", index=index, **kw)
+
+
+def test_sglang_balanced_match_above_threshold_goes_to_holder():
+    idx = PrefixIndex(1000, 0)
+    a, b, c = make_instances(3)
+    req = view({"prompt": "abcdefghijklmnop"})      # 4 blocks
+    idx.record(req.hashes[:2], b.identity, 0.0)     # b: 50 % > 0.3
+    idx.record(req.hashes[:1], c.identity, 0.0)     # c: 25 %
+    b.load.requests = 3                             # 3 − 0 is not > 64: balanced
+    sel = sgl(idx).select([a, b, c], req)
+    assert sel.instance is b and sel.strategy == STRATEGY_CACHE_AWARE
+    assert (sel.hit_blocks, sel.lookup_blocks) == (2, 4)
+    assert idx.match(req.hashes, [b.identity])[b.identity] == 4    # recorded
+
+
+def test_sglang_balanced_low_match_goes_to_min_load_or_smallest_tree():
+    idx = PrefixIndex(1000, 0)
+    a, b = make_instances(2)
+    req = view({"prompt": "abcdefghijklmnop"})
+    idx.record(req.hashes[:1], a.identity, 0.0)     # 25 % is not > 30 %
+    a.load.requests, b.load.requests = 2, 1
+    sel = sgl(idx).select([a, b], req)
+    assert sel.instance is b and sel.strategy == STRATEGY_CACHE_AWARE
+    # ties on load → the first worker (SGLang's behaviour, sglang#32983)
+    a.load.requests = b.load.requests = 0
+    assert sgl(PrefixIndex(1000, 0)).select([a, b], view({"prompt": "zzzzzzzz"})).instance is a
+    # threshold is a strict ">": exactly 25 % with threshold 0.25 is still a miss
+    for threshold, expected in ((0.25, a), (0.2, b)):
+        idx2 = PrefixIndex(1000, 0)
+        idx2.record(req.hashes[:1], b.identity, 0.0)
+        p = sgl(idx2, sglang_cache_threshold=threshold)
+        assert p.select([a, b], req).instance is expected
+    # smallest_tree: the instance with the fewest blocks recorded by this policy
+    p = sgl(PrefixIndex(1000, 0), sglang_miss_policy="smallest_tree")
+    assert p.select([a, b], view({"prompt": "x" * 40})).instance is a      # 10 blocks on a
+    a.load.requests = 5                                                   # load is ignored
+    assert p.select([a, b], view({"prompt": "y" * 8})).instance is b       # 0 < 10
+    assert p.select([a, b], view({"prompt": "w" * 80})).instance is b      # 2 < 10
+    assert p.select([a, b], view({"prompt": "v" * 8})).instance is a       # 10 < 22
+
+
+def test_sglang_imbalanced_goes_to_shortest_queue():
+    idx = PrefixIndex(1000, 0)
+    a, b = make_instances(2)
+    req = view({"prompt": "abcdefghijklmnop"})
+    idx.record(req.hashes, a.identity, 0.0)         # a holds the whole prompt
+    a.load.requests, b.load.requests = 70, 5        # 65 > 64 and 70 > 5 × 1.5
+    sel = sgl(idx).select([a, b], req)
+    assert sel.instance is b and sel.strategy == STRATEGY_IMBALANCE
+    assert idx.match(req.hashes, [b.identity])[b.identity] == 4    # recorded in this state too
+    # both conditions are needed
+    a.load.requests, b.load.requests = 70, 50       # 20 is not > 64
+    assert sgl(idx).select([a, b], req).strategy == STRATEGY_CACHE_AWARE
+    a.load.requests, b.load.requests = 200, 135     # 65 > 64 but 200 is not > 202.5
+    assert sgl(idx).select([a, b], req).strategy == STRATEGY_CACHE_AWARE
+    a.load.requests, b.load.requests = 3, 0
+    assert sgl(idx, sglang_balance_abs_threshold=2,
+               sglang_balance_rel_threshold=1.5).select([a, b], req).instance is b
+
+
+def test_sglang_session_stats_and_short_prompt():
+    a, b = make_instances(2, Role.PREFILL)
+    p = sgl(PrefixIndex(1000, 0), role="prefill")
+    req = view({"prompt": "abcdefgh", "session_id": "s"})
+    assert p.select([a, b], req).session_hit is False
+    assert p.select([a, b], req).session_hit is True
+    sel = p.select([a, b], view({"prompt": "ab"}))           # shorter than one block
+    assert sel.lookup_blocks == 0 and sel.hit_blocks == 0
+
+
+# --------------------------------------------------------------------------- Load prefill work
+def test_load_prefill_estimate_is_staged_and_released_with_tokens():
+    load = Load()
+    lease = load.acquire(100)                     # nothing staged: the token estimate
+    assert (load.prefill_tokens, load.prefill_leases) == (100, 1)
+    load.stage_prefill(30)
+    second = load.acquire(100)
+    assert second.prefill == 30 and load.prefill_tokens == 130
+    load.stage_prefill(50)
+    assert load.acquire(10, prefill=0).prefill == 0   # explicit value wins, staging consumed
+    assert load.acquire(10).prefill == 10
+    assert load.prefill_tokens == 140 and load.decoding == 0
+    lease.release_tokens()                        # first byte
+    assert (load.prefill_tokens, load.prefill_leases, load.decoding) == (40, 3, 1)
+    lease.release_tokens()                        # idempotent
+    assert load.prefill_tokens == 40
+    second.release()
+    assert (load.prefill_tokens, load.requests, load.decoding) == (10, 3, 1)
+
+
+def test_load_pending_prefill_follows_snapshots():
+    load = Load()
+    old = load.acquire(10, now=1.0, prefill=40)
+    load.on_snapshot(5.0)
+    assert (load.pending, load.pending_prefill) == (0, 0)
+    new = load.acquire(10, now=6.0, prefill=25)
+    assert (load.pending, load.pending_prefill) == (1, 25)
+    new.release_tokens()
+    assert load.pending_prefill == 0 and load.pending == 1
+    new.release_request()
+    assert load.pending == 0
+    old.release()
+    assert load.prefill_tokens == 0 and load.idle

@@ -10,6 +10,8 @@ from kvrouter.config import SchedulerConfig
 from kvrouter.policies.base import (
     STRATEGIES,
     STRATEGY_CACHE_AWARE,
+    STRATEGY_COST,
+    STRATEGY_EXPLORATION,
     STRATEGY_IMBALANCE,
     STRATEGY_POLICY,
     STRATEGY_STALE,
@@ -18,8 +20,10 @@ from kvrouter.policies.base import (
     Selection,
 )
 from kvrouter.policies.cache_aware import CacheAwarePolicy, RemoteCacheAwarePolicy, SessionAffinity
+from kvrouter.policies.kv_cost import KvCostPolicy
 from kvrouter.policies.load import ProcessTokensPolicy, RequestNumPolicy
 from kvrouter.policies.metrics_score import FdMetricsScorePolicy, FdRemoteMetricsScorePolicy
+from kvrouter.policies.sglang import SglangCacheAwarePolicy
 from kvrouter.policies.simple import PowerOfTwoPolicy, RandomPolicy, RoundRobinPolicy
 from kvrouter.prefix.index import PrefixIndex
 
@@ -36,9 +40,11 @@ __all__ = [
     "STRATEGY_CACHE_AWARE",
     "STRATEGY_IMBALANCE",
     "STRATEGY_STALE",
+    "STRATEGY_COST",
+    "STRATEGY_EXPLORATION",
 ]
 
-#: Every valid policy name, in the contract's order (§6.2).
+#: Every valid policy name: the contract's (§6.2) in its order, then kvrouter's own.
 POLICY_NAMES: tuple[str, ...] = (
     "random",
     "round_robin",
@@ -49,6 +55,8 @@ POLICY_NAMES: tuple[str, ...] = (
     "fd_remote_metrics_score",
     "cache_aware",
     "remote_cache_aware",
+    "sglang_cache_aware",
+    "kv_cost",
 )
 
 POLICY_CLASSES: dict[str, type[Policy]] = {
@@ -63,6 +71,8 @@ POLICY_CLASSES: dict[str, type[Policy]] = {
         FdRemoteMetricsScorePolicy,
         CacheAwarePolicy,
         RemoteCacheAwarePolicy,
+        SglangCacheAwarePolicy,
+        KvCostPolicy,
     )
 }
 
@@ -105,6 +115,31 @@ def make_policy(
             balance_rel_threshold=cfg.balance_rel_threshold,
             hit_ratio_weight=cfg.hit_ratio_weight,
             load_balance_weight=cfg.load_balance_weight,
+            clock=clock,
+        )
+    if name == "sglang_cache_aware":
+        return SglangCacheAwarePolicy(
+            role,
+            index,
+            cache_threshold=cfg.sglang_cache_threshold,
+            balance_abs_threshold=cfg.sglang_balance_abs_threshold,
+            balance_rel_threshold=cfg.sglang_balance_rel_threshold,
+            miss_policy=cfg.sglang_miss_policy,
+            clock=clock,
+        )
+    if name == "kv_cost":
+        return KvCostPolicy(
+            role,
+            index,
+            block_size=cfg.cache_block_size,
+            prefill_tokens_per_sec=cfg.kv_cost_prefill_tokens_per_sec,
+            decode_weight=cfg.kv_cost_decode_weight,
+            exploration=cfg.kv_cost_exploration,
+            miss_weight=cfg.kv_cost_miss_weight,
+            itl_weight=cfg.kv_cost_itl_weight,
+            transfer_tokens_per_sec=cfg.kv_cost_transfer_tokens_per_sec,
+            chars_per_token=cfg.kv_cost_chars_per_token,
+            rng=rng,
             clock=clock,
         )
     raise ValueError(f"unknown policy '{name}' (valid: {', '.join(POLICY_NAMES)})")

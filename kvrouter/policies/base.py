@@ -24,6 +24,8 @@ __all__ = [
     "STRATEGY_CACHE_AWARE",
     "STRATEGY_IMBALANCE",
     "STRATEGY_STALE",
+    "STRATEGY_COST",
+    "STRATEGY_EXPLORATION",
     "STRATEGIES",
 ]
 
@@ -31,7 +33,10 @@ STRATEGY_POLICY = "policy"
 STRATEGY_CACHE_AWARE = "cache_aware_scoring"
 STRATEGY_IMBALANCE = "imbalance_fallback"
 STRATEGY_STALE = "stale_metrics_fallback"
-STRATEGIES = (STRATEGY_POLICY, STRATEGY_CACHE_AWARE, STRATEGY_IMBALANCE, STRATEGY_STALE)
+STRATEGY_COST = "cost_estimate"          # kv_cost: minimum estimated TTFT
+STRATEGY_EXPLORATION = "exploration"     # kv_cost: a near-best candidate drawn at random
+STRATEGIES = (STRATEGY_POLICY, STRATEGY_CACHE_AWARE, STRATEGY_IMBALANCE, STRATEGY_STALE,
+              STRATEGY_COST, STRATEGY_EXPLORATION)
 
 
 @dataclass(slots=True)

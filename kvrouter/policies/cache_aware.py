@@ -7,7 +7,10 @@ Decision, with ``loads`` = local ``R`` (``cache_aware``) or snapshot running + p
    ``(max − min) / max > balance-rel-threshold``, pick the minimum ``T``;
 2. otherwise score = ``(100 − hit)/100 × hit-ratio-weight + load/maxLoad × load-balance-weight``
    (load ratio 0 when ``maxLoad`` is 0), with ``hit = 100 × matched blocks / n_blocks``; the
-   lowest score wins, exact ties → lower ``T``, then the earliest URL;
+   lowest score wins, exact ties → lower ``T``, then the earliest URL — except for a **cold
+   prefix** (no candidate has any matched block): then exact ties → lower ``T``, then the
+   instance this policy selected least recently (never selected first), then the earliest URL,
+   so cold prefixes spread over idle instances instead of all landing on the first one;
 3. the chosen instance is recorded for all block hashes in both cases.
 
 Session-affinity statistics (§6.5) are kept for the prefill and mixed roles.
@@ -34,7 +37,7 @@ from kvrouter.prefix.index import PrefixIndex
 if TYPE_CHECKING:
     from kvrouter.registry import Instance
 
-__all__ = ["CacheAwarePolicy", "RemoteCacheAwarePolicy", "SessionAffinity"]
+__all__ = ["CacheAwarePolicy", "RemoteCacheAwarePolicy", "SelectionRecency", "SessionAffinity"]
 
 log = logging.getLogger("kvrouter.policy")
 
@@ -64,6 +67,34 @@ class SessionAffinity:
         return len(self._last)
 
 
+class SelectionRecency:
+    """When this policy last selected each instance (a per-policy sequence number).
+
+    ``last(identity)`` is -1 for an instance never selected, so "least recently selected"
+    orders never-selected instances first. Bounded: when more than ``max_entries`` identities
+    are remembered (instances come and go), the oldest half is forgotten.
+    """
+
+    __slots__ = ("max_entries", "_seq", "_last")
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self.max_entries = max_entries
+        self._seq = 0
+        self._last: dict[str, int] = {}
+
+    def last(self, identity: str) -> int:
+        return self._last.get(identity, -1)
+
+    def touch(self, identity: str) -> None:
+        self._seq += 1
+        last = self._last
+        last.pop(identity, None)
+        last[identity] = self._seq
+        if len(last) > self.max_entries:
+            for key in list(last)[: len(last) // 2]:
+                del last[key]
+
+
 class CacheAwarePolicy(Policy):
     """Prefix-hit vs load scoring with an imbalance fallback; load = local ``R``."""
 
@@ -91,6 +122,7 @@ class CacheAwarePolicy(Policy):
         self.sessions: SessionAffinity | None = (
             SessionAffinity() if self.role in _SESSION_ROLES else None
         )
+        self.recency = SelectionRecency()
 
     def loads(self, candidates: Sequence[Instance], now: float) -> list[float]:
         """The load each candidate is compared on."""
@@ -129,13 +161,16 @@ class CacheAwarePolicy(Policy):
             matched = index.match(hashes, [inst.identity for inst in candidates]) if n_blocks else {}
             hw = self.hit_ratio_weight
             lw = self.load_balance_weight
+            cold = not any(matched.values())
+            recency = self.recency
             best = 0
-            best_key: tuple[float, int] | None = None
+            best_key: tuple[float, int, int] | None = None
             for i, inst in enumerate(candidates):
                 m = matched.get(inst.identity, 0)
                 miss = (1.0 - m / n_blocks) if n_blocks else 1.0   # (100 − hit) / 100
                 ratio = loads[i] / max_load if max_load > 0 else 0.0
-                key = (miss * hw + ratio * lw, inst.load.tokens)
+                key = (miss * hw + ratio * lw, inst.load.tokens,
+                       recency.last(inst.identity) if cold else 0)
                 if best_key is None or key < best_key:
                     best, best_key = i, key
             chosen = candidates[best]
@@ -150,6 +185,7 @@ class CacheAwarePolicy(Policy):
                     chosen.url, _fmt_loads(candidates, loads), ratios,
                 )
 
+        self.recency.touch(chosen.identity)
         if n_blocks:
             index.record(hashes, chosen.identity, now)
         session_hit: bool | None = None

@@ -6,20 +6,21 @@ import time
 
 from kvrouter.registry import Instance
 from kvrouter.router import Router
-from kvrouter.server.relay import RelayOutcome
+from kvrouter.server.forward import InstanceRef
+from kvrouter.server.relay import Relay
 
 
-def account(router: Router, endpoint: str, received: float, status: int, outcome: RelayOutcome,
-            body: dict, *, mixed: Instance | None = None, prefill: Instance | None = None,
-            decode: Instance | None = None) -> None:
+def account(router: Router, endpoint: str, received: float, status: int, outcome: Relay,
+            body: dict, *, mixed: tuple[Instance, InstanceRef] | None = None,
+            prefill: InstanceRef | None = None, decode: InstanceRef | None = None) -> None:
     """Metrics of one finished inference request.
 
     Usage seen in a mixed answer counts for that instance; in PD mode the prefill's own answer
     is counted where it is drained (the decode's ``cached_tokens`` is always 0).
     """
     m = router.metrics
-    m.inference_requests.labels(decode.url if decode else "", mixed.url if mixed else "",
-                                prefill.url if prefill else "", str(status)).inc()
+    m.inference_requests.labels(decode.url if decode else "", mixed[1].url if mixed else "",
+                                prefill.url if prefill else "", status).inc()
     stream = body.get("stream") is True
     m.duration.labels(endpoint, router.mode, "true" if stream else "false").observe(
         time.perf_counter() - received)
@@ -32,12 +33,18 @@ def account(router: Router, endpoint: str, received: float, status: int, outcome
     if outcome.client_gone:
         m.errors.labels("client_disconnect").inc()
     if mixed is not None and outcome.prompt_tokens is not None:
-        count_usage(router, mixed, outcome.prompt_tokens, outcome.cached_tokens)
+        count_usage(router, mixed[0], mixed[1], outcome.prompt_tokens, outcome.cached_tokens)
 
 
-def count_usage(router: Router, inst: Instance, prompt: int, cached: int | None) -> None:
+def count_usage(router: Router, inst: Instance, ref: InstanceRef, prompt: int,
+                cached: int | None) -> None:
     """The instance-reported prompt and cached tokens (skipped once it was removed, so its
     series stay deleted)."""
-    if router.registry.get(inst.identity) is inst:
-        router.metrics.backend_prompt_tokens.labels(inst.url).inc(prompt)
-        router.metrics.backend_cached_tokens.labels(inst.url).inc(cached or 0)
+    if router.registry.get(ref.identity) is inst:
+        children = ref.usage_children
+        if children is None:
+            m = router.metrics
+            children = ref.usage_children = (m.backend_prompt_tokens.labels(ref.url),
+                                              m.backend_cached_tokens.labels(ref.url))
+        children[0].inc(prompt)
+        children[1].inc(cached or 0)

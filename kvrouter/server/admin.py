@@ -5,44 +5,43 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 import orjson
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from kvrouter.backends.fastdeploy import loads
+from kvrouter.http.request import Request
+from kvrouter.http.response import Response
 from kvrouter.instance import RegistrationError, Role, parse_registration_bytes
 from kvrouter.registry import HEALTHY, Instance
 from kvrouter.router import Router
-from kvrouter.server.inference import ROUTER_KEY
+
+if TYPE_CHECKING:
+    from kvrouter.server.app import App
 
 log = logging.getLogger("kvrouter.admin")
 
 
-def _json(obj: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+def _json(obj: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(obj), status)
 
 
-def _msg(code: int, msg: str) -> web.Response:
+def _msg(code: int, msg: str) -> Response:
     return _json({"code": code, "msg": msg}, status=code)
 
 
-async def register(request: web.Request) -> web.Response:
-    router: Router = request.app[ROUTER_KEY]
+async def register(app: App, req: Request) -> Response:
+    router = app.router
     try:
-        raw = await request.read()
-    except Exception as e:  # noqa: BLE001 - an unreadable upload
-        log.error("Failed to register instance: Invalid request body: %s", e)
-        return _msg(400, f"Invalid request body: {e}")
-    try:
-        info = parse_registration_bytes(raw, splitwise=router.splitwise)
+        info = parse_registration_bytes(req.body, splitwise=router.splitwise)
     except RegistrationError as e:
         log.error("Failed to register instance: %s", e.body.get("msg"))
         return _json(e.body, status=e.status)
     return await apply_registration(router, info)
 
 
-async def apply_registration(router: Router, info) -> web.Response:
+async def apply_registration(router: Router, info) -> Response:
     """Store a registration per §3.3: probe new and unhealthy instances, never healthy ones."""
     timeout = min(router.cfg.manager.health_check_timeout_secs, 3.0)
     inst = router.registry.get(info.identity)
@@ -79,8 +78,8 @@ def worker_record(inst: Instance) -> dict:
     }
 
 
-async def registered(request: web.Request) -> web.Response:
-    router: Router = request.app[ROUTER_KEY]
+async def registered(app: App, req: Request) -> Response:
+    router = app.router
     out: dict = {"code": 200, "msg": "success", "prefill": [], "decode": [], "mixed": [],
                  "unavailable": []}
     for inst in router.registry.all():
@@ -89,21 +88,21 @@ async def registered(request: web.Request) -> web.Response:
     return _json(out)
 
 
-async def registered_number(request: web.Request) -> web.Response:
-    return _json(request.app[ROUTER_KEY].registry.count_routable())
+async def registered_number(app: App, req: Request) -> Response:
+    return _json(app.router.registry.count_routable())
 
 
-async def health(request: web.Request) -> web.Response:
-    router: Router = request.app[ROUTER_KEY]
+async def health(app: App, req: Request) -> Response:
+    router = app.router
     counts = router.registry.count_routable()
     ready = (counts["prefill"] > 0 and counts["decode"] > 0) if router.splitwise \
         else counts["mixed"] > 0
     return _json({"status": "ok", "mode": router.mode, "routable": counts, "ready": ready})
 
 
-async def health_generate(request: web.Request) -> web.Response:
+async def health_generate(app: App, req: Request) -> Response:
     """Probe every known instance; observational only (no state change)."""
-    router: Router = request.app[ROUTER_KEY]
+    router = app.router
     instances = router.registry.all()
     timeout = router.cfg.manager.health_check_timeout_secs
     results = await asyncio.gather(*(router.health.probe_url(i.url, timeout) for i in instances))
@@ -115,15 +114,15 @@ async def health_generate(request: web.Request) -> web.Response:
                   "healthy": healthy, "unhealthy": len(rows) - healthy})
 
 
-async def models(request: web.Request) -> web.Response:
-    return _json({"object": "list", "data": request.app[ROUTER_KEY].models.union()})
+async def models(app: App, req: Request) -> Response:
+    return _json({"object": "list", "data": app.router.models.union()})
 
 
-async def decode_instances(request: web.Request) -> web.Response:
-    router: Router = request.app[ROUTER_KEY]
+async def decode_instances(app: App, req: Request) -> Response:
+    router = app.router
     if not router.splitwise:
         return _json([])
-    version = request.query.get("version")
+    version = req.query.get("version")
     out = []
     for inst in router.registry.candidates(Role.DECODE):
         i = inst.info
@@ -148,10 +147,10 @@ def _abort_body_valid(body: object) -> bool:
     return isinstance(ids, list) and bool(ids) and all(isinstance(x, str) for x in ids)
 
 
-async def abort_requests(request: web.Request) -> web.Response:
+async def abort_requests(app: App, req: Request) -> Response:
     """Forward the abort to every known instance concurrently and report each answer."""
-    router: Router = request.app[ROUTER_KEY]
-    raw = await request.read()
+    router = app.router
+    raw = req.body
     try:
         body = loads(raw)
     except ValueError:
@@ -161,7 +160,7 @@ async def abort_requests(request: web.Request) -> web.Response:
                                            "or 'abort_all': true",
                                 "type": "invalid_request_error", "code": "invalid_value"}}, 400)
     headers = {"Content-Type": "application/json"}
-    if auth := request.headers.get("Authorization"):
+    if auth := req.header_str(b"authorization"):
         headers["Authorization"] = auth
     timeout = router.cfg.manager.health_check_timeout_secs
     instances = router.registry.all()
@@ -186,6 +185,5 @@ async def abort_requests(request: web.Request) -> web.Response:
     return _json({"code": 200, "msg": "success", "results": list(rows)})
 
 
-async def metrics(request: web.Request) -> web.Response:
-    body = request.app[ROUTER_KEY].metrics.render()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+async def metrics(app: App, req: Request) -> Response:
+    return Response(app.router.metrics.render(), content_type=CONTENT_TYPE_LATEST)

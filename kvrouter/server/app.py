@@ -1,81 +1,117 @@
-"""The HTTP server: routes, error middleware, access log, and the ``serve`` entry point."""
+"""The router's HTTP application: routes, error answers, access log, HTTP metrics, and the
+``serve`` entry point (contract §4, §5.9, §9.1, §9.3)."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
 import time
 
-from aiohttp import web
-
 from kvrouter import errors
 from kvrouter.config import RouterConfig
-from kvrouter.instance import InstanceInfo
+from kvrouter.http.request import Request
+from kvrouter.http.response import Response
+from kvrouter.http.routing import METHOD_NOT_ALLOWED, Routes
+from kvrouter.http.server import NONE, start_server
+from kvrouter.http.upstream import UpstreamPool
+from kvrouter.instance import InstanceInfo, Role
 from kvrouter.prefix.tokenizer import TokenizerError
 from kvrouter.registry import HEALTHY
 from kvrouter.router import Router
 from kvrouter.server import admin, inference
-from kvrouter.server.inference import ROUTER_KEY
+from kvrouter.server.accesslog import AccessLog
+from kvrouter.server.forward import InstanceRefs
+from kvrouter.server.view import load_only
 
 log = logging.getLogger("kvrouter.server")
-access_log = logging.getLogger("kvrouter.access")
+
+INFERENCE = ("/v1/chat/completions", "/v1/completions")
+GC_THRESHOLD = (20000, 20, 20)   # young collections every 20k allocations, not 700
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """OpenAI-style JSON for router errors, 404/405 and crashes; access log; HTTP metrics."""
-    started = time.perf_counter()
-    router: Router = request.app[ROUTER_KEY]
-    try:
-        resp = await handler(request)
-    except errors.RouterError as e:
-        if e.kind:
-            router.metrics.errors.labels(e.kind).inc()
-        resp = errors.error_response(e.status, e.message, e.type, e.code, e.headers or None)
-    except web.HTTPNotFound:
-        resp = errors.error_response(404, f"Not found: {request.path}", "invalid_request_error",
-                                     "not_found")
-    except web.HTTPMethodNotAllowed:
-        resp = errors.error_response(405, f"Method {request.method} not allowed on "
-                                     f"{request.path}", "invalid_request_error",
-                                     "method_not_allowed")
-    except web.HTTPException as e:
-        resp = errors.error_response(e.status, e.reason, "invalid_request_error", "http_error")
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        resp = errors.error_response(*errors.INTERNAL_ERROR)
-    elapsed = time.perf_counter() - started
-    route = request.match_info.route.resource
-    endpoint = route.canonical if route is not None else "unmatched"
-    m = router.metrics
-    m.http_requests.labels(endpoint, request.method, str(resp.status)).inc()
-    m.http_duration.labels(endpoint, request.method).observe(elapsed)
-    access_log.info("[%s] %s HTTP/%d.%d %d %.3fms %s", request.method, request.path,
-                    request.version.major, request.version.minor, resp.status, elapsed * 1e3,
-                    request.remote)
-    return resp
+class App:
+    """Everything a handler needs: the router, the upstream pool, per-instance constants."""
 
+    def __init__(self, router: Router, pool: UpstreamPool) -> None:
+        self.router = router
+        self.pool = pool
+        self.refs = InstanceRefs()
+        self.access = AccessLog()
+        roles = (Role.PREFILL, Role.DECODE) if router.splitwise else (Role.MIXED,)
+        self.fast_views = load_only(router, roles)   # no prompt rendering needed
+        self.max_body_mb = router.cfg.server.max_body_mb
+        m = router.metrics
+        self._http_requests = m.http_requests
+        self._http_duration = m.http_duration
+        self._http_children: dict[tuple[str, str, int], tuple] = {}
+        self._errors = m.errors
+        routes = self.routes = Routes()
+        for path in INFERENCE:
+            routes.add("POST", path, inference.handle)
+        routes.add("POST", "/register", admin.register)
+        routes.add("GET", "/registered", admin.registered)
+        routes.add("GET", "/registered_number", admin.registered_number)
+        routes.add("GET", "/health", admin.health)
+        routes.add("GET", "/health_generate", admin.health_generate)
+        routes.add("GET", "/metrics", admin.metrics)
+        routes.add("GET", "/v1/models", admin.models)
+        routes.add("GET", "/decode_instances", admin.decode_instances)
+        routes.add("POST", "/v1/abort_requests", admin.abort_requests)
+        router.registry.on_removed.append(self._on_removed)
 
-def build_app(router: Router) -> web.Application:
-    max_body = int(router.cfg.server.max_body_mb * (1 << 20))
-    app = web.Application(middlewares=[error_middleware], client_max_size=max_body)
-    app[ROUTER_KEY] = router
-    app.router.add_post("/v1/chat/completions", inference.handle)
-    app.router.add_post("/v1/completions", inference.handle)
-    app.router.add_post("/register", admin.register)
-    app.router.add_get("/registered", admin.registered)
-    app.router.add_get("/registered_number", admin.registered_number)
-    app.router.add_get("/health", admin.health)
-    app.router.add_get("/health_generate", admin.health_generate)
-    app.router.add_get("/metrics", admin.metrics)
-    app.router.add_get("/v1/models", admin.models)
-    app.router.add_get("/decode_instances", admin.decode_instances)
-    app.router.add_post("/v1/abort_requests", admin.abort_requests)
-    return app
+    def _on_removed(self, inst, reason: str) -> None:
+        self.pool.forget(self.refs.pop(inst).target.key)
+
+    async def handle(self, req: Request) -> None:
+        """Answer one request (the server's handler); never raises but for cancellation."""
+        conn = req.conn
+        started = req.received = time.perf_counter()
+        endpoint = "unmatched"
+        resp: Response | None = None
+        try:
+            found = self.routes.resolve(req.method, req.path)
+            if type(found) is int:
+                resp = (errors.error_response(
+                    405, f"Method {req.method} not allowed on {req.path}",
+                    "invalid_request_error", "method_not_allowed",
+                    {"Allow": ", ".join(self.routes.allowed(req.path))})
+                    if found == METHOD_NOT_ALLOWED else
+                    errors.error_response(404, f"Not found: {req.path}",
+                                          "invalid_request_error", "not_found"))
+            else:
+                handler, endpoint = found
+                if req.too_large:
+                    raise errors.too_large(self.max_body_mb)
+                if handler is inference.handle:
+                    await handler(self, req, endpoint)
+                else:
+                    resp = await handler(self, req)
+        except errors.RouterError as e:
+            if e.kind:
+                self._errors.labels(e.kind).inc()
+            resp = errors.error_response(e.status, e.message, e.type, e.code, e.headers or None)
+        except Exception:
+            log.exception("unhandled error on %s %s", req.method, req.path)
+            resp = errors.error_response(*errors.INTERNAL_ERROR)
+        if resp is not None:
+            if conn.mode == NONE:
+                conn.send_response(resp)
+            else:
+                conn.abort()  # an error after the answer started: the client sees it broken
+        elapsed = time.perf_counter() - started
+        status = conn.status
+        key = (endpoint, req.method, status)
+        children = self._http_children.get(key)
+        if children is None:
+            children = self._http_children[key] = (
+                self._http_requests.labels(*key), self._http_duration.labels(*key[:2]))
+        children[0].inc()
+        children[1].observe(elapsed)
+        if self.access.enabled():
+            self.access.add(req.method, req.path, req.version, status, elapsed, conn.peer)
 
 
 async def add_static_instances(router: Router, infos: list[InstanceInfo]) -> None:
@@ -95,24 +131,27 @@ async def run_server(cfg: RouterConfig, static: list[InstanceInfo]) -> int:
     except TokenizerError as e:
         print(f"config error: {cfg.config_path}: scheduler.tokenizer-path: {e}", file=sys.stderr)
         return 1
-    runner: web.AppRunner | None = None
+    s = cfg.server
+    pool = UpstreamPool(s.connect_timeout_secs, s.first_byte_timeout_secs,
+                        s.stream_idle_timeout_secs)
+    app = App(router, pool)
+    server = http = None
     try:
         await add_static_instances(router, static)
-        runner = web.AppRunner(build_app(router), access_log=None, handler_cancellation=True)
-        await runner.setup()
-        site = web.TCPSite(runner, cfg.server.host, cfg.server.port, reuse_address=True)
         try:
-            await site.start()
+            server, http = await start_server(app.handle, s.host, s.port,
+                                              max_body=int(s.max_body_mb * (1 << 20)))
         except OSError as e:
-            print(f"Failed to start server on {cfg.server.host}:{cfg.server.port}: {e}",
-                  file=sys.stderr)
+            print(f"Failed to start server on {s.host}:{s.port}: {e}", file=sys.stderr)
             return 1
-        port = site._server.sockets[0].getsockname()[1]
-        host = cfg.server.host
-        shown = f"[{host}]" if ":" in host else host
+        port = server.sockets[0].getsockname()[1]
+        shown = f"[{s.host}]" if ":" in s.host else s.host
         print(f"Starting server on {shown}:{port}", flush=True)
         log.info("Starting server on %s:%d (mode %s)", shown, port, router.mode)
         await router.start()
+        gc.collect()
+        gc.freeze()          # startup objects are never scanned again
+        gc.set_threshold(*GC_THRESHOLD)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -121,8 +160,11 @@ async def run_server(cfg: RouterConfig, static: list[InstanceInfo]) -> int:
         log.info("shutting down")
         return 0
     finally:
-        if runner is not None:
-            await runner.cleanup()
+        if server is not None:
+            server.close()
+            http.close_all()
+        pool.close()
+        app.access.flush()
         await router.close()
 
 

@@ -11,21 +11,26 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-
-from aiohttp import web
+from typing import TYPE_CHECKING
 
 from kvrouter import errors
 from kvrouter.backends import fastdeploy as fd
+from kvrouter.http.request import Request
+from kvrouter.http.response import header_block
+from kvrouter.http.upstream import BodyFailed, ConnectFailed, FirstByteTimeout, Upstream
 from kvrouter.instance import Role
 from kvrouter.registry import Instance
-from kvrouter.router import Router
 from kvrouter.server.accounting import account, count_usage
-from kvrouter.server.relay import RelayOutcome, UsageScan, relay
-from kvrouter.server.transport import (BodyFailed, ConnectFailed, FirstByteTimeout,
-                                       UpstreamResponse, forward_headers)
+from kvrouter.server.forward import InstanceRef, forward_block, upstream_request
+from kvrouter.server.relay import Relay, relay, usage_of
+from kvrouter.server.view import fast_view
+
+if TYPE_CHECKING:
+    from kvrouter.server.app import App
 
 log = logging.getLogger("kvrouter.pd")
 
+PD_ROLES = (Role.PREFILL, Role.DECODE)
 RESCHEDULE_BUFFER = 64 << 20
 PREFILL_SCAN = 1 << 20
 RETRYABLE_PREFILL_STATUS = frozenset({429, 502, 503, 504})
@@ -38,21 +43,23 @@ class PrefillResult:
     kind: str
     detail: str = ""
     status: int = 0
-    headers: object = None
+    content_type: bytes = b"application/json"
     body: bytes = b""
 
 
 @dataclass
 class DecodeStart:
-    up: UpstreamResponse
+    up: Upstream
     first: bytes
     eof: bool
 
 
-async def handle(router: Router, request: web.Request, body: dict, endpoint: str,
-                 received: float) -> web.StreamResponse:
+async def handle(app: App, req: Request, body: dict, endpoint: str, received: float) -> None:
+    router = app.router
     base = fd.base_request_id(body)
-    view = await router.request_view(body, endpoint, (Role.PREFILL, Role.DECODE))
+    view = fast_view(body, endpoint) if app.fast_views else None
+    if view is None:
+        view = await router.request_view(body, endpoint, PD_ROLES)
     stream = body.get("stream") is True
     fmt = router.cfg.server.disaggregate_info_format
     sch = router.cfg.scheduler
@@ -62,11 +69,12 @@ async def handle(router: Router, request: web.Request, body: dict, endpoint: str
     excl_d: set[str] = set()
     last_error: errors.RouterError | None = None
     attempt = 0
+    headers = forward_block(req, identity=True)
     while True:
         try:
             p = router.select(Role.PREFILL, view, excl_p).instance
             d = router.select(Role.DECODE, view, excl_d,
-                              prefer=lambda c: fd.can_pair(p.info, c.info)).instance
+                              prefer=lambda c, p=p: fd.can_pair(p.info, c.info)).instance
         except errors.RouterError:
             if last_error is not None:
                 raise last_error from None
@@ -75,9 +83,11 @@ async def handle(router: Router, request: web.Request, body: dict, endpoint: str
         body["request_id"] = rid
         body["disaggregate_info"] = fd.disaggregate_info(p.info, d.info, fmt)
         payload = fd.dumps(body)
-        tags = {"X-Router-Prefill-URL": p.url, "X-Router-Decode-URL": d.url,
+        p_ref, d_ref = app.refs.get(p), app.refs.get(d)
+        tags = {"X-Router-Prefill-URL": p_ref.url, "X-Router-Decode-URL": d_ref.url,
                 "X-Router-Request-ID": rid}
-        pair = _Pair(router, request, p, d, rid, payload, view.token_estimate, stream)
+        pair = _Pair(app, req, p, d, p_ref, d_ref, rid, payload, headers, view.token_estimate,
+                     stream)
         try:
             outcome = await pair.run()
         except errors.RouterError as e:
@@ -112,25 +122,26 @@ async def handle(router: Router, request: web.Request, body: dict, endpoint: str
                 continue
         if outcome.prefill_reply is not None:
             r = outcome.prefill_reply
-            resp = web.Response(status=r.status, body=r.body, headers=tags,
-                                content_type=_content_type(r.headers))
-            account(router, endpoint, received, r.status, RelayOutcome(), body, prefill=p,
-                    decode=d)
-            return resp
+            req.conn.send(r.status, r.body, r.content_type, header_block(tags))
+            account(router, endpoint, received, r.status, Relay(req.conn, None, False, False),
+                    body, prefill=p_ref, decode=d_ref)
+            return
         start = outcome.start
+        status = start.up.status
         try:
-            resp, relayed = await relay(request, start.up, start.first, tags, eof=start.eof)
+            relayed = await relay(req, start.up, start.first, header_block(tags),
+                                  scan_usage=False)
         finally:
             pair.d_lease.release()
         if relayed.client_gone:
             pair.cancel_prefill()
-        account(router, endpoint, received, resp.status, relayed, body, prefill=p, decode=d)
-        return resp
+        account(router, endpoint, received, status, relayed, body, prefill=p_ref, decode=d_ref)
+        return
 
 
-def _content_type(headers) -> str:
-    ctype = headers.get("Content-Type", "application/json") if headers else "application/json"
-    return ctype.split(";")[0].strip()
+def _content_type(up: Upstream) -> bytes:
+    ctype = up.header(b"content-type")
+    return ctype.split(b";")[0].strip() if ctype else b"application/json"
 
 
 @dataclass
@@ -145,13 +156,17 @@ class _Outcome:
 class _Pair:
     """One attempt on one (P, D) pair."""
 
-    def __init__(self, router: Router, request: web.Request, p: Instance, d: Instance,
-                 request_id: str, payload: bytes, tokens: int, stream: bool) -> None:
-        self.router = router
-        self.request = request
+    def __init__(self, app: App, req: Request, p: Instance, d: Instance, p_ref: InstanceRef,
+                 d_ref: InstanceRef, request_id: str, payload: bytes, headers: bytes,
+                 tokens: int, stream: bool) -> None:
+        self.app = app
+        self.router = app.router
+        self.req = req
         self.request_id = request_id
         self.p, self.d = p, d
+        self.p_ref, self.d_ref = p_ref, d_ref
         self.payload = payload
+        self.headers = headers
         self.stream = stream
         self.p_lease = p.load.acquire(tokens)
         self.d_lease = d.load.acquire(tokens)
@@ -162,28 +177,30 @@ class _Pair:
             self.p_task.cancel()
 
     async def run(self) -> _Outcome:
-        path = self.request.path_qs
-        p_headers = forward_headers(self.request.headers, self.p.identity, identity=True)
-        d_headers = forward_headers(self.request.headers, self.d.identity, identity=True)
-        self.p_task = asyncio.ensure_future(self._prefill(self.p.url + path, p_headers))
-        d_task = asyncio.ensure_future(self._decode(self.d.url + path, d_headers))
-        committed = False
+        self.p_task = asyncio.ensure_future(self._prefill())
+        d_task = asyncio.ensure_future(self._decode())
+        outcome: _Outcome | None = None
         try:
             pending = {self.p_task, d_task}
             while True:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 if d_task in done:
                     outcome = self._after_decode(d_task)
-                    committed = outcome.start is not None and outcome.retry is None
                     return outcome
                 result: PrefillResult = self.p_task.result()
                 if result.kind == "ok":
                     continue
                 d_task.cancel()
-                return self._after_prefill_failure(result)
+                outcome = self._after_prefill_failure(result)
+                return outcome
         finally:
             if not d_task.done():
                 d_task.cancel()
+            elif (not d_task.cancelled() and d_task.exception() is None
+                  and (outcome is None or outcome.start is not d_task.result())):
+                d_task.result().up.close()  # a decode answer nobody will relay
+            committed = outcome is not None and outcome.start is not None and \
+                outcome.retry is None
             if not committed:
                 self.cancel_prefill()
                 self.d_lease.release()
@@ -251,12 +268,13 @@ class _Pair:
         task.add_done_callback(done)
         router.track(task)
 
-    async def _prefill(self, url: str, headers) -> PrefillResult:
+    async def _prefill(self) -> PrefillResult:
         """Send to P, release its load at its first byte, drain its body to the end."""
-        router = self.router
+        target = self.p_ref.target
+        data = upstream_request(self.req, target, self.headers, self.payload)
         try:
             try:
-                up, first = await router.transport.open(url, self.payload, headers)
+                up, first = await self.app.pool.open(target, data)
             except ConnectFailed as e:
                 return PrefillResult("connect", str(e))
             except FirstByteTimeout as e:
@@ -274,28 +292,29 @@ class _Pair:
             except BodyFailed as e:
                 up.close()
                 return PrefillResult("body_error", str(e))
+            status, sse, ctype = up.status, up.is_sse, _content_type(up)
             up.release()
             raw = b"".join(parts)
-            if not 200 <= up.status < 300:
-                return PrefillResult("status", status=up.status, headers=up.headers, body=raw)
-            msg = fd.in_body_error(raw, up.is_sse)
+            if not 200 <= status < 300:
+                return PrefillResult("status", status=status, content_type=ctype, body=raw)
+            msg = fd.in_body_error(raw, sse)
             if msg is not None:
                 return PrefillResult("body_error", msg)
-            self._count_usage(raw, up.is_sse)
+            self._count_usage(raw)
             return PrefillResult("ok")
         finally:
             self.p_lease.release()
 
-    def _count_usage(self, raw: bytes, sse: bool) -> None:
-        scan = UsageScan(sse)
-        scan.feed(raw)
-        prompt, cached = scan.result()
+    def _count_usage(self, raw: bytes) -> None:
+        prompt, cached = usage_of(raw)
         if prompt is not None:
-            count_usage(self.router, self.p, prompt, cached)
+            count_usage(self.router, self.p, self.p_ref, prompt, cached)
 
-    async def _decode(self, url: str, headers) -> DecodeStart:
+    async def _decode(self) -> DecodeStart:
         """Send to D; return at its first body byte, or its whole body for non-stream answers."""
-        up, first = await self.router.transport.open(url, self.payload, headers)
+        target = self.d_ref.target
+        up, first = await self.app.pool.open(
+            target, upstream_request(self.req, target, self.headers, self.payload))
         if self.stream or up.is_sse or not first:
             return DecodeStart(up, first, eof=not first)
         parts, size = [first], len(first)

@@ -1,0 +1,226 @@
+"""``kv_cost``: pick the instance with the lowest estimated time to first token (TTFT).
+
+For every candidate *i* the policy estimates the TTFT this request would see there, from the
+router's prefix index and its own in-flight accounting (corrected by the background metrics
+snapshot), adds the price of the cache miss it would cause, and takes the minimum::
+
+    TTFT_i = (Q_i + U_i) / P  +  w_d × D_i  +  X
+    cost_i = TTFT_i  +  α × (U_i − min_j U_j) / P  +  w_itl × D_i × U_i / P
+
+* ``U_i`` — **uncached prefill** of this request on *i*: ``L − m_i × B`` prompt tokens, at least
+  1 (the engine always computes the last prompt token), where ``L`` = the prompt length,
+  ``m_i`` = the leading prompt blocks the prefix index holds for *i*, ``B`` =
+  ``cache-block-size``. Without a tokenizer the index works on code points; lengths are then
+  divided by ``kv-cost-chars-per-token`` to be counted in tokens.
+* ``Q_i`` — **queued prefill work** on *i*: ``Load.prefill_tokens``, the sum of the ``U`` of
+  every leg this router dispatched to *i* that has not produced its first byte yet (each lease
+  carries its estimate and releases it together with ``T``). With a fresh metrics snapshot,
+  ``Q_i = max(Q_i, waiting × ū_i + pending_prefill_i)``: the instance's own waiting queue
+  (``num_requests_waiting``) times ``ū_i``, the mean estimate of the legs dispatched there
+  before the snapshot and still before their first byte (this request's ``U_i`` when there are
+  none), plus the work of the legs dispatched since the snapshot. This
+  corrects for work the router does not know about (other routers, direct clients) without
+  counting its own legs twice.
+* ``P`` — ``kv-cost-prefill-tokens-per-sec``, an instance's prefill throughput.
+* ``D_i`` — in-flight legs on *i* past their first byte (decoding); ``w_d`` —
+  ``kv-cost-decode-weight``, seconds of prefill slowdown per decoding request (their KV reads
+  and batch slots make every step longer).
+* ``X`` — PD only: the KV transfer of the prompt to the decode instance,
+  ``L / kv-cost-transfer-tokens-per-sec`` (0 disables it). The decode instance holds no prefix,
+  so ``X`` is the same for every prefill candidate: it makes ``TTFT_i`` an estimate of the
+  client's TTFT, it does not change the choice.
+* ``α`` — ``kv-cost-miss-weight``: recomputing a prefix that another candidate holds costs the
+  cluster more than this request's wait. It is work every later request on that instance
+  queues behind, and the copy evicts other prefixes from a finite cache. With ``α = 0`` the
+  policy is the greedy TTFT minimiser (like the simulator's oracle), which replicates prefixes
+  on every burst and loses hit rate exactly when load is high. With ``α > 0`` a request leaves
+  the instance *h* holding its prefix for *j* only when
+  ``Q_h − Q_j > (1 + α) × (U_j − U_h)`` (decode terms aside), so a hot prefix spreads over more
+  instances only while its holders stay overloaded. The new instance then holds the prefix
+  too, and later requests for it split between the copies by their queues.
+* ``w_itl`` — ``kv-cost-itl-weight``: while this request's ``U_i`` tokens are prefilled, each of
+  the ``D_i`` requests decoding on *i* waits about ``U_i / P`` longer for its next tokens. The
+  term charges that fraction of the delay, so long prefills (cold prefixes) go preferably
+  where few requests are decoding, which protects the inter-token latency of the others.
+
+Decisions: the minimum cost wins. Exact ties go to the instance this policy selected least
+recently (never selected first), then to the earliest URL, so cold prefixes on an idle cluster
+spread. With probability ``kv-cost-exploration`` (seeded ``rng``) the choice is instead drawn
+uniformly among the other **near-best** candidates, those whose cost is within
+``max(50 % of the best, 50 ms)`` of the best (if there are none, nothing is explored). Such a
+choice has the strategy label ``exploration`` (else ``cost_estimate``). The chosen instance is
+recorded in the prefix index for all prompt blocks, since it will hold the prefix. Its ``U`` is
+staged on its ``Load`` for the lease the dispatcher acquires next
+(:meth:`kvrouter.load.Load.stage_prefill`).
+
+Decode role (PD): no prefill happens there, so ``cost_i = w_d × R_i + X``. This is load
+only; ties go to fewer in-flight tokens ``T``, then to the least recently selected. Nothing is
+recorded in the index.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from kvrouter.policies.base import (
+    STRATEGY_COST,
+    STRATEGY_EXPLORATION,
+    Policy,
+    RequestView,
+    Selection,
+)
+from kvrouter.policies.cache_aware import (
+    _SESSION_ROLES,
+    SelectionRecency,
+    SessionAffinity,
+)
+from kvrouter.prefix.index import PrefixIndex
+
+if TYPE_CHECKING:
+    from kvrouter.registry import Instance
+
+__all__ = ["EXPLORE_ABS", "EXPLORE_REL", "KvCostPolicy"]
+
+EXPLORE_REL = 0.5     # near-best: within 50 % of the best estimate …
+EXPLORE_ABS = 0.05    # … or within 50 ms of it, whichever is larger
+
+
+class KvCostPolicy(Policy):
+    """Minimum estimated TTFT (see the module docstring for the formula)."""
+
+    name = "kv_cost"
+    needs_prefix = True
+    needs_remote_metrics = True   # the snapshot corrects the queued-work estimate
+
+    def __init__(
+        self,
+        role: str,
+        index: PrefixIndex,
+        *,
+        block_size: int,
+        prefill_tokens_per_sec: float,
+        decode_weight: float,
+        exploration: float = 0.0,
+        miss_weight: float = 0.0,
+        itl_weight: float = 0.0,
+        transfer_tokens_per_sec: float = 0.0,
+        chars_per_token: float = 4.0,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(role)
+        if prefill_tokens_per_sec <= 0:
+            raise ValueError("prefill_tokens_per_sec must be > 0")
+        self.index = index
+        self.block_size = int(block_size)
+        self.prefill_tokens_per_sec = float(prefill_tokens_per_sec)
+        self.decode_weight = float(decode_weight)
+        self.exploration = float(exploration)
+        self.miss_weight = float(miss_weight)
+        self.itl_weight = float(itl_weight)
+        self.transfer_tokens_per_sec = float(transfer_tokens_per_sec)
+        self.chars_per_token = float(chars_per_token) if chars_per_token > 0 else 1.0
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self.recency = SelectionRecency()
+        self.sessions: SessionAffinity | None = (
+            SessionAffinity() if self.role in _SESSION_ROLES else None
+        )
+
+    # ------------------------------------------------------------------ estimates
+    def _lengths(self, request: RequestView) -> tuple[int, float]:
+        """(prompt length in index units, tokens per unit)."""
+        if request.tokens is not None:
+            return len(request.tokens), 1.0
+        prompt = request.prompt
+        if isinstance(prompt, str):
+            return len(prompt), 1.0 / self.chars_per_token
+        return len(prompt), 1.0
+
+    def estimates(
+        self, candidates: Sequence[Instance], request: RequestView,
+        matched: dict[str, int] | None = None, now: float | None = None,
+    ) -> tuple[list[float], list[int]]:
+        """The cost (seconds: the estimated TTFT plus the miss and ITL prices) and the
+        uncached prefill tokens ``U`` of every candidate.
+
+        Pure: no index record, no staging, no randomness. ``matched`` defaults to the index's
+        match of the request's hashes.
+        """
+        if now is None:
+            now = self._clock()
+        units, scale = self._lengths(request)
+        prompt_tokens = units * scale
+        xfer = 0.0
+        if self.transfer_tokens_per_sec > 0 and self.role in ("prefill", "decode"):
+            xfer = prompt_tokens / self.transfer_tokens_per_sec
+        wd = self.decode_weight
+        if self.role == "decode":
+            return ([wd * inst.load.requests + xfer for inst in candidates],
+                    [0] * len(candidates))
+        hashes = request.hashes
+        if matched is None:
+            matched = (self.index.match(hashes, [inst.identity for inst in candidates])
+                       if hashes else {})
+        rate = self.prefill_tokens_per_sec
+        wi = self.itl_weight
+        bs = self.block_size
+        ests: list[float] = []
+        uncached: list[float] = []
+        for inst in candidates:
+            load = inst.load
+            m = matched.get(inst.identity, 0)
+            u_units = units - m * bs
+            u = max(1.0, u_units * scale) if units else 0.0
+            q = float(load.prefill_tokens)
+            snap = inst.fresh_snapshot(now)
+            if snap is not None and snap.waiting > 0:
+                old_legs = load.prefill_leases - load.pending_prefill_leases
+                ubar = ((load.prefill_tokens - load.pending_prefill) / old_legs
+                        if old_legs > 0 else u)
+                q = max(q, snap.waiting * ubar + load.pending_prefill)
+            d = load.decoding
+            ests.append((q + u) / rate + wd * d + xfer + wi * d * u / rate)
+            uncached.append(u)
+        if self.miss_weight > 0 and uncached:
+            u_min = min(uncached)
+            k = self.miss_weight / rate
+            ests = [e + k * (u - u_min) for e, u in zip(ests, uncached)]
+        return ests, [round(u) for u in uncached]
+
+    # ------------------------------------------------------------------ decision
+    def select(self, candidates: Sequence[Instance], request: RequestView) -> Selection:
+        now = self._clock()
+        hashes = request.hashes
+        n_blocks = len(hashes)
+        decode = self.role == "decode"
+        matched = ({} if decode or not n_blocks else
+                   self.index.match(hashes, [inst.identity for inst in candidates]))
+        ests, uncached = self.estimates(candidates, request, matched, now)
+        recency = self.recency
+        best = 0
+        best_key: tuple[float, int, int] | None = None
+        for i, inst in enumerate(candidates):
+            key = (ests[i], inst.load.tokens if decode else 0, recency.last(inst.identity))
+            if best_key is None or key < best_key:
+                best, best_key = i, key
+        strategy = STRATEGY_COST
+        if self.exploration > 0 and len(candidates) > 1 and self._rng.random() < self.exploration:
+            limit = ests[best] + max(EXPLORE_REL * ests[best], EXPLORE_ABS)
+            near = [i for i in range(len(candidates)) if i != best and ests[i] <= limit]
+            if near:
+                best = near[self._rng.randrange(len(near))]
+                strategy = STRATEGY_EXPLORATION
+        chosen = candidates[best]
+        recency.touch(chosen.identity)
+        chosen.load.stage_prefill(uncached[best])
+        hit_blocks = matched.get(chosen.identity, 0)
+        if n_blocks and not decode:
+            self.index.record(hashes, chosen.identity, now)
+        session_hit: bool | None = None
+        if self.sessions is not None and request.session_id is not None:
+            session_hit = self.sessions.observe(request.session_id, chosen.identity)
+        return Selection(chosen, strategy, hit_blocks, 0 if decode else n_blocks, session_hit)

@@ -1,0 +1,127 @@
+"""``sglang_cache_aware``: SGLang's two-state cache-aware rule over kvrouter's prefix index.
+
+A re-implementation of the SGLang router's ``cache_aware`` policy (sglang-router 0.3.2,
+``src/policies/cache_aware.rs``; research/peer-routers.md §3.1), used as the
+"approximate prefix + load" baseline (routing-anchors.md G3). SGLang's per-worker approximate
+radix tree is replaced by the router's block index (the tree's "match" = the number of leading
+prompt blocks recorded for a worker); everything else follows SGLang:
+
+* ``load`` = in-flight requests counted by this router (local ``R``: +1 at dispatch, −1 at the
+  end of the response, as SGLang's ``WorkerLoadGuard``);
+* **imbalanced** iff ``max_load − min_load > sglang-balance-abs-threshold`` **and**
+  ``max_load > min_load × sglang-balance-rel-threshold`` (SGLang's defaults 64 and 1.5; note
+  the relative threshold is a ratio ≥ 1 here, unlike fd-router's ``balance-rel-threshold``)
+  → the least-loaded candidate (shortest queue);
+* **balanced**: ``match_rate = max over candidates of matched blocks / prompt blocks``;
+  ``match_rate > sglang-cache-threshold`` (0.3) → the candidate with that longest match (ties →
+  lower load, then the earliest URL; SGLang takes "a tenant of the deepest matched node");
+  otherwise, with ``sglang-miss-policy: min_load`` (default, SGLang ≥ PR #14650) the
+  least-loaded candidate, with ``smallest_tree`` (SGLang's original, documented rule) the
+  candidate whose tree is smallest — approximated by the prompt blocks newly recorded for it
+  by this policy (growth of its part of the index, evictions not subtracted);
+* ties on load → the earliest URL (SGLang: first worker in list order, sglang#32983);
+* the chosen worker is recorded for every prompt block in both states (``tree.insert``).
+
+A prompt shorter than one block has ``match_rate`` 0 (SGLang matches characters, so its short
+prompts can match; with ``cache-block-size`` 1 and no tokenizer the index is character-exact).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from kvrouter.policies.base import (
+    STRATEGY_CACHE_AWARE,
+    STRATEGY_IMBALANCE,
+    Policy,
+    RequestView,
+    Selection,
+)
+from kvrouter.policies.cache_aware import _SESSION_ROLES, SessionAffinity
+from kvrouter.prefix.index import PrefixIndex
+
+if TYPE_CHECKING:
+    from kvrouter.registry import Instance
+
+__all__ = ["MISS_POLICIES", "SglangCacheAwarePolicy"]
+
+MISS_POLICIES = ("min_load", "smallest_tree")
+
+
+class SglangCacheAwarePolicy(Policy):
+    """SGLang's two-state rule: cache affinity when balanced, shortest queue when not."""
+
+    name = "sglang_cache_aware"
+    needs_prefix = True
+
+    def __init__(
+        self,
+        role: str,
+        index: PrefixIndex,
+        *,
+        cache_threshold: float = 0.3,
+        balance_abs_threshold: float = 64.0,
+        balance_rel_threshold: float = 1.5,
+        miss_policy: str = "min_load",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(role)
+        if miss_policy not in MISS_POLICIES:
+            raise ValueError(f"unknown miss policy {miss_policy!r}")
+        self.index = index
+        self.cache_threshold = float(cache_threshold)
+        self.balance_abs_threshold = float(balance_abs_threshold)
+        self.balance_rel_threshold = float(balance_rel_threshold)
+        self.miss_policy = miss_policy
+        self._clock = clock
+        self.tree_blocks: dict[str, int] = {}
+        self.sessions: SessionAffinity | None = (
+            SessionAffinity() if self.role in _SESSION_ROLES else None
+        )
+
+    def select(self, candidates: Sequence[Instance], request: RequestView) -> Selection:
+        now = self._clock()
+        hashes = request.hashes
+        n_blocks = len(hashes)
+        loads = [inst.load.requests for inst in candidates]
+        max_load, min_load = max(loads), min(loads)
+        imbalanced = (
+            len(candidates) >= 2
+            and max_load - min_load > self.balance_abs_threshold
+            and max_load > min_load * self.balance_rel_threshold
+        )
+        matched = (self.index.match(hashes, [inst.identity for inst in candidates])
+                   if n_blocks else {})
+        if imbalanced:
+            chosen = candidates[_argmin(loads)]
+            strategy = STRATEGY_IMBALANCE
+        else:
+            strategy = STRATEGY_CACHE_AWARE
+            best_m = max(matched.values(), default=0)
+            if n_blocks and best_m / n_blocks > self.cache_threshold:
+                keys = [(-matched[inst.identity], loads[i]) for i, inst in enumerate(candidates)]
+                chosen = candidates[_argmin(keys)]
+            elif self.miss_policy == "smallest_tree":
+                sizes = [self.tree_blocks.get(inst.identity, 0) for inst in candidates]
+                chosen = candidates[_argmin(list(zip(sizes, loads)))]
+            else:
+                chosen = candidates[_argmin(loads)]
+        hit_blocks = matched.get(chosen.identity, 0)
+        if n_blocks:
+            self.index.record(hashes, chosen.identity, now)
+            ident = chosen.identity
+            self.tree_blocks[ident] = self.tree_blocks.get(ident, 0) + n_blocks - hit_blocks
+        session_hit: bool | None = None
+        if self.sessions is not None and request.session_id is not None:
+            session_hit = self.sessions.observe(request.session_id, chosen.identity)
+        return Selection(chosen, strategy, hit_blocks, n_blocks, session_hit)
+
+
+def _argmin(values: Sequence) -> int:
+    best = 0
+    for i in range(1, len(values)):
+        if values[i] < values[best]:
+            best = i
+    return best

@@ -1,0 +1,81 @@
+"""Client → instance forwarding (contract §5.2): header filtering, the upstream request bytes,
+and per-instance constants (pool target, URL, router header lines) cached per registration."""
+
+from __future__ import annotations
+
+from kvrouter.http.request import Request
+from kvrouter.http.upstream import Target
+from kvrouter.registry import Instance
+
+# hop-by-hop, recomputed or router-owned headers; ``Expect`` too: the router already answered
+# it, and an instance's ``100 Continue`` must not reach the relay
+DROP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+    b"trailer", b"transfer-encoding", b"upgrade", b"content-length", b"host", b"expect",
+})
+IDENTITY = b"Accept-Encoding: identity\r\n"
+
+
+def forward_block(req: Request, *, identity: bool = False) -> bytes:
+    """The client's header lines to pass on: all but :data:`DROP` and the headers its
+    ``Connection`` names; with ``identity`` (PD mode) ``Accept-Encoding: identity`` replaces the
+    client's, because the router inspects the bodies."""
+    lines: list[bytes] = []
+    named: set[bytes] | None = None
+    for name, value in req.headers:
+        n = name.lower()
+        if n in DROP:
+            if n == b"connection":
+                named = {t.strip().lower() for t in value.split(b",") if t.strip()} or None
+            continue
+        if identity and n == b"accept-encoding":
+            continue
+        lines.append(name + b": " + value + b"\r\n")
+    if named:
+        lines = [ln for ln in lines if ln.split(b":", 1)[0].lower() not in named]
+    if identity:
+        lines.append(IDENTITY)
+    return b"".join(lines)
+
+
+def upstream_request(req: Request, target: Target, headers: bytes, body: bytes) -> bytes:
+    """The complete request for an instance: same method and target (path and query)."""
+    return b"".join((req.method.encode("latin-1"), b" ", req.target, b" HTTP/1.1\r\n",
+                     target.host_line, headers, b"Content-Length: %d\r\n\r\n" % len(body), body))
+
+
+class InstanceRef:
+    """What the data plane needs of one registration, computed once."""
+
+    __slots__ = ("identity", "info", "mixed_tag", "target", "url", "usage_children")
+
+    def __init__(self, inst: Instance) -> None:
+        info = self.info = inst.info
+        self.url = info.url
+        self.identity = info.identity
+        self.target = Target(info.host, int(info.port), tls=info.scheme == "https")
+        self.mixed_tag = b"X-Router-Mixed-URL: " + self.url.encode("latin-1") + b"\r\n"
+        self.usage_children: tuple | None = None  # backend prompt/cached token counters
+
+
+class InstanceRefs:
+    """Cache of :class:`InstanceRef` keyed by the registration object (a heartbeat that
+    changes the registration replaces it)."""
+
+    def __init__(self) -> None:
+        self._refs: dict[int, InstanceRef] = {}
+
+    def get(self, inst: Instance) -> InstanceRef:
+        info = inst.info
+        ref = self._refs.get(id(info))
+        if ref is None or ref.info is not info:
+            if len(self._refs) > 4096:
+                self._refs.clear()
+            ref = self._refs[id(info)] = InstanceRef(inst)
+        return ref
+
+    def pop(self, inst: Instance) -> InstanceRef:
+        """Forget a removed instance's constants (its metric children were deleted)."""
+        ref = self.get(inst)
+        del self._refs[id(inst.info)]
+        return ref
