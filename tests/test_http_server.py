@@ -521,3 +521,42 @@ async def test_stale_pooled_connection_is_retried_transparently():
             assert status == 200 and body == b"ok"
     assert len(fake.requests) == 3 and len(fake.posts) == 2
     fake.close()
+
+
+# -- the load-only request view ------------------------------------------------------------------
+VIEW_BODIES = [
+    ({"messages": [{"role": "user", "content": "Say hi."}]}, "/v1/chat/completions"),
+    ({"messages": [{"role": "system", "content": "a" * 100}, {"role": "user", "content": "é✓"},
+                   {"role": "assistant", "content": None}], "tools": [{"b": 1, "a": [1, 2]}],
+      "session_id": "s1"}, "/v1/chat/completions"),
+    ({"messages": []}, "/v1/chat/completions"),
+    ({}, "/v1/chat/completions"),
+    ({"messages": "x"}, "/v1/chat/completions"),
+    ({"prompt": "hello", "extra_body": {"session_id": "s2"}}, "/v1/completions"),
+    ({"prompt": ["hello", "x"]}, "/v1/completions"),
+    ({"prompt": [1, 2, 3]}, "/v1/completions"),
+    ({"prompt_token_ids": [1, 2]}, "/v1/chat/completions"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
+     "/v1/chat/completions"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": 1}]}]},
+     "/v1/chat/completions"),
+]
+
+
+@pytest.mark.parametrize(("body", "endpoint"), VIEW_BODIES)
+async def test_load_only_view_equals_the_full_view(body, endpoint):
+    """kvrouter.server.view computes the token estimate without rendering; it must agree with
+    Router.request_view (it falls back to it for shapes it does not handle)."""
+    from kvrouter.server.view import fast_view, load_only
+
+    router = Router(RouterConfig())
+    try:
+        assert load_only(router, (Role.MIXED,))
+        full = await router.request_view(body, endpoint, (Role.MIXED,))
+        fast = fast_view(body, endpoint)
+        if fast is None:     # handled by the full path
+            return
+        assert (fast.token_estimate, fast.prompt, fast.tokens, fast.hashes, fast.session_id) == \
+            (full.token_estimate, full.prompt, full.tokens, full.hashes, full.session_id)
+    finally:
+        await router.close()

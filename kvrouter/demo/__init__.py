@@ -24,7 +24,7 @@ from kvrouter.sim.workloads import make_workload
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kvrouter demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--policies", default="round_robin,request_num,cache_aware",
+    ap.add_argument("--policies", default="round_robin,cache_aware,sglang_cache_aware,kv_cost",
                     help="comma list of policies to compare (PD: the prefill policy)")
     ap.add_argument("--pd", action="store_true", help="prefill/decode: half prefill, half decode")
     ap.add_argument("--instances", type=int, default=4)

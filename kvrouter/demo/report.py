@@ -52,11 +52,11 @@ def summarize(policy: str, results: Sequence[ClientResult], seconds: float,
 
 
 def table(rows: Sequence[PolicySummary]) -> str:
-    head = (f"{'policy':<16} {'done':>5} {'fail':>5} {'tok/s':>8} {'TTFT p50':>9} "
+    head = (f"{'policy':<18} {'done':>5} {'fail':>5} {'tok/s':>8} {'TTFT p50':>9} "
             f"{'TTFT p99':>9} {'hit rate':>9}  requests per instance")
     out = [head, "-" * len(head)]
     for r in rows:
-        out.append(f"{r.policy:<16} {r.completed:>5} {r.failed:>5} {r.throughput_tok_s:>8.0f} "
+        out.append(f"{r.policy:<18} {r.completed:>5} {r.failed:>5} {r.throughput_tok_s:>8.0f} "
                    f"{r.ttft_p50:>8.3f}s {r.ttft_p99:>8.3f}s {r.hit_rate:>8.1%}  "
                    f"{'/'.join(str(v) for v in r.spread.values())}")
     return "\n".join(out)

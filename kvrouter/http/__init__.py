@@ -26,16 +26,6 @@ from kvrouter.http.upstream import (
 )
 
 __all__ = [
-                                    "BodyFailed",
-                                    "ConnectFailed",
-                                    "FirstByteTimeout",
-                                    "HttpConnection",
-                                    "Request",
-                                    "Response",
-                                    "Routes",
-                                    "Target",
-                                    "TransportError",
-                                    "Upstream",
-                                    "UpstreamPool",
-                                    "start_server",
+    "BodyFailed", "ConnectFailed", "FirstByteTimeout", "HttpConnection", "Request", "Response",
+    "Routes", "Target", "TransportError", "Upstream", "UpstreamPool", "start_server",
 ]
