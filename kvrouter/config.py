@@ -100,6 +100,8 @@ class RouterConfig:
     config_path: str | None = None  # the file it was loaded from, for messages
 
 
+#: Every valid policy name: the contract's (§6.2) in its order, then kvrouter's own. The
+#: policies package builds one class per name (checked by its tests).
 POLICY_NAMES: tuple[str, ...] = (
     "random",
     "round_robin",

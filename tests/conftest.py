@@ -44,3 +44,15 @@ async def router_factory(tmp_path):
     yield make
     for r in started:
         await r.stop()
+
+
+@pytest.fixture
+async def fleet(tmp_path):
+    """A :class:`harness.Fleet`: routers, instances and fakes of one test, stopped after it."""
+    from harness import Fleet
+
+    f = Fleet(tmp_path)
+    try:
+        yield f
+    finally:
+        await f.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -11,6 +12,9 @@ from pathlib import Path
 
 import aiohttp
 import yaml
+from aiohttp import web
+
+from kvrouter.sim import SimConfig, SimInstance
 
 QUIET = {"scheduler": {"stats-interval-secs": 0},
          "manager": {"health-check-interval-secs": 60}}
@@ -122,3 +126,67 @@ async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
             if value:
                 return value
             await asyncio.sleep(interval)
+
+
+def bounded(seconds: float):
+    """Fail a test that runs longer than ``seconds``."""
+    def deco(fn):
+        @functools.wraps(fn)
+        async def wrapper(*args, **kwargs):
+            async with asyncio.timeout(seconds):
+                return await fn(*args, **kwargs)
+        return wrapper
+    return deco
+
+
+class Fleet:
+    """Routers, simulated instances and tiny aiohttp fakes of one test; stopped at teardown."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.routers: list[RouterProcess] = []
+        self.sims: list[SimInstance] = []
+        self.runners: list[web.AppRunner] = []
+        self.tasks: list[asyncio.Task] = []
+
+    async def router(self, config: dict | None = None, *args: str) -> RouterProcess:
+        d = self.tmp_path / f"router{len(self.routers)}"
+        d.mkdir()
+        r = await start_router(d, config, *args)
+        self.routers.append(r)
+        return r
+
+    async def sim(self, **cfg) -> SimInstance:
+        inst = SimInstance(SimConfig(**cfg))
+        await inst.start()
+        self.sims.append(inst)
+        return inst
+
+    async def sims_sorted(self, n: int, **cfg) -> list[SimInstance]:
+        """``n`` instances sorted by URL (the policies' candidate order)."""
+        out = [await self.sim(**cfg) for _ in range(n)]
+        return sorted(out, key=lambda s: s.url)
+
+    async def fake(self, app: web.Application) -> str:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self.runners.append(runner)
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self.tasks.append(task)
+        return task
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for r in self.routers:
+            await r.stop()
+        for s in self.sims:
+            await s.stop()
+        for runner in self.runners:
+            await runner.cleanup()

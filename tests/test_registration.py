@@ -8,7 +8,6 @@ FastDeploy instances (kvrouter.sim) on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
-import functools
 import socket
 import time
 from pathlib import Path
@@ -16,10 +15,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
-from harness import RouterProcess, get_json, post_json, start_router, wait_for
+from harness import Fleet, RouterProcess, bounded, get_json, post_json, wait_for
 
-from kvrouter.sim.config import SimConfig
-from kvrouter.sim.instance import SimInstance
 
 FIELD = "invalid InstanceInfo format:"
 FORMAT = "Invalid InstanceInfo JSON format"
@@ -28,54 +25,6 @@ CHAT = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def bounded(seconds: float):
-    """Fail a test that runs longer than ``seconds``."""
-    def deco(fn):
-        @functools.wraps(fn)
-        async def wrapper(*args, **kwargs):
-            async with asyncio.timeout(seconds):
-                return await fn(*args, **kwargs)
-        return wrapper
-    return deco
-
-
-class Fleet:
-    """Routers and simulated instances started by one test; all stopped at teardown."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.routers: list[RouterProcess] = []
-        self.sims: list[SimInstance] = []
-
-    async def router(self, config: dict | None = None, *args: str) -> RouterProcess:
-        d = self.tmp_path / f"router{len(self.routers)}"
-        d.mkdir()
-        r = await start_router(d, config, *args)
-        self.routers.append(r)
-        return r
-
-    async def sim(self, **cfg) -> SimInstance:
-        inst = SimInstance(SimConfig(**cfg))
-        await inst.start()
-        self.sims.append(inst)
-        return inst
-
-    async def close(self) -> None:
-        for r in self.routers:
-            await r.stop()
-        for s in self.sims:
-            await s.stop()
-
-
-@pytest.fixture
-async def fleet(tmp_path: Path):
-    f = Fleet(tmp_path)
-    try:
-        yield f
-    finally:
-        await f.close()
 
 
 async def register(router: RouterProcess, payload: object | None = None, *,

@@ -6,7 +6,7 @@ import random
 import time
 from collections.abc import Callable
 
-from kvrouter.config import SchedulerConfig
+from kvrouter.config import POLICY_NAMES, SchedulerConfig
 from kvrouter.policies.base import (
     STRATEGIES,
     STRATEGY_CACHE_AWARE,
@@ -44,20 +44,6 @@ __all__ = [
     "STRATEGY_EXPLORATION",
 ]
 
-#: Every valid policy name: the contract's (§6.2) in its order, then kvrouter's own.
-POLICY_NAMES: tuple[str, ...] = (
-    "random",
-    "round_robin",
-    "power_of_two",
-    "process_tokens",
-    "request_num",
-    "fd_metrics_score",
-    "fd_remote_metrics_score",
-    "cache_aware",
-    "remote_cache_aware",
-    "sglang_cache_aware",
-    "kv_cost",
-)
 
 POLICY_CLASSES: dict[str, type[Policy]] = {
     cls.name: cls
