@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
 import pytest
 
+from harness import Factory
 from kvrouter.sim import SimConfig, SimInstance
 
 
@@ -56,3 +62,25 @@ async def fleet(tmp_path):
         yield f
     finally:
         await f.close()
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Factory]:
+    """``await sim(**SimConfig fields, knobs=Knobs(...))`` → one started instance."""
+    made: list[SimInstance] = []
+
+    async def factory(**kw: Any) -> SimInstance:
+        knobs = kw.pop("knobs", None)
+        inst = SimInstance(SimConfig(**kw), knobs=knobs)
+        await inst.start()
+        made.append(inst)
+        return inst
+
+    yield factory
+    await asyncio.gather(*(i.stop() for i in made))
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s

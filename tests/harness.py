@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -15,6 +16,9 @@ import yaml
 from aiohttp import web
 
 from kvrouter.sim import SimConfig, SimInstance
+
+Factory = Callable[..., Awaitable[SimInstance]]
+"""The ``sim`` fixture: ``await sim(**SimConfig fields)`` → a started instance."""
 
 QUIET = {"scheduler": {"stats-interval-secs": 0},
          "manager": {"health-check-interval-secs": 60}}

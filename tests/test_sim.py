@@ -10,7 +10,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -18,31 +18,10 @@ import orjson
 import pytest
 from aiohttp import web
 
+from harness import Factory
 from kvrouter.sim import Knobs, SimConfig, SimInstance
 from kvrouter.sim.metrics import COUNTERS, GAUGES, HISTOGRAMS
 
-Factory = Callable[..., Awaitable[SimInstance]]
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[Factory]:
-    made: list[SimInstance] = []
-
-    async def factory(**kw: Any) -> SimInstance:
-        knobs = kw.pop("knobs", None)
-        inst = SimInstance(SimConfig(**kw), knobs=knobs)
-        await inst.start()
-        made.append(inst)
-        return inst
-
-    yield factory
-    await asyncio.gather(*(i.stop() for i in made))
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 def chat_body(content: str = "hello", **extra: Any) -> dict[str, Any]:

@@ -6,39 +6,17 @@ import asyncio
 import itertools
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
-from kvrouter.sim import Knobs, SimConfig, SimInstance
+from harness import Factory
+from kvrouter.sim import Knobs, SimInstance
 from kvrouter.sim.cli import build_parser, configs_from_args, main
 from kvrouter.sim.core import PRESETS
 from kvrouter.sim.tokens import render_chat, tokenize
 
-Factory = Callable[..., Awaitable[SimInstance]]
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[Factory]:
-    made: list[SimInstance] = []
-
-    async def factory(**kw: Any) -> SimInstance:
-        knobs = kw.pop("knobs", None)
-        inst = SimInstance(SimConfig(**kw), knobs=knobs)
-        await inst.start()
-        made.append(inst)
-        return inst
-
-    yield factory
-    await asyncio.gather(*(i.stop() for i in made))
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 async def metrics(client: aiohttp.ClientSession, inst: SimInstance) -> dict[str, float]:
