@@ -194,3 +194,17 @@ class Fleet:
             await s.stop()
         for runner in self.runners:
             await runner.cleanup()
+
+
+async def registered(router: RouterProcess) -> dict:
+    """``GET /registered`` (asserting 200)."""
+    status, body = await get_json(router.url + "/registered")
+    assert status == 200
+    return body
+
+
+async def number(router: RouterProcess) -> dict:
+    """``GET /registered_number`` (asserting 200)."""
+    status, body = await get_json(router.url + "/registered_number")
+    assert status == 200
+    return body

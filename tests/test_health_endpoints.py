@@ -17,7 +17,8 @@ import time
 
 import aiohttp
 from aiohttp import web
-from harness import Fleet, RouterProcess, bounded, get_json, post_json, wait_for
+from harness import (Fleet, RouterProcess, bounded, get_json, number, post_json, registered,
+                     wait_for)
 
 from kvrouter.sim.instance import SimInstance
 
@@ -32,18 +33,6 @@ async def register(router: RouterProcess, inst: SimInstance, **override) -> None
     status, body, _ = await post_json(router.url + "/register",
                                       dict(inst.registration_payload(), **override))
     assert status == 200, body
-
-
-async def registered(router: RouterProcess) -> dict:
-    status, body = await get_json(router.url + "/registered")
-    assert status == 200
-    return body
-
-
-async def number(router: RouterProcess) -> dict:
-    status, body = await get_json(router.url + "/registered_number")
-    assert status == 200
-    return body
 
 
 def record(reg: dict, url: str) -> dict | None:

@@ -15,7 +15,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
-from harness import Fleet, RouterProcess, bounded, get_json, post_json, wait_for
+from harness import (Fleet, RouterProcess, bounded, get_json, number, post_json, registered,
+                     wait_for)
 
 
 FIELD = "invalid InstanceInfo format:"
@@ -30,18 +31,6 @@ CHAT = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 
 async def register(router: RouterProcess, payload: object | None = None, *,
                    data: bytes | None = None) -> tuple[int, object, dict]:
     return await post_json(router.url + "/register", payload, data=data)
-
-
-async def registered(router: RouterProcess) -> dict:
-    status, body = await get_json(router.url + "/registered")
-    assert status == 200
-    return body
-
-
-async def number(router: RouterProcess) -> dict:
-    status, body = await get_json(router.url + "/registered_number")
-    assert status == 200
-    return body
 
 
 def every_record(reg: dict) -> list[dict]:

@@ -10,7 +10,6 @@ routers.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from kvrouter.bench.external import start_external
 from kvrouter.bench.goodput import Slo, attainment
 from kvrouter.demo.processes import ClusterSpec, sim_truth, start_cluster, start_sims
 from kvrouter.demo.replay import ClientResult, replay
-from kvrouter.sim.cluster import percentile
+from kvrouter.sim.cluster.summary import latency_stats
 from kvrouter.sim.workloads import WorkloadRequest
 
 __all__ = ["LiveOutcome", "LiveSetup", "LiveTarget", "live_metrics", "router_log_path",
@@ -125,13 +124,7 @@ def live_metrics(out: LiveOutcome, time_scale: float, slo: Slo) -> dict[str, Any
         "failed": len(out.results) - len(ok),
         "duration": span,
         "hit_rate": cached / prompt if prompt else None,
-        "ttft_mean": sum(ttfts) / len(ttfts) if ttfts else math.nan,
-        "ttft_p50": percentile(ttfts, 50),
-        "ttft_p90": percentile(ttfts, 90),
-        "ttft_p99": percentile(ttfts, 99),
-        "itl_mean": sum(itls) / len(itls) if itls else math.nan,
-        "itl_p50": percentile(itls, 50),
-        "itl_p99": percentile(itls, 99),
+        **latency_stats(ttfts, itls),
         "throughput_tok_s": out_tokens / span if span > 0 else 0.0,
         "request_throughput": len(ok) / span if span > 0 else 0.0,
         "slo_attainment": attainment(((r.ok, None if r.ttft is None else r.ttft * scale,

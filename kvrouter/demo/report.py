@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kvrouter.demo.replay import ClientResult
+from kvrouter.sim.cluster import percentile
 
 
 @dataclass
@@ -25,13 +26,6 @@ class PolicySummary:
     spread: dict[str, int]     # requests per instance (prefill instance in PD)
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def summarize(policy: str, results: Sequence[ClientResult], seconds: float,
               time_scale: float, prompt_tokens: float, cached_tokens: float) -> PolicySummary:
     """``prompt_tokens``/``cached_tokens``: the instances' usage totals (the measured hit rate)."""
@@ -46,8 +40,8 @@ def summarize(policy: str, results: Sequence[ClientResult], seconds: float,
     return PolicySummary(
         policy, len(ok), len(results) - len(ok), seconds,
         sum(r.output_tokens for r in ok) / model_seconds if model_seconds else 0.0,
-        percentile(ttfts, 0.5), percentile(ttfts, 0.9), percentile(ttfts, 0.99),
-        percentile(itls, 0.5), cached_tokens / prompt_tokens if prompt_tokens else 0.0,
+        percentile(ttfts, 50), percentile(ttfts, 90), percentile(ttfts, 99),
+        percentile(itls, 50), cached_tokens / prompt_tokens if prompt_tokens else 0.0,
         dict(sorted(spread.items())))
 
 

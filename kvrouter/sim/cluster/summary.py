@@ -25,6 +25,19 @@ def percentile(values: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def latency_stats(ttfts: Sequence[float], itls: Sequence[float]) -> dict[str, float]:
+    """TTFT mean/p50/p90/p99 and ITL mean/p50/p99 (seconds; NaN when empty)."""
+    return {
+        "ttft_mean": sum(ttfts) / len(ttfts) if ttfts else math.nan,
+        "ttft_p50": percentile(ttfts, 50),
+        "ttft_p90": percentile(ttfts, 90),
+        "ttft_p99": percentile(ttfts, 99),
+        "itl_mean": sum(itls) / len(itls) if itls else math.nan,
+        "itl_p50": percentile(itls, 50),
+        "itl_p99": percentile(itls, 99),
+    }
+
+
 def summarize(results: Sequence[RequestResult]) -> dict[str, Any]:
     """Aggregate metrics of one run.
 
@@ -57,13 +70,7 @@ def summarize(results: Sequence[RequestResult]) -> dict[str, Any]:
         "duration": span,
         "throughput": out_tokens / span if span > 0 else 0.0,
         "request_throughput": len(done) / span if span > 0 else 0.0,
-        "ttft_mean": sum(ttfts) / len(ttfts) if ttfts else math.nan,
-        "ttft_p50": percentile(ttfts, 50),
-        "ttft_p90": percentile(ttfts, 90),
-        "ttft_p99": percentile(ttfts, 99),
-        "itl_mean": sum(itls) / len(itls) if itls else math.nan,
-        "itl_p50": percentile(itls, 50),
-        "itl_p99": percentile(itls, 99),
+        **latency_stats(ttfts, itls),
         "e2e_p50": percentile(e2es, 50),
         "e2e_p99": percentile(e2es, 99),
         "queue_time_mean": (sum(r.queue_time for r in done if r.queue_time is not None)
