@@ -294,8 +294,9 @@ class Upstream(asyncio.Protocol):
                 return False
         return self.status not in (204, 304)
 
-    async def _exchange(self, data: bytes) -> bytes:
-        """Send ``data`` and wait for the status, headers and first body bytes."""
+    def _send(self, data: bytes) -> asyncio.Future:
+        """Send ``data`` (a complete request); the returned future is done when the status,
+        headers and first body bytes (or a failure) arrived: then call :meth:`_first`."""
         if self.closed or self.transport.is_closing():
             raise ConnectFailed("connection closed by the instance", nothing_received=True)
         self._active = True
@@ -304,20 +305,18 @@ class Upstream(asyncio.Protocol):
         self.status = 0
         self.headers = []
         self._parts = []
-        loop = self.loop
-        waiter = self._waiter = loop.create_future()
+        waiter = self._waiter = self.loop.create_future()
         self.transport.write(data)
         deadlines = self.pool._deadlines
         if deadlines is not None:
             deadlines.add(self)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            self.close()
-            raise
-        finally:
-            if deadlines is not None:
-                deadlines.discard(self)
+        return waiter
+
+    def _first(self) -> bytes:
+        """The first body bytes of the answer :meth:`_send` waited for, or its failure."""
+        deadlines = self.pool._deadlines
+        if deadlines is not None:
+            deadlines.discard(self)
         if self._error is not None:
             self.close()
             raise self._error
@@ -328,7 +327,7 @@ class Upstream(asyncio.Protocol):
             idle = self.pool.idle_timeout
             if idle:
                 self._last = self._time()
-                self._idle_timer = loop.call_later(idle, self._idle_check)
+                self._idle_timer = self.loop.call_later(idle, self._idle_check)
         return first
 
     def _first_byte_timeout(self, secs: float) -> None:
@@ -502,15 +501,26 @@ class UpstreamPool:
         first body bytes (``b""`` for an empty body). Raises :class:`ConnectFailed`,
         :class:`FirstByteTimeout` or :class:`BodyFailed`."""
         up = self._take(target.key)
-        if up is not None:
+        pooled = up is not None
+        if up is None:
+            up = await self._connect(target)
+        while True:
             try:
-                return up, await up._exchange(data)
+                waiter = up._send(data)
+                try:
+                    await waiter
+                except asyncio.CancelledError:
+                    if self._deadlines is not None:
+                        self._deadlines.discard(up)
+                    up.close()
+                    raise
+                return up, up._first()
             except ConnectFailed as e:
-                if not e.nothing_received:
+                if not (pooled and e.nothing_received):
                     raise
             # the instance closed the pooled connection before answering: once more, fresh
-        up = await self._connect(target)
-        return up, await up._exchange(data)
+            pooled = False
+            up = await self._connect(target)
 
     async def _connect(self, target: Target) -> Upstream:
         loop = self.loop
