@@ -31,7 +31,9 @@ from kvrouter.http.response import JSON, Response, date_header, status_line
 
 log = logging.getLogger("kvrouter.http")
 
-Handler = Callable[[Request], Awaitable[None]]
+#: Answers one request: either returns an awaitable (run in a task) or, having taken the request
+#: over with callbacks, ``None``, and then calls :meth:`HttpConnection.handler_done` itself.
+Handler = Callable[[Request], "Awaitable[None] | None"]
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LINGER_SECS = 2.0          # keep draining an over-limit upload this long before closing
@@ -348,6 +350,8 @@ class HttpConnection(asyncio.Protocol):
         req = self._cur
         self._cur = None
         self._continue_pending = False
+        if self.closed or self.transport.is_closing():
+            return   # answered and closing (a request handled at once said ``close``)
         body = self._body
         if body:
             req.body = body[0] if len(body) == 1 else b"".join(body)
@@ -393,26 +397,40 @@ class HttpConnection(asyncio.Protocol):
         self.mode = NONE
         self.status = 0
         self.keep_alive = req.keep_alive
-        self._task = self.loop.create_task(self._run(req))
-
-    async def _run(self, req: Request) -> None:
         try:
-            await self.server.handler(req)
+            pending = self.server.handler(req)
+        except Exception:
+            self._internal_error(req)
+            self.handler_done()
+            return
+        if pending is not None:
+            self._task = self.loop.create_task(self._run(req, pending))
+
+    async def _run(self, req: Request, pending: Awaitable[None]) -> None:
+        try:
+            await pending
         except asyncio.CancelledError:
             pass  # client gone, or shutdown
         except Exception:
-            log.exception("unhandled error on %s %s", req.method, req.path)
-            if self.mode == NONE and not self.closed:
-                body = orjson.dumps({"error": {"message": "Internal server error",
-                                               "type": "server_error", "code": "internal_error"}})
-                self.send(500, body)
-            else:
-                self.abort()
+            self._internal_error(req)
         finally:
-            if self.mode == NONE and not self.closed:  # the handler answered nothing
-                self.abort()
-            self._task = None
-            self._request_done()
+            self.handler_done()
+
+    def _internal_error(self, req: Request) -> None:
+        log.exception("unhandled error on %s %s", req.method, req.path)
+        if self.mode == NONE and not self.closed:
+            body = orjson.dumps({"error": {"message": "Internal server error",
+                                           "type": "server_error", "code": "internal_error"}})
+            self.send(500, body)
+        else:
+            self.abort()
+
+    def handler_done(self) -> None:
+        """The active request's handler is over: answer-less → abort; then the next one."""
+        if self.mode == NONE and not self.closed:
+            self.abort()
+        self._task = None
+        self._request_done()
 
     def _request_done(self) -> None:
         self.active = None

@@ -25,6 +25,7 @@ import asyncio
 import collections
 import socket
 import ssl as ssl_mod
+from collections.abc import Callable
 from typing import Protocol as TypingProtocol
 
 import httptools
@@ -114,6 +115,7 @@ class Upstream(asyncio.Protocol):
         "_active",
         "_eof",
         "_error",
+        "_feeding",
         "_got_bytes",
         "_headers_done",
         "_idle_timer",
@@ -122,7 +124,10 @@ class Upstream(asyncio.Protocol):
         "_last",
         "_parts",
         "_paused",
+        "_put_after_feed",
+        "_ready",
         "_sink",
+        "_wake_after_feed",
         "_time",
         "_waiter",
         "closed",
@@ -154,7 +159,11 @@ class Upstream(asyncio.Protocol):
         self._error: TransportError | None = None
         self._parts: list[bytes] = []
         self._waiter: asyncio.Future | None = None
+        self._ready: Callable[[], None] | None = None   # the exchange waiting for its answer
         self._sink: Sink | None = None
+        self._feeding = False          # inside parser.feed_data
+        self._put_after_feed = False   # released while feeding: pool it once the feed returns
+        self._wake_after_feed = False  # the answer arrived in this feed: tell it at its end
         self._last = 0.0
         self._paused = False
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -177,13 +186,27 @@ class Upstream(asyncio.Protocol):
             self.transport.close()
             return
         self._got_bytes = True
+        self._feeding = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
             self._keep = False
+            self._put_after_feed = False
             if not self._eof:
                 self._failed(_reason(e.__context__ or e, "invalid response"))
             self.transport.abort()
+        finally:
+            self._feeding = False
+        if self._wake_after_feed:
+            self._wake_after_feed = False
+            self._wake()
+        if self._put_after_feed:
+            # released by a callback of this very feed: reuse only after the whole input was
+            # parsed (bytes after the response mean the connection must not be reused)
+            self._put_after_feed = False
+            if self._keep and not self._active and not self.closed \
+                    and not self.transport.is_closing():
+                self.pool._put(self)
 
     def eof_received(self) -> bool:
         return False
@@ -237,11 +260,7 @@ class Upstream(asyncio.Protocol):
             sink.chunk(body)
             return
         self._parts.append(body)
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        self._wake()
 
     def on_message_complete(self) -> None:
         if self._informational:
@@ -279,6 +298,14 @@ class Upstream(asyncio.Protocol):
         self._wake()
 
     def _wake(self) -> None:
+        ready = self._ready
+        if ready is not None:
+            if self._feeding:    # first the whole input: the answer may be complete in it
+                self._wake_after_feed = True
+                return
+            self._ready = None
+            ready()
+            return
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -294,9 +321,9 @@ class Upstream(asyncio.Protocol):
                 return False
         return self.status not in (204, 304)
 
-    def _send(self, data: bytes) -> asyncio.Future:
-        """Send ``data`` (a complete request); the returned future is done when the status,
-        headers and first body bytes (or a failure) arrived: then call :meth:`_first`."""
+    def _send(self, data: bytes, ready: Callable[[], None]) -> None:
+        """Send ``data`` (a complete request); ``ready()`` is called once the status, headers
+        and first body bytes (or a failure) arrived: it then calls :meth:`_first`."""
         if self.closed or self.transport.is_closing():
             raise ConnectFailed("connection closed by the instance", nothing_received=True)
         self._active = True
@@ -305,12 +332,11 @@ class Upstream(asyncio.Protocol):
         self.status = 0
         self.headers = []
         self._parts = []
-        waiter = self._waiter = self.loop.create_future()
+        self._ready = ready
         self.transport.write(data)
         deadlines = self.pool._deadlines
         if deadlines is not None:
             deadlines.add(self)
-        return waiter
 
     def _first(self) -> bytes:
         """The first body bytes of the answer :meth:`_send` waited for, or its failure."""
@@ -424,7 +450,10 @@ class Upstream(asyncio.Protocol):
         self._sink = None
         if self._eof and self._keep and not self.closed and not self.transport.is_closing():
             self.resume_reading()
-            self.pool._put(self)
+            if self._feeding:
+                self._put_after_feed = True
+            else:
+                self.pool._put(self)
         else:
             self._drop()
 
@@ -436,6 +465,8 @@ class Upstream(asyncio.Protocol):
 
     def _drop(self) -> None:
         self._waiter = None
+        self._ready = None
+        self._put_after_feed = self._wake_after_feed = False
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
@@ -478,6 +509,101 @@ class _Deadlines:
             self._timer = None
 
 
+Answered = Callable[["Upstream | None", bytes, "TransportError | None"], None]
+
+
+class Exchange:
+    """One request sent through the pool, driven by callbacks: a pooled connection if one is
+    idle, else a new one. A pooled connection that the instance closed while idle (the
+    keep-alive race: nothing received) is retried once on a fresh connection, transparently.
+    """
+
+    __slots__ = ("_task", "data", "done", "pool", "pooled", "target", "up")
+
+    def __init__(self, pool: UpstreamPool, target: Target, data: bytes, done: Answered) -> None:
+        self.pool = pool
+        self.target = target
+        self.data = data
+        self.done: Answered | None = done
+        self.up: Upstream | None = None
+        self.pooled = False
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        up = self.pool._take(self.target.key)
+        if up is None:
+            self._connect()
+        else:
+            self.pooled = True
+            self._send(up)
+
+    def cancel(self) -> None:
+        """The requester is gone: stop connecting, or close the connection waiting for its
+        answer (the instance sees a disconnect)."""
+        self.done = None
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        up = self.up
+        if up is not None:
+            self.up = None
+            deadlines = self.pool._deadlines
+            if deadlines is not None:
+                deadlines.discard(up)
+            up.close()
+
+    def _send(self, up: Upstream) -> None:
+        self.up = up
+        try:
+            up._send(self.data, self._answered)
+        except ConnectFailed as e:
+            self._failed(e)
+
+    def _answered(self) -> None:
+        up = self.up
+        self.up = None
+        try:
+            first = up._first()
+        except ConnectFailed as e:
+            self._failed(e)
+        except TransportError as e:
+            self._finish(None, b"", e)
+        else:
+            self._finish(up, first, None)
+
+    def _failed(self, e: ConnectFailed) -> None:
+        self.up = None
+        if self.pooled and e.nothing_received:
+            self.pooled = False
+            self._connect()
+        else:
+            self._finish(None, b"", e)
+
+    def _connect(self) -> None:
+        self._task = self.pool.loop.create_task(self._connect_and_send())
+
+    async def _connect_and_send(self) -> None:
+        try:
+            up = await self.pool._connect(self.target)
+        except ConnectFailed as e:
+            self._task = None
+            self._finish(None, b"", e)
+            return
+        self._task = None
+        if self.done is None:      # cancelled while connecting
+            up.close()
+            return
+        self._send(up)
+
+    def _finish(self, up: Upstream | None, first: bytes, error: TransportError | None) -> None:
+        done = self.done
+        self.done = None
+        if done is not None:
+            done(up, first, error)
+        elif up is not None:
+            up.close()
+
+
 class UpstreamPool:
     """Keep-alive connections per instance (LIFO reuse; idle ones expire)."""
 
@@ -496,31 +622,38 @@ class UpstreamPool:
         self._live: set[Upstream] = set()
         self._sweeper: asyncio.TimerHandle | None = None
 
+    def request(self, target: Target, data: bytes, done: Answered) -> Exchange:
+        """Send ``data`` (a complete request) to ``target``; ``done(up, first, error)`` is
+        called once, with the connection and the first body bytes or with the failure
+        (:class:`ConnectFailed`, :class:`FirstByteTimeout`, :class:`BodyFailed`)."""
+        exchange = Exchange(self, target, data, done)
+        exchange.start()
+        return exchange
+
     async def open(self, target: Target, data: bytes) -> tuple[Upstream, bytes]:
-        """Send ``data`` (a complete request) to ``target``; return the connection and the
-        first body bytes (``b""`` for an empty body). Raises :class:`ConnectFailed`,
-        :class:`FirstByteTimeout` or :class:`BodyFailed`."""
-        up = self._take(target.key)
-        pooled = up is not None
-        if up is None:
-            up = await self._connect(target)
-        while True:
-            try:
-                waiter = up._send(data)
-                try:
-                    await waiter
-                except asyncio.CancelledError:
-                    if self._deadlines is not None:
-                        self._deadlines.discard(up)
-                    up.close()
-                    raise
-                return up, up._first()
-            except ConnectFailed as e:
-                if not (pooled and e.nothing_received):
-                    raise
-            # the instance closed the pooled connection before answering: once more, fresh
-            pooled = False
-            up = await self._connect(target)
+        """:meth:`request` as a coroutine: returns the connection and the first body bytes
+        (``b""`` for an empty body), or raises the failure."""
+        fut = self.loop.create_future()
+
+        def done(up: Upstream | None, first: bytes, error: TransportError | None) -> None:
+            if fut.done():
+                return
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result((up, first))
+
+        exchange = self.request(target, data, done)
+        try:
+            up, first = await fut
+        except asyncio.CancelledError:
+            exchange.cancel()
+            raise
+        more = up._parts          # body bytes that arrived while this coroutine waited
+        if more:
+            up._parts = []
+            first = b"".join((first, *more))
+        return up, first
 
     async def _connect(self, target: Target) -> Upstream:
         loop = self.loop

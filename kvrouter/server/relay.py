@@ -19,6 +19,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Callable
 
 from kvrouter.http.request import Request
 from kvrouter.http.server import CHUNKED
@@ -84,6 +85,7 @@ class Relay:
         "conn",
         "failure",
         "first_byte_at",
+        "on_done",
         "parts",
         "prev",
         "prompt_tokens",
@@ -93,7 +95,6 @@ class Relay:
         "tail",
         "transport",
         "up",
-        "waiter",
     )
 
     def __init__(self, conn, up: Upstream | None, sse: bool, scan: bool) -> None:
@@ -112,7 +113,7 @@ class Relay:
         self.client_gone = False
         self.prompt_tokens: int | None = None
         self.cached_tokens: int | None = None
-        self.waiter: asyncio.Future | None = None
+        self.on_done: Callable[[Relay], None] | None = None
 
     # -- body sink (called by the instance connection) -----------------------------------------
     def chunk(self, data: bytes) -> None:
@@ -154,9 +155,19 @@ class Relay:
 
     # -- helpers -------------------------------------------------------------------------------
     def _resolve(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        done = self.on_done
+        if done is not None:
+            self.on_done = None
+            conn = self.conn
+            conn.flow = None
+            conn.on_lost = None
+            self._complete()
+            done(self)
+
+    def _complete(self) -> None:
+        if self.first_byte_at is None and self.tail:
+            self.first_byte_at = time.perf_counter()
+        self._finish_scan()
 
     def _last_two(self) -> bytes:
         tail = self.tail
@@ -204,13 +215,12 @@ def usage_of(raw: bytes) -> tuple[int | None, int | None]:
     return prompt, _last_int(raw, CACHED_KEY)
 
 
-async def relay(req: Request, up: Upstream, first: bytes, extra: bytes, *,
-                scan_usage: bool = True) -> Relay:
-    """Send ``up``'s status, headers and body to the client; returns the outcome.
-
-    ``first`` is the body read so far; if ``up`` has already received its whole body, nothing
-    more is read.
-    """
+def start_relay(req: Request, up: Upstream, first: bytes, extra: bytes,
+                on_done: Callable[[Relay], None], *, scan_usage: bool = True) -> Relay:
+    """Send ``up``'s status, headers and body to the client; ``on_done(relay)`` is called once
+    the body has been relayed, the instance failed or the client left (maybe before this
+    returns). ``first`` is the body read so far; if ``up`` has already received its whole
+    body, nothing more is read."""
     conn = req.conn
     head, length, sse = response_head(up.headers, extra)
     r = Relay(conn, up, sse, scan_usage)
@@ -224,28 +234,39 @@ async def relay(req: Request, up: Upstream, first: bytes, extra: bytes, *,
         r.tail = first
         if scan_usage:
             r._observe(first)
-    if conn.closed:
-        r.client_gone = True
-        up.close()
-    elif up.done:
-        conn.finish()
-        up.release()
+    if conn.closed or up.done:
+        if conn.closed:
+            r.client_gone = True
+            up.close()
+        else:
+            conn.finish()
+            up.release()
+        r._complete()
+        on_done(r)
     else:
-        waiter = r.waiter = conn.loop.create_future()
+        r.on_done = on_done
         conn.flow = up
         conn.on_lost = r.client_lost
         if conn.write_paused:
             up.pause_reading()
         up.relay(r)
-        if not waiter.done():
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                up.close()
-                raise
-        conn.flow = None
-        conn.on_lost = None
-        if r.first_byte_at is None and r.tail:
-            r.first_byte_at = time.perf_counter()
-    r._finish_scan()
+    return r
+
+
+async def relay(req: Request, up: Upstream, first: bytes, extra: bytes, *,
+                scan_usage: bool = True) -> Relay:
+    """:func:`start_relay` as a coroutine that returns once the relay is over."""
+    fut = req.conn.loop.create_future()
+
+    def done(_: Relay) -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    r = start_relay(req, up, first, extra, done, scan_usage=scan_usage)
+    if not fut.done():
+        try:
+            await fut
+        except asyncio.CancelledError:
+            up.close()
+            raise
     return r
