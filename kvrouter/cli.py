@@ -1,4 +1,5 @@
-"""Command line (contract §2.1): ``kvrouter [--port P] [--splitwise] [--config_path F] [-V]``.
+"""Command line (contract §2.1): ``kvrouter [--port P] [--splitwise] [--config_path F]
+[--workers N] [-V]``.
 
 Also dispatches subcommands (``kvrouter sim …``). Exit status: 0 ok, 1 config/startup error,
 2 usage error.
@@ -21,7 +22,7 @@ SUBCOMMANDS: dict[str, str] = {"sim": "kvrouter.sim.cli:main", "demo": "kvrouter
                                "bench": "kvrouter.bench:main"}
 """Subcommand name → ``"module:function"``; the function gets the remaining argv."""
 
-_LONG_FLAGS = ("port", "splitwise", "config_path", "version")
+_LONG_FLAGS = ("port", "splitwise", "config_path", "workers", "version")
 
 log = logging.getLogger("kvrouter.cli")
 
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     try:
-        config, warnings = load_config(args.config_path, port=args.port, splitwise=args.splitwise)
+        config, warnings = load_config(args.config_path, port=args.port, splitwise=args.splitwise,
+                                       workers=args.workers)
         for warning in warnings:
             print(warning, file=sys.stderr)
         static = (load_register_yaml(config.manager.register_path,  # §2.5: before serving
@@ -59,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     for warning in warnings:
         log.warning(warning)
 
+    if config.server.workers > 1:
+        from kvrouter.workers.supervisor import supervise
+
+        return supervise(config, static)
     from kvrouter.server.app import serve
 
     return serve(config, static)
@@ -85,5 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, metavar="P", help="listen port; overrides server.port")
     parser.add_argument("--splitwise", action="store_true", help="PD (prefill/decode) mode")
     parser.add_argument("--config_path", default="", metavar="F", help="YAML config file")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="worker processes sharing the port and the routing state; "
+                             "overrides server.workers (default 1)")
     parser.add_argument("--version", "-V", action="store_true", help="print the version and exit")
     return parser

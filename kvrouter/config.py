@@ -31,6 +31,7 @@ class ServerConfig:
     connect_retries: int = 2
     max_body_mb: float = 100.0
     disaggregate_info_format: str = "flat"
+    workers: int = 1               # worker processes (kvrouter.workers); 1 = one process
 
 
 @dataclass
@@ -117,6 +118,7 @@ POLICY_NAMES: tuple[str, ...] = (
 )
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warn", "error")
 
+MAX_WORKERS = 64
 PORT_MISSING = "Failed to load config: failed to set router listen port"
 
 
@@ -125,12 +127,14 @@ class ConfigError(Exception):
 
 
 def load_config(
-    path: str | None, *, port: int | None = None, splitwise: bool = False
+    path: str | None, *, port: int | None = None, splitwise: bool = False,
+    workers: int | None = None,
 ) -> tuple[RouterConfig, list[str]]:
     """Load and validate ``config.yaml`` (contract §2.2–2.4), then apply the CLI flags.
 
     ``path`` None or ``""`` means defaults only. ``port`` (``--port``) overrides
-    ``server.port``; ``splitwise`` (``--splitwise``) is OR-ed with ``server.splitwise``.
+    ``server.port``; ``splitwise`` (``--splitwise``) is OR-ed with ``server.splitwise``;
+    ``workers`` (``--workers``) overrides ``server.workers``.
     A key whose value is YAML null counts as unset. Returns the config and the warnings
     (unknown keys); raises :class:`ConfigError` on any invalid value.
     """
@@ -144,6 +148,11 @@ def load_config(
         if not 0 <= port <= 65535:
             raise ConfigError(f"config error: --port: must be between 0 and 65535, got {port}")
         config.server.port = port
+    if workers is not None:
+        if not 1 <= workers <= MAX_WORKERS:
+            raise ConfigError(f"config error: --workers: must be between 1 and {MAX_WORKERS}, "
+                              f"got {workers}")
+        config.server.workers = workers
     if config.server.port is None:
         raise ConfigError(PORT_MISSING)
     config.server.splitwise = config.server.splitwise or splitwise
@@ -329,6 +338,7 @@ _SCHEMA: dict[str, dict[str, Checker]] = {
         "connect-retries": _int(0),
         "max-body-mb": _num(0, strict=True),
         "disaggregate-info-format": _choice("flat", "nested"),
+        "workers": _int(1, MAX_WORKERS),
     },
     "scheduler": {
         "policy": _policy,

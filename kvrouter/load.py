@@ -37,6 +37,9 @@ class Load:
     prefill_leases: int = 0        # legs holding a prefill estimate
     pending_prefill: int = 0       # the part of prefill_tokens dispatched after the snapshot
     pending_prefill_leases: int = 0  # legs holding it
+    #: kvrouter.workers: the other worker processes' share of the seven counters above
+    #: (``requests`` … ``pending_prefill_leases``), already included in them
+    remote: list[int] | None = field(default=None, repr=False)
     _staged_prefill: int | None = field(default=None, repr=False)
     _leases: set["Lease"] = field(default_factory=set, repr=False)
 
@@ -78,6 +81,10 @@ class Load:
                 if lease._tokens_held:
                     pending_prefill += lease.prefill
                     pending_prefill_leases += 1
+        if self.remote is not None:     # the other worker processes' pending legs stay counted
+            pending += self.remote[4]
+            pending_prefill += self.remote[5]
+            pending_prefill_leases += self.remote[6]
         self.pending = pending
         self.pending_prefill = pending_prefill
         self.pending_prefill_leases = pending_prefill_leases

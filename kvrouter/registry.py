@@ -75,6 +75,8 @@ class Registry:
         self.stale_after = stale_after
         self.on_added: list[Callable[[Instance], None]] = []
         self.on_removed: list[Callable[[Instance, str], None]] = []
+        #: called with ``"info"`` after a heartbeat update, ``"health"`` after each observation
+        self.on_changed: list[Callable[[Instance, str], None]] = []
 
     # -- lookups ----------------------------------------------------------------------------
     def get(self, identity: str) -> Instance | None:
@@ -122,6 +124,8 @@ class Registry:
         """Atomically replace the registration fields of a known instance (heartbeat)."""
         inst.info = info
         self.changed()
+        for cb in self.on_changed:
+            cb(inst, "info")
 
     def remove(self, inst: Instance, reason: str) -> None:
         if self._instances.get(inst.identity) is not inst:
@@ -144,6 +148,13 @@ class Registry:
     def observe_health(self, inst: Instance, ok: bool, *, failure_threshold: int,
                        success_threshold: int) -> str | None:
         """Count one probe round; returns ``"unhealthy"``/``"healthy"`` on a transition."""
+        change = self._observe(inst, ok, failure_threshold, success_threshold)
+        for cb in self.on_changed:
+            cb(inst, "health")
+        return change
+
+    def _observe(self, inst: Instance, ok: bool, failure_threshold: int,
+                 success_threshold: int) -> str | None:
         if ok:
             inst.fail_streak = 0
             inst.success_streak += 1

@@ -27,7 +27,7 @@ log = logging.getLogger("kvrouter.router")
 class Router:
     """Everything a request handler needs, built once from the configuration."""
 
-    def __init__(self, cfg: RouterConfig) -> None:
+    def __init__(self, cfg: RouterConfig, index: PrefixIndex | None = None) -> None:
         self.cfg = cfg
         s, sch, m = cfg.server, cfg.scheduler, cfg.manager
         self.splitwise = s.splitwise
@@ -36,7 +36,8 @@ class Router:
         self.transport = Transport(s.connect_timeout_secs, s.first_byte_timeout_secs,
                                    s.stream_idle_timeout_secs)
         self.registry = Registry(stale_after=3 * sch.metrics_scrape_interval_secs)
-        self.index = PrefixIndex(sch.cache_max_blocks, sch.eviction_duration_mins * 60)
+        self.index = index if index is not None else PrefixIndex(  # kvrouter.workers passes its own
+            sch.cache_max_blocks, sch.eviction_duration_mins * 60)
         self.tokenizer = make_tokenizer(sch, lambda: self.transport.session)
         names = ({Role.PREFILL: sch.prefill_policy, Role.DECODE: sch.decode_policy}
                  if s.splitwise else {Role.MIXED: sch.policy})
@@ -53,6 +54,7 @@ class Router:
         self.registry.on_removed.append(self._on_removed)
         self._tasks: set[asyncio.Task] = set()
         self._stats_prev = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        self.remote_totals = None  # kvrouter.workers: the other processes' _interval_deltas sums
 
     # -- scheduling ---------------------------------------------------------------------------
     async def request_view(self, body: dict, endpoint: str, roles: tuple[Role, ...]) -> RequestView:
@@ -116,16 +118,20 @@ class Router:
     def needs_remote_metrics(self) -> bool:
         return any(p.needs_remote_metrics for p in self.policies.values())
 
-    async def start(self) -> None:
-        """Start the background tasks (health, removals, scrapes, models, sweep, stats)."""
-        self._spawn(self.health.run())
-        self._spawn(self.health.run_removals())
+    async def start(self, leader: bool = True) -> None:
+        """Start the background tasks (health, removals, scrapes, models, sweep, stats).
+
+        ``leader=False`` (a worker process other than the first, :mod:`kvrouter.workers`)
+        leaves health rounds, removals, scrapes and the ``[stats]`` line to the leader."""
+        if leader:
+            self._spawn(self.health.run())
+            self._spawn(self.health.run_removals())
         self._spawn(self.models.run())
-        if self.needs_remote_metrics():
+        if leader and self.needs_remote_metrics():
             self._spawn(self.scraper.run())
         if self.cfg.scheduler.eviction_interval_secs > 0:
             self._spawn(self._sweep_loop())
-        if self.cfg.scheduler.stats_interval_secs > 0:
+        if leader and self.cfg.scheduler.stats_interval_secs > 0:
             self._spawn(self._stats_loop())
 
     async def close(self) -> None:
@@ -175,6 +181,8 @@ class Router:
         now = (_total(m.cache_hit), _total(m.cache_request), _total(m.hit_blocks),
                _total(m.lookup_blocks), _total(m.backend_cached_tokens),
                _total(m.backend_prompt_tokens))
+        if self.remote_totals is not None:   # the other worker processes' counters
+            now = tuple(a + b for a, b in zip(now, self.remote_totals()))
         prev, self._stats_prev = self._stats_prev, now
         d = [a - b for a, b in zip(now, prev)]
         # a removed instance's series vanish, so a delta can go negative: count it as 0

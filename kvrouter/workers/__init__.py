@@ -1,0 +1,8 @@
+"""Several worker processes behind one port (``kvrouter --workers N``).
+
+* :mod:`~kvrouter.workers.supervisor`: the parent process (sockets, fork, signals, restarts);
+* :mod:`~kvrouter.workers.worker`: what a worker gets from it (addresses, links, control);
+* :mod:`~kvrouter.workers.sync`: the routing state the workers share, and how;
+* :mod:`~kvrouter.workers.channel`: the SEQPACKET links, batched and non-blocking;
+* :mod:`~kvrouter.workers.events`: the event shapes (reusable by replicas sharing state).
+"""

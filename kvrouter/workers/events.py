@@ -1,0 +1,83 @@
+"""The events worker processes exchange, as plain JSON objects (``"t"`` = the kind).
+
+They are written so that the roadmap's router *replicas* sharing state through Redis (contract
+§10) can reuse them unchanged: each shared kind is either an idempotent, versioned record
+(last writer wins on ``v``) or a per-sender snapshot that replaces the sender's previous one,
+and times are wall-clock seconds (``time.time()``), not a process's monotonic clock.
+
+=========  ==================================================  ==================================
+kind       fields                                              Redis equivalent (roadmap)
+=========  ==================================================  ==================================
+``reg``    ``id``, ``v``, ``i`` (registration), ``st`` static  hash ``inst:<id>`` field ``info``
+``hl``     ``id``, ``v``, ``s`` state, ``f``/``ok`` streaks,   hash ``inst:<id>`` field
+           ``since`` (wall clock or null)                      ``health``
+``del``    ``id``, ``v``, ``r`` reason                         ``DEL inst:<id>`` + tombstone
+``snap``   ``id``, ``s`` = [running, waiting, taken_at (wall), hash ``inst:<id>`` field ``snap``
+           available_gpu_block_num, max_batch_size,
+           gpu_cache_usage_perc]
+``load``   ``n`` sequence, ``l`` = {id: [R, T, prefill_tokens,  hash ``load:<replica>`` with a TTL,
+           prefill_leases, pending, pending_prefill,           summed on read
+           pending_prefill_leases]} (the sender's share)
+``rec``    ``r`` = [[id, [block hash, …]], …]                  ``prefix:<hash>`` → {id: ts}, TTL
+``sess``   ``s`` = [[role, session_id, id], …]                 ``session:<sid>`` → id, TTL
+``ctr``    ``c`` = the six ``[stats]`` counter totals          (per-replica scrape)
+=========  ==================================================  ==================================
+
+Process-local kinds: ``hello`` (``w`` worker number, ``pid``), ``bar``/``ack`` (``id``: a
+barrier after a registration), ``mreq``/``mrep`` (``id``, ``m``: counter samples for a
+``/metrics`` answer), ``dump`` (``r`` as in ``rec``: the whole prefix index, sent to a
+restarted worker).
+
+``v`` (version) = ``[wall-clock seconds, worker number]``, compared as a tuple.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from kvrouter.instance import InstanceInfo, Role
+from kvrouter.snapshot import MetricsSnapshot
+
+#: ``Load`` attributes shared by ``load`` events, in order
+LOAD_FIELDS = ("requests", "tokens", "prefill_tokens", "prefill_leases", "pending",
+               "pending_prefill", "pending_prefill_leases")
+
+_INFO_FIELDS = tuple(f.name for f in dataclasses.fields(InstanceInfo))
+_TUPLES = frozenset({"transfer_protocol", "rdma_ports", "device_ids", "connected_decodes"})
+
+
+def info_to_json(info: InstanceInfo) -> dict:
+    out = {name: getattr(info, name) for name in _INFO_FIELDS}
+    out["role"] = info.role.value
+    return out
+
+
+def info_from_json(data: dict) -> InstanceInfo:
+    kw = {name: data[name] for name in _INFO_FIELDS if name in data}
+    kw["role"] = Role(kw["role"])
+    for name in _TUPLES & kw.keys():
+        kw[name] = tuple(kw[name] or ())
+    return InstanceInfo(**kw)
+
+
+def wall(mono: float) -> float:
+    """A ``time.monotonic()`` instant as wall-clock seconds."""
+    return time.time() - (time.monotonic() - mono)
+
+
+def mono(wall_secs: float) -> float:
+    """Wall-clock seconds as a ``time.monotonic()`` instant of this process."""
+    return time.monotonic() - (time.time() - wall_secs)
+
+
+def snapshot_to_json(snap: MetricsSnapshot) -> list:
+    return [snap.running, snap.waiting, wall(snap.taken_at), snap.available_gpu_block_num,
+            snap.max_batch_size, snap.gpu_cache_usage_perc]
+
+
+def snapshot_from_json(data: list) -> MetricsSnapshot:
+    running, waiting, taken, blocks, batch, usage = data
+    return MetricsSnapshot(running=running, waiting=waiting, taken_at=mono(taken),
+                           available_gpu_block_num=blocks, max_batch_size=batch,
+                           gpu_cache_usage_perc=usage)

@@ -1,0 +1,138 @@
+"""What a worker process gets from the supervisor, and its side of the control link.
+
+:func:`kvrouter.server.app.run_server` takes a :class:`WorkerContext` in worker mode: it
+builds the shared prefix index, binds the listening sockets with ``SO_REUSEPORT``, attaches
+:class:`~kvrouter.workers.sync.WorkerSync` and reports readiness to the supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING
+
+import orjson
+
+from kvrouter.http.server import HttpServer, Listener
+from kvrouter.workers.sync import SharedPrefixIndex, WorkerSync
+
+if TYPE_CHECKING:
+    from kvrouter.config import RouterConfig
+    from kvrouter.server.app import App
+
+log = logging.getLogger("kvrouter.workers")
+
+BACKLOG = 2048
+Address = tuple[int, int, int, tuple]      # family, type, proto, sockaddr
+
+
+def reuseport_socket(family: int, type_: int, proto: int) -> socket.socket:
+    sock = socket.socket(family, type_, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    return sock
+
+
+class WorkerContext:
+    """Worker ``number`` of ``count``: its addresses, control socket and sibling links."""
+
+    def __init__(self, number: int, count: int, addrs: list[Address],
+                 control: socket.socket, peers: dict[int, socket.socket],
+                 share_prefix: bool = True) -> None:
+        self.number = number
+        self.count = count
+        self.addrs = addrs
+        self.control = control
+        self.peers = peers
+        self.share_prefix = share_prefix
+        self.sync: WorkerSync | None = None
+        self._stop: asyncio.Event | None = None
+        self._orphaned = False
+
+    @property
+    def leader(self) -> bool:
+        """Worker 0 runs health rounds, removals, metrics scrapes and the [stats] line."""
+        return self.number == 0
+
+    def make_index(self, cfg: RouterConfig) -> SharedPrefixIndex:
+        sch = cfg.scheduler
+        return SharedPrefixIndex(sch.cache_max_blocks, sch.eviction_duration_mins * 60)
+
+    def attach(self, app: App) -> WorkerSync:
+        """Install the shared-state hooks and start the links (inside the worker's loop)."""
+        self.sync = WorkerSync(app, self.number, self.count, share_prefix=self.share_prefix)
+        self.sync.start(self.peers)
+        self.peers = {}
+        self.control.setblocking(False)
+        asyncio.get_running_loop().add_reader(self.control.fileno(), self._control_readable)
+        return self.sync
+
+    async def listen(self, handler, max_body: int) -> tuple[Listener, HttpServer]:
+        """Bind the supervisor's addresses with SO_REUSEPORT (same contract as start_server)."""
+        socks: list[socket.socket] = []
+        try:
+            for family, type_, proto, addr in self.addrs:
+                sock = reuseport_socket(family, type_, proto)
+                socks.append(sock)
+                sock.bind(addr)
+                sock.listen(BACKLOG)
+                sock.setblocking(False)
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        http = HttpServer(handler, max_body=max_body)
+        return Listener(http, socks), http
+
+    def ready(self, stop: asyncio.Event) -> None:
+        """Tell the supervisor this worker serves; ``stop`` is set if the supervisor leaves."""
+        self._stop = stop
+        if self._orphaned:
+            stop.set()
+            return
+        try:
+            self.control.send(orjson.dumps({"t": "ready", "pid": os.getpid()}))
+        except OSError:
+            stop.set()
+
+    def _control_readable(self) -> None:
+        while True:
+            try:
+                msg, fds, _flags, _addr = socket.recv_fds(self.control, 4096, 16)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                msg, fds = b"", []
+            if not msg and not fds:
+                self._supervisor_gone()
+                return
+            data = orjson.loads(msg) if msg else {}
+            if data.get("t") == "peer" and self.sync is not None:
+                for fd in fds:
+                    self.sync.add_peer(int(data["w"]), socket.socket(fileno=fd))
+            else:
+                for fd in fds:
+                    os.close(fd)
+
+    def _supervisor_gone(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.control.fileno() >= 0:
+            loop.remove_reader(self.control.fileno())
+        log.warning("worker %d: the supervisor is gone; stopping", self.number)
+        self._orphaned = True
+        if self._stop is not None:
+            self._stop.set()
+
+    def close(self) -> None:
+        if self.sync is not None:
+            self.sync.close()
+        if self.control.fileno() >= 0:
+            try:
+                asyncio.get_running_loop().remove_reader(self.control.fileno())
+            except RuntimeError:
+                pass
+            self.control.close()

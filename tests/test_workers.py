@@ -1,0 +1,508 @@
+"""``kvrouter --workers N``: a real supervisor and worker processes on 127.0.0.1, simulated
+instances, real HTTP. Which worker answers a connection is the kernel's choice
+(SO_REUSEPORT); ``GET /health`` names it, so a keep-alive connection can be pinned to one."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import random
+import re
+import signal
+import time
+
+import aiohttp
+import pytest
+
+from harness import bounded, get_json, wait_for
+
+LOCAL = {"server": {"host": "127.0.0.1"}}
+# load-balance-weight as in FastDeploy's example config: a just-finished request can still
+# count on a sibling for a few ms (the load-sharing lag); it must not outweigh a full hit
+CACHE_AWARE = {"server": {"host": "127.0.0.1"},
+               "scheduler": {"policy": "cache_aware", "load-balance-weight": 0.05}}
+CONTEXT = "".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog. " for i in range(40))
+
+
+def chat(text: str, **extra) -> dict:
+    return {"model": "default", "max_tokens": 2,
+            "messages": [{"role": "user", "content": text}], **extra}
+
+
+class Pinned:
+    """A keep-alive connection known to be served by one worker."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, worker: int, pid: int) -> None:
+        self.session, self.url, self.worker, self.pid = session, url, worker, pid
+
+    async def post(self, path: str, body: dict) -> tuple[int, dict]:
+        async with self.session.post(self.url + path, json=body) as r:
+            payload = await r.read()
+            return r.status, dict(r.headers), payload
+
+    async def get(self, path: str) -> tuple[int, object]:
+        async with self.session.get(self.url + path) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+async def pin(router, worker: int, tries: int = 200) -> Pinned:
+    """Open connections until one is served by ``worker`` (keep it, close the others)."""
+    for _ in range(tries):
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+        async with session.get(router.url + "/health") as r:
+            body = await r.json()
+        if body["worker"]["id"] == worker:
+            return Pinned(session, router.url, worker, body["worker"]["pid"])
+        await session.close()
+    raise AssertionError(f"no connection reached worker {worker} in {tries} tries")
+
+
+async def fresh_get(router, path: str) -> object:
+    """GET on a new connection (so the kernel picks a worker each time)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        async with s.get(router.url + path) as r:
+            assert r.status == 200
+            return await r.json(content_type=None)
+
+
+async def fresh_text(router, path: str) -> str:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        async with s.get(router.url + path) as r:
+            return await r.text()
+
+
+async def worker_pids(router, n: int = 2) -> dict[int, int]:
+    """Worker number → pid, asking fresh connections until all ``n`` answered."""
+    seen: dict[int, int] = {}
+    for _ in range(200):
+        body = await fresh_get(router, "/health")
+        seen[body["worker"]["id"]] = body["worker"]["pid"]
+        if len(seen) == n:
+            return seen
+    raise AssertionError(f"only workers {sorted(seen)} answered")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:   # a zombie (exited, not yet reaped by its parent) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def registered_urls(router) -> list[str]:
+    body = await fresh_get(router, "/registered")
+    return [w["url"] for w in body["mixed"]]
+
+
+@bounded(60)
+async def test_two_workers_serve_share_registrations_and_stop(router_factory, sims):
+    router = await router_factory(LOCAL, "--workers", "2")
+    pids = await worker_pids(router)
+    assert len(set(pids.values())) == 2 and router.proc.pid not in pids.values()
+    (a,) = await sims(1)
+    assert await a.register_once(router.url) == 200       # handled by one of the workers
+    for _ in range(40):                                     # every worker lists it at once
+        assert await registered_urls(router) == [a.url]
+    for _ in range(10):
+        async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True)) as s:
+            async with s.post(router.url + "/v1/chat/completions", json=chat("hi")) as r:
+                assert r.status == 200
+                await r.read()
+    text = await fresh_text(router, "/metrics")             # counters summed over the workers
+    assert re.search(r'^inference_requests_total\{decode_worker="",mixed_worker="'
+                     + re.escape(a.url) + r'",prefill_worker="",status_code="200"\} 10\.0$',
+                     text, re.M), text
+    assert 'kvrouter_worker_processes{state="merged"} 2.0' in text
+    assert await router.stop() == 0
+    for pid in pids.values():
+        assert not alive(pid)
+
+
+@bounded(90)
+async def test_cache_affinity_across_workers(router_factory, sims):
+    router = await router_factory(CACHE_AWARE, "--workers", "2")
+    i0, i1 = await sims(2)
+    for inst in (i0, i1):
+        assert await inst.register_once(router.url) == 200
+    w0, w1 = await pin(router, 0), await pin(router, 1)
+    try:
+        # worker 0: a cold prompt goes to the first instance, the next cold one to the other
+        _, h, _ = await w0.post("/v1/chat/completions", chat("Q" + CONTEXT))
+        assert h["X-Router-Mixed-URL"] == i0.url
+        _, h, _ = await w0.post("/v1/chat/completions", chat("P" + CONTEXT + " question 0"))
+        assert h["X-Router-Mixed-URL"] == i1.url
+        await asyncio.sleep(0.05)                            # a few ms: the record reaches worker 1
+        _, h, _ = await w1.post("/v1/chat/completions", chat("P" + CONTEXT + " question 1"))
+        assert h["X-Router-Mixed-URL"] == i1.url             # worker 1 knows where P is cached
+    finally:
+        await w0.close()
+        await w1.close()
+
+    # many requests sharing P, each on a new connection: both workers, one instance
+    served_by: dict[int, int] = {}
+    for n in range(30):
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
+            async with s.get(router.url + "/health") as r:      # same connection as the POST
+                worker = (await r.json())["worker"]["id"]
+            async with s.post(router.url + "/v1/chat/completions",
+                              json=chat("P" + CONTEXT + f" follow-up {n}")) as r:
+                assert r.status == 200
+                assert r.headers["X-Router-Mixed-URL"] == i1.url
+                await r.read()
+        served_by[worker] = served_by.get(worker, 0) + 1
+    assert set(served_by) == {0, 1}, served_by
+    assert len(i1.inference_requests) == 32 and len(i0.inference_requests) == 1
+
+
+@bounded(60)
+async def test_without_prefix_sharing_affinity_is_lost(router_factory, sims, monkeypatch):
+    """The control experiment: the same steps with KVROUTER_SHARE_PREFIX=0."""
+    monkeypatch.setenv("KVROUTER_SHARE_PREFIX", "0")
+    router = await router_factory(CACHE_AWARE, "--workers", "2")
+    i0, i1 = await sims(2)
+    for inst in (i0, i1):
+        assert await inst.register_once(router.url) == 200
+    w0, w1 = await pin(router, 0), await pin(router, 1)
+    try:
+        _, h, _ = await w0.post("/v1/chat/completions", chat("Q" + CONTEXT))
+        assert h["X-Router-Mixed-URL"] == i0.url
+        _, h, _ = await w0.post("/v1/chat/completions", chat("P" + CONTEXT + " question 0"))
+        assert h["X-Router-Mixed-URL"] == i1.url
+        await asyncio.sleep(0.05)
+        _, h, _ = await w1.post("/v1/chat/completions", chat("P" + CONTEXT + " question 1"))
+        assert h["X-Router-Mixed-URL"] == i0.url             # cold for worker 1: a cache miss
+    finally:
+        await w0.close()
+        await w1.close()
+
+
+async def _slow_stream(pinned: Pinned) -> None:
+    async with pinned.session.post(pinned.url + "/v1/chat/completions",
+                                   json=chat("slow", stream=True)) as r:
+        await r.read()
+
+
+async def _in_flight_everywhere(router, expected: int, checks: int = 20) -> bool:
+    for _ in range(checks):
+        body = await fresh_get(router, "/registered")
+        if [w["in_flight_requests"] for w in body["mixed"]] != [expected]:
+            return False
+    return True
+
+
+@bounded(90)
+async def test_in_flight_counts_include_every_worker_and_a_dead_one_leaks_nothing(
+        router_factory, sims):
+    router = await router_factory(LOCAL, "--workers", "2")
+    (a,) = await sims(1)
+    assert await a.register_once(router.url) == 200
+    a.knobs.first_byte_delay = 60.0                          # streams hang until cancelled
+    conns = [await pin(router, 0), await pin(router, 0), await pin(router, 1),
+             await pin(router, 1), await pin(router, 1)]
+    tasks = [asyncio.ensure_future(_slow_stream(c)) for c in conns]
+    try:
+        await wait_for(lambda: _in_flight_everywhere(router, 5), timeout=10)
+        text = await fresh_text(router, "/metrics")
+        assert re.search(r"^kvrouter_instance_in_flight_requests\{[^}]*\} 5\.0$", text, re.M)
+        # SIGKILL worker 1 (3 streams): the others drop its share at once
+        os.kill(conns[2].pid, signal.SIGKILL)
+        await wait_for(lambda: _in_flight_everywhere(router, 2, checks=5), timeout=5)
+        # it is restarted and counts the survivors' streams too
+        pids = await wait_for(lambda: _new_pid(router, 1, conns[2].pid), timeout=15)
+        w1 = await pin(router, 1)
+        try:
+            assert w1.pid == pids
+            _, body = await w1.get("/registered")
+            assert [w["url"] for w in body["mixed"]] == [a.url]
+            assert [w["in_flight_requests"] for w in body["mixed"]] == [2]
+        finally:
+            await w1.close()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in conns:
+            await c.close()
+    await wait_for(lambda: _in_flight_everywhere(router, 0, checks=5), timeout=10)
+    assert "worker 1" in router.log() and "restarting it" in router.log()
+
+
+async def _new_pid(router, worker: int, old: int) -> int | None:
+    try:
+        body = await fresh_get(router, "/health")
+    except aiohttp.ClientError:
+        return None
+    info = body["worker"]
+    return info["pid"] if info["id"] == worker and info["pid"] != old else None
+
+
+@bounded(90)
+async def test_restarted_worker_gets_registry_and_prefix_index(router_factory, sims):
+    router = await router_factory(CACHE_AWARE, "--workers", "2")
+    i0, i1 = await sims(2)
+    for inst in (i0, i1):
+        assert await inst.register_once(router.url) == 200
+    w0 = await pin(router, 0)
+    try:
+        _, h, _ = await w0.post("/v1/chat/completions", chat("Q" + CONTEXT))
+        assert h["X-Router-Mixed-URL"] == i0.url
+        _, h, _ = await w0.post("/v1/chat/completions", chat("P" + CONTEXT + " question 0"))
+        assert h["X-Router-Mixed-URL"] == i1.url
+    finally:
+        await w0.close()
+    old = (await worker_pids(router))[1]
+    os.kill(old, signal.SIGKILL)
+    await wait_for(lambda: _new_pid(router, 1, old), timeout=15)
+    w1 = await pin(router, 1)
+    try:
+        _, body = await w1.get("/registered")
+        assert sorted(w["url"] for w in body["mixed"]) == sorted([i0.url, i1.url])
+        _, h, _ = await w1.post("/v1/chat/completions", chat("P" + CONTEXT + " question 1"))
+        assert h["X-Router-Mixed-URL"] == i1.url             # the index came from worker 0
+    finally:
+        await w1.close()
+    assert not alive(old)
+
+
+@bounded(60)
+async def test_health_rounds_run_once_and_reach_every_worker(router_factory, sims):
+    cfg = {"server": {"host": "127.0.0.1", "workers": 2},
+           "manager": {"health-check-interval-secs": 0.25}}
+    router = await router_factory(cfg)
+    (a,) = await sims(1)
+    assert await a.register_once(router.url) == 200
+    await worker_pids(router)
+    def probes() -> int:
+        return sum(1 for r in a.received if r.path == "/health")
+    before = probes()
+    await asyncio.sleep(2.0)
+    # one probe per round (the leader's), not one per worker: ~8 in 2 s
+    assert 4 <= probes() - before <= 11, probes() - before
+    a.knobs.health_status = 500
+    await wait_for(lambda: _routable_everywhere(router, 0), timeout=5)
+    a.knobs.health_status = 200
+    await wait_for(lambda: _routable_everywhere(router, 1), timeout=5)
+
+
+async def _routable_everywhere(router, n: int) -> bool:
+    for _ in range(10):
+        if (await fresh_get(router, "/registered_number"))["mixed"] != n:
+            return False
+    return True
+
+
+@bounded(60)
+async def test_pd_mode_with_two_workers(router_factory, sims):
+    router = await router_factory(LOCAL, "--splitwise", "--workers", "2")
+    (p,) = await sims(1, role="prefill")
+    (d,) = await sims(1, role="decode")
+    for inst in (p, d):
+        assert await inst.register_once(router.url) == 200
+    for n in range(8):                                        # fresh connections: both workers
+        async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True)) as s:
+            async with s.post(router.url + "/v1/chat/completions",
+                              json=chat(f"question {n}", stream=n % 2 == 0)) as r:
+                assert r.status == 200
+                assert r.headers["X-Router-Decode-URL"] == d.url
+                await r.read()
+    assert len(p.inference_requests) == len(d.inference_requests) == 8
+
+    async def idle() -> bool:       # a just-finished request counts on a sibling for ~3 ms
+        body = await fresh_get(router, "/registered")
+        return [w["in_flight_requests"] for w in body["prefill"] + body["decode"]] == [0, 0]
+    await wait_for(idle, timeout=5)
+
+
+@bounded(30)
+async def test_workers_die_with_the_supervisor(router_factory):
+    router = await router_factory(LOCAL, "--workers", "2")
+    pids = await worker_pids(router)
+    router.proc.kill()                                       # SIGKILL: no chance to clean up
+    await router.proc.wait()
+
+    async def all_gone() -> bool:
+        return not any(alive(p) for p in pids.values())
+    await wait_for(all_gone, timeout=10)
+
+
+@pytest.mark.parametrize("args, config, needle", [
+    (("--workers", "0"), {}, "--workers: must be between 1 and 64, got 0"),
+    ((), {"server": {"workers": 0}}, "server.workers: must be between 1 and 64, got 0"),
+    ((), {"server": {"workers": "two"}}, "server.workers:"),
+])
+async def test_workers_config_errors(tmp_path, args, config, needle):
+    import sys
+
+    import yaml
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kvrouter", "--port", "0", "--config_path", str(path), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 1
+    assert needle in err.decode(), err.decode()
+    if config:
+        assert str(path) in err.decode()
+
+
+@bounded(30)
+async def test_port_in_use_is_refused(router_factory, tmp_path):
+    first = await router_factory(LOCAL, "--workers", "2")
+    import sys
+
+    import yaml
+    path = tmp_path / "second.yaml"
+    path.write_text(yaml.safe_dump(LOCAL))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kvrouter", "--port", str(first.port), "--config_path", str(path),
+        "--workers", "2", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 1
+    assert "Failed to start server on 127.0.0.1" in err.decode()
+    status, _ = await get_json(first.url + "/health")
+    assert status == 200
+
+
+# -- the sync layer in one process: two workers' state linked by a real socket pair ----------
+
+def _pair_of_apps(policy: str = "cache_aware"):
+    from kvrouter.config import RouterConfig
+    from kvrouter.http.upstream import UpstreamPool
+    from kvrouter.router import Router
+    from kvrouter.server.app import App
+    from kvrouter.workers.sync import SharedPrefixIndex, WorkerSync
+
+    apps, syncs = [], []
+    for k in range(2):
+        cfg = RouterConfig()
+        cfg.scheduler.policy = policy
+        cfg.scheduler.cache_block_size = 4
+        router = Router(cfg, index=SharedPrefixIndex(1000, 0))
+        app = App(router, UpstreamPool(1, 1, 1))
+        apps.append(app)
+        syncs.append(WorkerSync(app, k, 2))
+    return apps, syncs
+
+
+def _info(port: int):
+    from kvrouter.instance import parse_registration
+    return parse_registration({"role": "mixed", "host_ip": "127.0.0.1", "port": port},
+                              splitwise=False)
+
+
+async def _until(predicate, timeout: float = 2.0) -> None:
+    async def check():
+        return predicate()
+    await wait_for(check, timeout=timeout, interval=0.002)
+
+
+@bounded(20)
+async def test_sync_registry_load_prefix_and_departure_in_process():
+    from kvrouter.prefix.view import build_request_view  # noqa: F401 - import check only
+    from kvrouter.workers.channel import socket_pair
+
+    apps, (s0, s1) = _pair_of_apps()
+    a, b = socket_pair()
+    s0.start({1: a})
+    s1.start({0: b})
+    r0, r1 = apps[0].router, apps[1].router
+    try:
+        inst = r0.registry.add(_info(9001))                      # registry: add, pause, health
+        await _until(lambda: r1.registry.get(inst.identity) is not None)
+        r0.registry.update(inst, dataclasses.replace(inst.info, is_paused=True))
+        await _until(lambda: r1.registry.get(inst.identity).paused)
+        r0.health.observe(inst, False)
+        await _until(lambda: r1.registry.get(inst.identity).state == "unhealthy")
+        assert r1.registry.get(inst.identity).unhealthy_since is not None
+        r0.health.observe(inst, True)
+        await _until(lambda: r1.registry.get(inst.identity).state == "healthy")
+
+        lease = inst.load.acquire(100)                           # load: summed, then released
+        other = r1.registry.get(inst.identity).load
+        await _until(lambda: (other.requests, other.tokens) == (1, 100))
+        lease2 = other.acquire(7)
+        await _until(lambda: (inst.load.requests, inst.load.tokens) == (2, 107))
+        lease.release()
+        await _until(lambda: (other.requests, other.tokens) == (1, 7))
+        assert (inst.load.requests, inst.load.tokens) == (1, 7)
+
+        hashes = list(range(1, 40))                              # prefix records
+        r1.index.record(hashes, inst.identity, time.monotonic())
+        await _until(lambda: r0.index.match(hashes, [inst.identity])[inst.identity] == 39)
+        big = [[f"10.0.0.{i}:80", list(range(1000 * i + 1, 1000 * i + 500))] for i in range(40)]
+        s0._send_to(s0.links[1], [{"t": "rec", "r": big}])      # > 60 KB: fragmented
+        await _until(lambda: r1.index.match(big[-1][1], [big[-1][0]])[big[-1][0]] == 499)
+
+        s1.close()                                               # worker 1 leaves: share gone
+        await _until(lambda: (inst.load.requests, inst.load.tokens) == (0, 0))
+        assert other.requests == 1       # its own lease (the process would be gone)
+        lease2.release()
+        r0.registry.remove(inst, "instance_removed")
+    finally:
+        s0.close()
+        s1.close()
+        for app in apps:
+            await app.router.close()
+
+
+@bounded(10)
+async def test_sync_last_writer_wins_and_tombstones():
+    apps, (s0, _s1) = _pair_of_apps()
+    r0 = apps[0].router
+    link = type("L", (), {"peer": 1, "state": {}})()
+    from kvrouter.workers import events as wev
+    info = _info(9002)
+    reg = {"t": "reg", "id": info.identity, "v": [100.0, 1], "i": wev.info_to_json(info),
+           "st": False}
+    s0._apply_reg(link, reg)
+    inst = r0.registry.get(info.identity)
+    hl = {"t": "hl", "id": info.identity, "f": 1, "ok": 0, "since": time.time()}
+    s0._apply_health(link, {**hl, "v": [101.0, 1], "s": "unhealthy"})
+    s0._apply_health(link, {**hl, "v": [100.5, 1], "s": "healthy"})     # older: ignored
+    assert inst.state == "unhealthy"
+    s0._apply_del(link, {"t": "del", "id": info.identity, "v": [102.0, 1], "r": "x"})
+    assert r0.registry.get(info.identity) is None
+    s0._apply_reg(link, reg)                                             # older than removal
+    assert r0.registry.get(info.identity) is None
+    s0._apply_reg(link, {**reg, "v": [103.0, 0]})                        # a later heartbeat
+    assert r0.registry.get(info.identity) is not None
+    for app in apps:
+        await app.router.close()
+
+
+def test_prefix_index_runs_replay_to_the_same_index():
+    from kvrouter.prefix.index import PrefixIndex
+    from kvrouter.workers.sync import SharedPrefixIndex
+
+    src = SharedPrefixIndex(300, 0)
+    rng = random.Random(5)
+    chains = {}
+    for n in range(60):
+        ident = f"i{n % 3}"
+        base = rng.randrange(8)
+        chain = [base * 1000 + d for d in range(1, rng.randrange(2, 12))]
+        chains[n] = (ident, chain)
+        src.record(chain, ident, float(n))
+    dst = PrefixIndex(300, 0)
+    for ident, run in src.runs():
+        dst.record(run[::-1], ident, 0.0)
+    assert dst.size == src.size
+    for ident, chain in chains.values():
+        ids = ["i0", "i1", "i2"]
+        assert dst.match(chain, ids) == src.match(chain, ids)
+    src.record([1, 2, 3], "i0", 100.0)                   # eviction order is the same too
+    dst.record([1, 2, 3], "i0", 100.0)
+    for ident, chain in chains.values():
+        assert dst.match(chain, ["i0", "i1", "i2"]) == src.match(chain, ["i0", "i1", "i2"])
