@@ -2,7 +2,9 @@
 
 ``kvrouter bench policies …`` compares routing policies on a simulated cluster, in virtual
 time or live through a real router (:mod:`kvrouter.bench.policies`, ``bench/README.md``).
-The router-overhead benchmark (``overhead``) is to come.
+``kvrouter bench overhead …`` measures the router's own cost (CPU per request and per relayed
+SSE event, added latency, RSS) next to direct, nginx and peer routers
+(:mod:`kvrouter.bench.overhead`).
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ __all__ = ["BENCHMARKS", "main"]
 #: Benchmark name → ``"module:function"``; the function gets the remaining argv.
 BENCHMARKS: dict[str, str] = {
     "policies": "kvrouter.bench.policies:main",
+    "overhead": "kvrouter.bench.overhead:main",
 }
 
 _USAGE = """usage: kvrouter bench {%s} [options]
 
 benchmarks:
   policies   routing policies on a simulated cluster (virtual time, or --live)
+  overhead   router CPU, latency, SSE relay and RSS vs direct, nginx and peer routers (wrk)
 
 run 'kvrouter bench <benchmark> --help' for its options"""
 

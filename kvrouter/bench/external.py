@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 
 import aiohttp
 
-__all__ = ["default_label", "free_port", "render_command", "start_external"]
+__all__ = ["default_label", "free_port", "launch_external", "render_command", "start_external"]
 
 
 def free_port() -> int:
@@ -131,7 +131,16 @@ async def start_external(template: str, workers: list[str], stack: AsyncExitStac
                          log_path: Path, ready_timeout: float = 120.0) -> str:
     """Start the router of ``template`` in front of ``workers``; return its URL once ready.
     Its output goes to ``log_path``; it is stopped when ``stack`` closes."""
-    port, prom = free_port(), free_port()
+    url, _ = await launch_external(template, workers, stack, log_path, ready_timeout)
+    return url
+
+
+async def launch_external(template: str, workers: list[str], stack: AsyncExitStack,
+                          log_path: Path, ready_timeout: float = 120.0, *,
+                          port: int | None = None) -> tuple[str, int]:
+    """:func:`start_external` that also returns the process id (for CPU/RSS sampling) and
+    takes the listen port (``port``, default: a free one) when the caller needs it first."""
+    port, prom = port or free_port(), free_port()
     argv = render_command(template, port, workers, prom)
     log = _open_log(log_path)
     stack.callback(log.close)
@@ -152,4 +161,4 @@ async def start_external(template: str, workers: list[str], stack: AsyncExitStac
                 raise RuntimeError(f"router not ready after {ready_timeout:g} s: "
                                    f"{shlex.join(argv)} (log: {log_path})")
             await asyncio.sleep(0.25)
-    return url
+    return url, proc.pid

@@ -1,15 +1,19 @@
-"""A near-zero-cost mock instance for router overhead benchmarks (uvloop + httptools).
+"""A near-zero-cost mock inference backend for the router-overhead benchmark (uvloop + httptools).
 
-Answers ``GET /health`` (200), ``GET /v1/models``, ``GET /metrics`` (FastDeploy gauges at 0) and
-``POST /v1/chat/completions`` / ``/v1/completions``:
+One process listens on several ports (one "instance" each) and answers ``GET /health`` (200),
+``GET /v1/models``, ``GET /metrics`` (FastDeploy gauges at 0), the probes the peer routers send
+(SGLang's ``/server_info``, ``/model_info``, ``/get_load``, ``/health_generate``; vLLM's
+``/v1/{chat/}completions/render`` and ``/tokenize``) and ``POST /v1/chat/completions`` /
+``/v1/completions``:
 
 * non-stream → a small chat completion JSON with ``usage`` and a ``Content-Length``;
-* ``"stream": true`` → ``text/event-stream``, chunked, ``max_tokens`` events (default 50) plus
-  ``data: [DONE]``, one HTTP chunk and one ``write()`` per event. Events are paced by one shared
-  ticker per delay (``mock_delay_ms`` in the body, else ``--delay-ms``), like an engine emitting
-  one token per running sequence per step; the first event is written at once.
+* ``"stream": true`` → ``text/event-stream``, chunked, ``max_tokens`` events (default
+  ``--chunks``) plus ``data: [DONE]``, one HTTP chunk and one ``write()`` per event. Events are
+  paced by one shared ticker per delay (``mock_delay_ms`` in the body, else ``--delay-ms``),
+  like an engine emitting one token per running sequence per step; the first event is written
+  at once, the last one together with ``[DONE]``.
 
-usage: python bench/mock_instance.py --ports 18101,18102 [--delay-ms 20]
+usage: python -m kvrouter.bench.mockbackend --ports 18101,18102 [--delay-ms 20]
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+import sys
 
 import httptools
 import orjson
@@ -52,7 +57,27 @@ R_HEALTH = _reply(b"200 OK", b"application/json", b"{}")
 R_MODELS = _reply(b"200 OK", b"application/json", MODELS)
 R_METRICS = _reply(b"200 OK", b"text/plain; version=0.0.4", METRICS)
 R_404 = _reply(b"404 Not Found", b"application/json", b'{"error":"not found"}')
-DEFAULT_DELAY = 0.0
+R_SERVER_INFO = _reply(b"200 OK", b"application/json", orjson.dumps({
+    "model_path": "mock", "served_model_name": "mock", "tokenizer_path": None, "dp_size": 1,
+    "tp_size": 1, "disaggregation_mode": "null", "disaggregation_bootstrap_port": None,
+    "max_model_len": 32768, "version": "mock"}))
+R_MODEL_INFO = _reply(b"200 OK", b"application/json", orjson.dumps({
+    "model_path": "mock", "tokenizer_path": None, "is_generation": True, "model_type": "mock",
+    "architectures": ["MockForCausalLM"]}))
+R_LOAD = _reply(b"200 OK", b"application/json",
+                b'[{"dp_rank":0,"num_reqs":0,"num_waiting_reqs":0,"num_tokens":0}]')
+R_RENDER = _reply(b"200 OK", b"application/json",
+                  b'{"token_ids":[1,2,3,4,5,6,7,8],"count":8,"max_model_len":32768}')
+R_TOKENIZE = _reply(b"200 OK", b"application/json",
+                    b'{"tokens":[1,2,3,4,5,6,7,8],"count":8,"max_model_len":32768}')
+GET_ROUTES = {b"/health": R_HEALTH, b"/health_generate": R_HEALTH, b"/v1/models": R_MODELS,
+              b"/metrics": R_METRICS, b"/server_info": R_SERVER_INFO,
+              b"/get_server_info": R_SERVER_INFO, b"/model_info": R_MODEL_INFO,
+              b"/get_model_info": R_MODEL_INFO, b"/get_load": R_LOAD}
+POST_ROUTES = {b"/v1/completions/render": R_RENDER, b"/v1/chat/completions/render": R_RENDER,
+               b"/tokenize": R_TOKENIZE}
+DEFAULT_DELAY = 0.02
+DEFAULT_CHUNKS = 50
 
 
 class Ticker:
@@ -150,7 +175,7 @@ class Mock(asyncio.Protocol):
                 except orjson.JSONDecodeError:
                     req = {}
                 if req.get("stream") is True:
-                    n = int(req.get("max_tokens") or 50)
+                    n = int(req.get("max_tokens") or DEFAULT_CHUNKS)
                     delay = req.get("mock_delay_ms")
                     delay = DEFAULT_DELAY if delay is None else float(delay) / 1000.0
                     self.transport.write(STREAM_HEAD + EVENT_CHUNK)
@@ -164,29 +189,40 @@ class Mock(asyncio.Protocol):
                     tk.add(self, n - 1)
                 else:
                     self.transport.write(R_NONSTREAM)
-            elif path == b"/health":
-                self.transport.write(R_HEALTH)
-            elif path == b"/v1/models":
-                self.transport.write(R_MODELS)
-            elif path == b"/metrics":
-                self.transport.write(R_METRICS)
             else:
-                self.transport.write(R_404)
+                routes = POST_ROUTES if method == b"POST" else GET_ROUTES
+                self.transport.write(routes.get(path, R_404))
 
 
-async def main(ports: list[int]) -> None:
+async def serve(ports: list[int]) -> None:
     loop = asyncio.get_running_loop()
     for p in ports:
         await loop.create_server(Mock, "127.0.0.1", p, backlog=4096, reuse_port=True)
-    print("mock instance listening on", ports, flush=True)
+    print("mock backend listening on", ports, flush=True)
     await asyncio.Event().wait()
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--ports", default="18101,18102")
-    ap.add_argument("--delay-ms", type=float, default=0.0)
-    a = ap.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    global DEFAULT_DELAY, DEFAULT_CHUNKS
+    ap = argparse.ArgumentParser(prog="python -m kvrouter.bench.mockbackend",
+                                 description="Fast mock inference backend (loopback only).")
+    ap.add_argument("--ports", default="18101,18102", help="comma list of ports (127.0.0.1)")
+    ap.add_argument("--delay-ms", type=float, default=20.0,
+                    help="interval between stream events when the body has no mock_delay_ms")
+    ap.add_argument("--chunks", type=int, default=50,
+                    help="stream events when the body has no max_tokens")
+    a = ap.parse_args(argv)
     DEFAULT_DELAY = a.delay_ms / 1000.0
-    import uvloop
-    uvloop.run(main([int(x) for x in a.ports.split(",")]))
+    DEFAULT_CHUNKS = max(1, a.chunks)
+    ports = [int(x) for x in a.ports.split(",") if x]
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(ports))
+    else:
+        uvloop.run(serve(ports))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
