@@ -677,3 +677,84 @@ def test_load_pending_prefill_follows_snapshots():
     assert load.pending == 0
     old.release()
     assert load.prefill_tokens == 0 and load.idle
+
+
+# --------------------------------------------------------------------------- many candidates
+# With ≥ VECTOR_MIN candidates the ranked policies score with numpy arrays; the result must be
+# the decision of the one-candidate-at-a-time loop, ties included.
+def _world(n: int, seed: int, name: str, **kw):
+    rng = random.Random(seed)
+    cands = make_instances(n)
+    idx = PrefixIndex(50_000, 0)
+    p = policy(name, index=idx, rng=random.Random(seed), clock=lambda: 1.0, **kw)
+    for inst in cands:                       # a few ties on R, spread T, some decoding legs
+        for j in range(rng.randrange(0, 3)):
+            lease = inst.load.acquire(rng.choice((100, 100, 300, 700)))
+            if j == 0 and rng.random() < 0.3:
+                lease.release_tokens()
+    prefixes = [[rng.randrange(50_000) for _ in range(64)] for _ in range(5)]
+    for k in range(40):                      # prefixes held by a few instances, to varied depths
+        toks = rng.choice(prefixes)[: rng.randrange(4, 65)]
+        idx.record(block_hashes(toks, 4), rng.choice(cands).identity, 0.5)
+    return rng, cands, p, prefixes
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("cache_aware", {}),
+    ("cache_aware", {"hit_ratio_weight": 0.0}),            # load-only: many exact ties
+    ("sglang_cache_aware", {}),
+    ("sglang_cache_aware", {"sglang_miss_policy": "smallest_tree"}),
+    ("kv_cost", {"cache_block_size": 4, "kv_cost_exploration": 0.2}),
+])
+def test_vectorised_scoring_equals_the_loop(monkeypatch, name, kw):
+    from kvrouter.policies import cache_aware, kv_cost
+
+    worlds = {flag: _world(80, 3, name, **kw) for flag in ("loop", "vector")}
+    for step in range(60):
+        picks = {}
+        for flag, (rng, cands, p, prefixes) in worlds.items():
+            limit = 10**9 if flag == "loop" else 0
+            monkeypatch.setattr(cache_aware, "VECTOR_MIN", limit)
+            monkeypatch.setattr(kv_cost, "VECTOR_MIN", limit)
+            toks = rng.choice(prefixes)[: rng.randrange(0, 65)] + [rng.randrange(50_000)
+                                                                    for _ in range(8)]
+            req = RequestView(prompt=toks, tokens=toks, token_estimate=len(toks),
+                              hashes=block_hashes(toks, 4))
+            sel = p.select(cands, req)
+            picks[flag] = (cands.index(sel.instance), sel.strategy, sel.hit_blocks)
+            lease = sel.instance.load.acquire(len(toks))
+            if rng.random() < 0.5:
+                lease.release()
+        assert picks["loop"] == picks["vector"], step
+
+
+def test_kv_cost_vector_estimates_equal_the_loop(monkeypatch):
+    from kvrouter.policies import kv_cost
+
+    rng, cands, p, prefixes = _world(50, 4, "kv_cost", cache_block_size=4,
+                                     kv_cost_itl_weight=0.1, kv_cost_decode_weight=0.002,
+                                     kv_cost_miss_weight=2.0)
+    now = time.monotonic()
+    cands[3].snapshot = MetricsSnapshot(running=2, waiting=3, taken_at=now)
+    cands[7].snapshot = MetricsSnapshot(running=1, waiting=0, taken_at=now)
+    toks = prefixes[0][:40] + [1, 2, 3, 4, 5]
+    req = RequestView(prompt=toks, tokens=toks, token_estimate=len(toks),
+                      hashes=block_hashes(toks, 4))
+    monkeypatch.setattr(kv_cost, "VECTOR_MIN", 10**9)
+    loop = p.estimates(cands, req, now=now)
+    monkeypatch.setattr(kv_cost, "VECTOR_MIN", 0)
+    vector = p.estimates(cands, req, now=now)
+    assert loop == vector                      # the same floats, not just close ones
+
+
+def test_candidate_cache_follows_new_lists():
+    idx = PrefixIndex(1000, 0)
+    a, b, c = make_instances(3)
+    p = ca(index=idx)
+    cands = [a, b]
+    assert p.select(cands, view({"prompt": "a first prompt, cold"})).instance is a
+    req = view({"prompt": "a prompt long enough for blocks"})
+    idx.record(req.hashes, c.identity, 0.0)
+    assert p.select([a, b, c], req).instance is c           # another list: recomputed
+    # the first list again: c is not a candidate; a cold tie goes to the never-selected b
+    assert p.select(cands, view({"prompt": "another cold prompt"})).instance is b

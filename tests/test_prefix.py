@@ -9,13 +9,16 @@ import random
 import struct
 import subprocess
 import sys
+from collections import OrderedDict
 
 import aiohttp
+import numpy as np
 import pytest
+import xxhash
 from aiohttp import web
 
 from kvrouter.config import SchedulerConfig
-from kvrouter.prefix.hashing import H0, block_hashes
+from kvrouter.prefix.hashing import H0, HashList, block_hashes, text_block_hashes
 from kvrouter.prefix.index import PrefixIndex
 from kvrouter.prefix.render import extract_session_id, render_prompt
 from kvrouter.prefix.tokenizer import (
@@ -122,14 +125,15 @@ def test_extract_session_id():
 
 # --------------------------------------------------------------------------- hashing
 def _reference_hashes(tokens, block_size):
-    """Direct transcription of §6.4: h_i = blake2b-64(le64(h_{i-1}) ‖ le64(tokens of block i))."""
+    """Direct transcription of §6.4: h_i = H64(le64(h_{i-1}) ‖ le64(tokens of block i)), with
+    H64 = XXH3-64 byte-swapped (its big-endian digest read little-endian)."""
     h = H0
     out = []
     for b in range(len(tokens) // block_size):
         msg = struct.pack("<Q", h) + b"".join(
             struct.pack("<Q", t % 2**64) for t in tokens[b * block_size : (b + 1) * block_size]
         )
-        h = int.from_bytes(hashlib.blake2b(msg, digest_size=8).digest(), "little")
+        h = struct.unpack(">Q", struct.pack("<Q", xxhash.xxh3_64_intdigest(msg)))[0]
         out.append(h)
     return out
 
@@ -248,9 +252,8 @@ def test_index_cap_never_exceeded_and_match_is_prefix_exact():
     for chain in chains[-200:]:
         for ident in ("i0:1", "i1:1", "i2:1", "i3:1"):
             linear = 0
-            num = idx._ids[ident]
             for h in chain:
-                if ((num << 64) | h) in idx._entries:
+                if idx.holds(h, ident):
                     linear += 1
                 else:
                     break
@@ -409,3 +412,231 @@ async def test_build_request_view_variants():
     assert (v.tokens, v.token_estimate, v.hashes) == ([1, 2, 3, 4, 5], 5, block_hashes([1, 2, 3, 4], 4))
     v = await build_request_view({"prompt": "abc"}, COMPLETIONS, cp, 4, need_prefix=True)
     assert v.hashes == [] and v.token_estimate == 6
+
+
+# --------------------------------------------------------------------------- fast paths
+def test_text_block_hashes_equal_code_point_hashes():
+    rng = random.Random(11)
+    # ASCII, accents, CJK, emoji (non-BMP) and a lone surrogate (kept as a code point)
+    alphabet = "ab \n" + "éß" + "漢字" + "😀🚀" + "\ud800"
+    for length in (0, 3, 4, 63, 64, 65, 1000):
+        text = "".join(rng.choice(alphabet) for _ in range(length))
+        for bs in (1, 4, 64):
+            assert text_block_hashes(text, bs) == block_hashes(code_points(text), bs)
+    with pytest.raises(ValueError):
+        text_block_hashes("abc", 0)
+
+
+def test_hash_list_is_a_list_with_its_array():
+    hs = block_hashes(list(range(40)), 8)
+    assert isinstance(hs, list) and isinstance(hs, HashList) and len(hs) == 5
+    assert hs == list(hs) and hs.array.dtype == np.uint64 and hs.array.tolist() == list(hs)
+    assert type(hs[:2]) is list and hs[:2] == list(hs)[:2]
+    assert block_hashes([1, 2, 3], 8) == [] and len(block_hashes([], 8).array) == 0
+    # a numpy token array hashes like the list
+    assert block_hashes(np.arange(40, dtype=np.int64), 8) == hs
+    assert HashList([5, 6]).array.tolist() == [5, 6]
+
+
+def test_text_hashes_stable_across_processes():
+    code = (
+        "from kvrouter.prefix.hashing import text_block_hashes;"
+        "print(text_block_hashes('système: 😀 ' * 40, 16))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        env={"PYTHONHASHSEED": "7"},
+    ).stdout.strip()
+    assert out == str(text_block_hashes("système: 😀 " * 40, 16))
+
+
+async def test_build_request_view_code_points_skip_the_token_list():
+    cp = CodePointTokenizer()
+    text = "user:" + "héllo wörld 😀 " * 30 + "\n"
+    v = await build_request_view({"messages": [{"role": "user", "content": text[5:-1]}]}, CHAT,
+                                 cp, 16, need_prefix=True)
+    assert v.tokens is None and v.token_estimate == 2 * len(text)
+    assert v.hashes == block_hashes([ord(c) for c in text], 16)
+    assert isinstance(v.hashes, HashList)
+
+
+# --------------------------------------------------------------------------- index vs a model
+class _ModelIndex:
+    """The contract's index, spelled out: an OrderedDict of (instance, hash) → time in record
+    order (deepest first), with PrefixIndex's eviction batch (``max_entries // 256``)."""
+
+    def __init__(self, cap, ttl):
+        self.cap, self.ttl, self.slack = cap, ttl, min(cap // 256, 4096)
+        self.d = OrderedDict()
+        self.ev = {"ttl": 0, "capacity": 0, "instance_removed": 0}
+
+    def record(self, hs, ident, now):
+        if not hs or self.cap == 0:
+            return
+        hs = list(dict.fromkeys(hs))
+        for h in reversed(hs):
+            self.d.pop((ident, h), None)
+            self.d[(ident, h)] = now
+        over = len(self.d) - self.cap
+        if over > 0:
+            # older entries first (plus the batch), then, for a call longer than the cap,
+            # its own deepest blocks
+            k = min(len(self.d) - len(hs), over + self.slack)
+            k += max(0, len(self.d) - k - self.cap)
+            for _ in range(k):
+                self.d.popitem(last=False)
+            self.ev["capacity"] += k
+
+    def match(self, hs, ids):
+        out = {}
+        for i in ids:
+            c = 0
+            while c < len(hs) and (i, hs[c]) in self.d:
+                c += 1
+            out[i] = c
+        return out
+
+    def sweep(self, now):
+        if self.ttl <= 0:
+            return 0
+        removed = 0
+        while self.d and self.d[next(iter(self.d))] < now - self.ttl:
+            self.d.popitem(last=False)
+            removed += 1
+        self.ev["ttl"] += removed
+        return removed
+
+    def remove(self, ident):
+        doomed = [k for k in self.d if k[0] == ident]
+        for k in doomed:
+            del self.d[k]
+        self.ev["instance_removed"] += len(doomed)
+        return len(doomed)
+
+
+def _replay(seed, cap, ttl, n_inst, ops, depth):
+    rng = random.Random(seed)
+    idx, model = PrefixIndex(cap, ttl), _ModelIndex(cap, ttl)
+    roots = [[rng.getrandbits(64) for _ in range(rng.randrange(1, depth))] for _ in range(8)]
+    ids = [f"i{k}:1" for k in range(n_inst)]
+    t = 0.0
+    for op in range(ops):
+        t += rng.random() * 2
+        chain = rng.choice(roots)[: rng.randrange(0, depth)] + [
+            rng.getrandbits(64) for _ in range(rng.randrange(0, depth))]
+        r = rng.random()
+        if r < 0.6:
+            ident = rng.choice(ids)
+            if rng.random() < 0.5:      # as the policies do: match, then record the same chain
+                chain = HashList(chain)
+                q = rng.sample(ids, rng.randrange(1, n_inst + 1))
+                assert idx.match(chain, q) == model.match(chain, q), (seed, op)
+            idx.record(chain, ident, t)
+            model.record(chain, ident, t)
+        elif r < 0.9:
+            q = rng.sample(ids, rng.randrange(1, n_inst + 1))
+            assert idx.match(chain, q) == model.match(chain, q), (seed, op)
+        elif r < 0.97:
+            assert idx.sweep(t) == model.sweep(t), (seed, op)
+        else:
+            ident = rng.choice(ids)
+            assert idx.remove_instance(ident) == model.remove(ident), (seed, op)
+        assert idx.size == len(model.d), (seed, op)
+    assert idx.evictions == model.ev
+    for root in roots:
+        assert idx.match(root, ids) == model.match(root, ids)
+    assert idx.distinct_blocks() == len({h for _, h in model.d})
+    for ident in ids:
+        assert idx.instance_blocks(ident) == sum(1 for k in model.d if k[0] == ident)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_index_equals_the_ordered_dict_model(seed):
+    # small caps: exact eviction; TTL on and off; growth, re-stamping and purges on the way
+    for cap, ttl in ((5, 0), (50, 20), (255, 20)):
+        _replay(seed, cap, ttl, n_inst=6, ops=1200, depth=12)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_index_equals_the_model_with_many_instances_and_batched_eviction(seed):
+    # 300 instances × long chains: first-block probe, then binary search; cap ≥ 256: batches
+    _replay(seed, 3000, 50, n_inst=300, ops=800, depth=40)
+
+
+def test_index_full_buckets_spill_and_are_found_again():
+    rng = random.Random(5)
+    idx = PrefixIndex(400, 0)
+    model = _ModelIndex(400, 0)
+    shift = int(idx._shift)
+    inverse = pow(0x9E3779B97F4A7C15, -1, 1 << 64)
+    chains = []
+    for c in range(12):            # 12 chains whose keys all land in 3 home buckets
+        ident = ("a:1", "b:1")[c % 2]
+        salt = int(idx._salts[idx._number(ident)])
+        home = 5 + c % 3
+        chain = [((((home << shift) + rng.getrandbits(shift)) * inverse) & (2**64 - 1)) ^ salt
+                 for _ in range(rng.randrange(5, 30))]
+        chains.append(chain)
+        idx.record(chain, ident, float(c))
+        model.record(chain, ident, float(c))
+        for ch in chains:
+            assert idx.match(ch, ["a:1", "b:1"]) == model.match(ch, ["a:1", "b:1"])
+    assert idx._spilled > 0
+    assert idx.remove_instance("a:1") == model.remove("a:1")
+    for ch in chains:
+        assert idx.match(ch, ["a:1", "b:1"]) == model.match(ch, ["a:1", "b:1"])
+    assert idx._spilled == int(idx._spill.sum())
+
+
+def test_index_batched_capacity_eviction_keeps_order():
+    idx = PrefixIndex(1024, 0)                     # batch of 1024 // 256 = 4 extra entries
+    for i in range(64):
+        idx.record([1000 * i + d for d in range(16)], "a:1", float(i))   # 1024 entries
+    assert idx.size == 1024 and idx.evictions["capacity"] == 0
+    idx.record([10**9, 10**9 + 1], "a:1", 99.0)   # 2 over → 2 + 4 oldest (deepest) go
+    assert idx.size == 1020 and idx.evictions["capacity"] == 6
+    assert idx.match([d for d in range(16)], ["a:1"]) == {"a:1": 10}    # chain 0 lost 6 deep
+    assert idx.match([1000 + d for d in range(16)], ["a:1"]) == {"a:1": 16}
+
+
+def test_index_memory_per_entry_at_most_64_bytes():
+    import gc
+    import tracemalloc
+
+    rng = np.random.default_rng(1)
+    stream = [rng.integers(0, 2**63, 128, dtype=np.int64).astype(np.uint64).tobytes()
+              for _ in range(220)]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        idx = PrefixIndex(20_000, 1800)
+        for i, raw in enumerate(stream):
+            idx.record(np.frombuffer(raw, dtype=np.uint64).tolist(), f"i{i % 7}:1", float(i))
+        gc.collect()
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert idx.size >= 19_900
+    assert used / idx.size <= 64, used / idx.size
+
+
+def test_block_hashes_memo_reuses_shared_leading_blocks():
+    from kvrouter.prefix import hashing
+
+    rng = random.Random(21)
+    shared = [rng.randrange(0, 200_000) for _ in range(4 * 29)]        # 29 blocks of 4
+    for trial in range(4):
+        tokens = shared + [rng.randrange(0, 200_000) for _ in range(4 * rng.randrange(0, 12))]
+        before = len(hashing._MEMO)
+        assert block_hashes(tokens, 4) == _reference_hashes(tokens, 4)
+        assert len(hashing._MEMO) >= min(before, hashing.MEMO_SIZE)
+    # the checkpoints of the shared prefix are there: a longer prompt hits them
+    hits = [k for k in hashing._MEMO if k[0] == 32 and k[1] == 24 * 32]
+    assert hits
+    # a different block size or a changed early token does not reuse them
+    other = list(shared)
+    other[5] += 1
+    assert block_hashes(other, 4) == _reference_hashes(other, 4)
+    assert block_hashes(shared, 2) == _reference_hashes(shared, 2)
+    assert text_block_hashes("x" * 200, 8) == _reference_hashes([ord("x")] * 200, 8)

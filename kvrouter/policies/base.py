@@ -13,7 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
+
 if TYPE_CHECKING:
+    from kvrouter.prefix.index import PrefixIndex
     from kvrouter.registry import Instance
 
 __all__ = [
@@ -27,6 +30,8 @@ __all__ = [
     "STRATEGY_COST",
     "STRATEGY_EXPLORATION",
     "STRATEGIES",
+    "VECTOR_MIN",
+    "CandidateCache",
 ]
 
 STRATEGY_POLICY = "policy"
@@ -46,7 +51,8 @@ class RequestView:
     ``tokens`` holds model tokens when the prompt was tokenized (or was a token-id prompt),
     else ``None``. ``token_estimate`` is the token count when tokenized, else 2 × the code
     points of the rendered prompt (§6.1). ``hashes`` are the prefix block hashes, computed only
-    when some policy needs them.
+    when some policy needs them (a :class:`~kvrouter.prefix.hashing.HashList` when built by
+    :func:`~kvrouter.prefix.view.build_request_view`; any list of ints works).
     """
 
     prompt: str | list[int]
@@ -100,3 +106,36 @@ def argmin(values: Sequence[float]) -> int:
         if v < best_v:
             best, best_v = i, v
     return best
+
+
+#: Candidate count from which the ranked policies score with numpy arrays instead of a Python
+#: loop (same arithmetic, same ties; a few numpy calls cost more than a short loop).
+VECTOR_MIN = 33
+
+
+class CandidateCache:
+    """The identities and prefix-index numbers of the last candidate list a policy saw.
+
+    The registry hands out one list per role until something changes, so with 1,000
+    instances the per-candidate ``identity`` properties are read once per registry change, not
+    on every decision. A list is recognised by identity (and length): candidate lists must not
+    be mutated in place once passed to a policy.
+    """
+
+    __slots__ = ("index", "_list", "_len", "ids", "nums", "loads")
+
+    def __init__(self, index: PrefixIndex) -> None:
+        self.index = index
+        self._list: object = None
+        self._len = -1
+        self.ids: list[str] = []
+        self.nums: np.ndarray = np.zeros(0, dtype=np.int64)
+        self.loads: list = []          # the candidates' Load objects (never replaced)
+
+    def get(self, candidates: Sequence[Instance]) -> tuple[list[str], np.ndarray]:
+        if candidates is not self._list or len(candidates) != self._len:
+            self.ids = [inst.identity for inst in candidates]
+            self.nums = self.index.instance_numbers(self.ids)
+            self.loads = [inst.load for inst in candidates]
+            self._list, self._len = candidates, len(candidates)
+        return self.ids, self.nums

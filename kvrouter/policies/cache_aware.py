@@ -24,14 +24,17 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from kvrouter.policies.base import (
     STRATEGY_CACHE_AWARE,
     STRATEGY_IMBALANCE,
+    VECTOR_MIN,
+    CandidateCache,
     Policy,
     RequestView,
     Selection,
 )
-from kvrouter.policies.load import min_tokens
 from kvrouter.prefix.index import PrefixIndex
 
 if TYPE_CHECKING:
@@ -123,9 +126,13 @@ class CacheAwarePolicy(Policy):
             SessionAffinity() if self.role in _SESSION_ROLES else None
         )
         self.recency = SelectionRecency()
+        self._cands = CandidateCache(index)
 
     def loads(self, candidates: Sequence[Instance], now: float) -> list[float]:
         """The load each candidate is compared on."""
+        cache = self._cands
+        if cache._list is candidates:
+            return [load.requests for load in cache.loads]
         return [inst.load.requests for inst in candidates]
 
     def select(self, candidates: Sequence[Instance], request: RequestView) -> Selection:
@@ -133,6 +140,7 @@ class CacheAwarePolicy(Policy):
         index = self.index
         hashes = request.hashes
         n_blocks = len(hashes)
+        _, nums = self._cands.get(candidates)
         loads = self.loads(candidates, now)
         max_load = max(loads)
         debug = log.isEnabledFor(logging.DEBUG)
@@ -146,52 +154,105 @@ class CacheAwarePolicy(Policy):
                 and diff / max_load > self.balance_rel_threshold
             )
 
+        matched: list[int] | None = None
         if imbalanced:
-            chosen = min_tokens(candidates)
+            tokens = [load.tokens for load in self._cands.loads]
+            best = tokens.index(min(tokens))
             strategy = STRATEGY_IMBALANCE
-            hit_blocks = index.match(hashes, (chosen.identity,))[chosen.identity] if n_blocks else 0
-            if debug:
-                log.debug("[%s] load imbalanced, loads=%s", self.role, _fmt_loads(candidates, loads))
-                log.debug(
-                    "final strategy: process_tokens, selected=%s, loads=%s, hitRatios=-",
-                    chosen.url, _fmt_loads(candidates, loads),
-                )
+            hit_blocks = (int(index.match_counts(hashes, nums[best:best + 1])[0])
+                          if n_blocks else 0)
         else:
             strategy = STRATEGY_CACHE_AWARE
-            matched = index.match(hashes, [inst.identity for inst in candidates]) if n_blocks else {}
-            hw = self.hit_ratio_weight
-            lw = self.load_balance_weight
-            cold = not any(matched.values())
-            recency = self.recency
-            best = 0
-            best_key: tuple[float, int, int] | None = None
-            for i, inst in enumerate(candidates):
-                m = matched.get(inst.identity, 0)
-                miss = (1.0 - m / n_blocks) if n_blocks else 1.0   # (100 − hit) / 100
-                ratio = loads[i] / max_load if max_load > 0 else 0.0
-                key = (miss * hw + ratio * lw, inst.load.tokens,
-                       recency.last(inst.identity) if cold else 0)
-                if best_key is None or key < best_key:
-                    best, best_key = i, key
-            chosen = candidates[best]
-            hit_blocks = matched.get(chosen.identity, 0)
-            if debug:
-                ratios = ", ".join(
-                    f"{inst.url}: {100.0 * matched.get(inst.identity, 0) / n_blocks if n_blocks else 0.0:.2f}"
-                    for inst in candidates
-                )
-                log.debug(
-                    "final strategy: cache_aware_scoring, selected=%s, loads=%s, hitRatios={%s}",
-                    chosen.url, _fmt_loads(candidates, loads), ratios,
-                )
+            counts = index.match_counts(hashes, nums) if n_blocks else None
+            if len(candidates) >= VECTOR_MIN:
+                best = self._best_vector(candidates, loads, max_load, counts, n_blocks)
+            else:
+                matched = counts.tolist() if counts is not None else [0] * len(candidates)
+                best = self._best_loop(candidates, loads, max_load, matched, n_blocks)
+            hit_blocks = int(counts[best]) if counts is not None else 0
+        chosen = candidates[best]
+        if debug:
+            self._log_decision(candidates, loads, chosen, imbalanced, hashes, nums, matched)
 
-        self.recency.touch(chosen.identity)
+        ident = self._cands.ids[best]
+        self.recency.touch(ident)
         if n_blocks:
-            index.record(hashes, chosen.identity, now)
+            index.record(hashes, ident, now)
         session_hit: bool | None = None
         if self.sessions is not None and request.session_id is not None:
-            session_hit = self.sessions.observe(request.session_id, chosen.identity)
+            session_hit = self.sessions.observe(request.session_id, ident)
         return Selection(chosen, strategy, hit_blocks, n_blocks, session_hit)
+
+    def _best_loop(self, candidates: Sequence[Instance], loads: list[float], max_load: float,
+                   matched: list[int], n_blocks: int) -> int:
+        """The scoring rule, one candidate at a time (few candidates)."""
+        hw = self.hit_ratio_weight
+        lw = self.load_balance_weight
+        cold = not any(matched)
+        recency = self.recency
+        best = 0
+        best_key: tuple[float, int, int] | None = None
+        for i, inst in enumerate(candidates):
+            m = matched[i]
+            miss = (1.0 - m / n_blocks) if n_blocks else 1.0   # (100 − hit) / 100
+            ratio = loads[i] / max_load if max_load > 0 else 0.0
+            key = (miss * hw + ratio * lw, inst.load.tokens,
+                   recency.last(inst.identity) if cold else 0)
+            if best_key is None or key < best_key:
+                best, best_key = i, key
+        return best
+
+    def _best_vector(self, candidates: Sequence[Instance], loads: list[float], max_load: float,
+                     counts: np.ndarray | None, n_blocks: int) -> int:
+        """The same rule with numpy (many candidates): identical floats, identical ties."""
+        k = len(candidates)
+        if counts is not None:
+            miss = 1.0 - counts / n_blocks
+        else:
+            miss = np.ones(k)
+        if max_load > 0:
+            ratio = np.array(loads, dtype=np.float64) / max_load
+        else:
+            ratio = np.zeros(k)
+        score = miss * self.hit_ratio_weight + ratio * self.load_balance_weight
+        tied = np.flatnonzero(score == score.min())
+        if len(tied) == 1:
+            return int(tied[0])
+        cold = counts is None or not counts.any()
+        return _tie_break([candidates[i] for i in tied.tolist()], tied.tolist(),
+                          self.recency if cold else None)
+
+    def _log_decision(self, candidates, loads, chosen, imbalanced, hashes, nums, matched) -> None:
+        if imbalanced:
+            log.debug("[%s] load imbalanced, loads=%s", self.role, _fmt_loads(candidates, loads))
+            log.debug(
+                "final strategy: process_tokens, selected=%s, loads=%s, hitRatios=-",
+                chosen.url, _fmt_loads(candidates, loads),
+            )
+            return
+        n_blocks = len(hashes)
+        if matched is None:
+            matched = (self.index.match_counts(hashes, nums).tolist() if n_blocks
+                       else [0] * len(candidates))
+        ratios = ", ".join(
+            f"{inst.url}: {100.0 * m / n_blocks if n_blocks else 0.0:.2f}"
+            for inst, m in zip(candidates, matched)
+        )
+        log.debug(
+            "final strategy: cache_aware_scoring, selected=%s, loads=%s, hitRatios={%s}",
+            chosen.url, _fmt_loads(candidates, loads), ratios,
+        )
+
+
+def _tie_break(tied: list[Instance], positions: list[int],
+               recency: SelectionRecency | None) -> int:
+    """Among equally scored candidates: fewer ``T``, then (``recency`` given) the least
+    recently selected, then the earliest position."""
+    tokens = [inst.load.tokens for inst in tied]
+    low = min(tokens)
+    rest = [(recency.last(inst.identity) if recency is not None else 0, pos)
+            for inst, pos, t in zip(tied, positions, tokens) if t == low]
+    return min(rest)[1]
 
 
 class RemoteCacheAwarePolicy(CacheAwarePolicy):

@@ -65,9 +65,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from kvrouter.policies.base import (
     STRATEGY_COST,
     STRATEGY_EXPLORATION,
+    VECTOR_MIN,
+    CandidateCache,
     Policy,
     RequestView,
     Selection,
@@ -86,6 +90,12 @@ __all__ = ["EXPLORE_ABS", "EXPLORE_REL", "KvCostPolicy"]
 
 EXPLORE_REL = 0.5     # near-best: within 50 % of the best estimate …
 EXPLORE_ABS = 0.05    # … or within 50 ms of it, whichever is larger
+
+
+
+def _floats(values: list, k: int) -> np.ndarray:
+    # (list comprehensions with 3.11's specialised attribute loads beat attrgetter maps)
+    return np.fromiter(values, dtype=np.float64, count=k)
 
 
 class KvCostPolicy(Policy):
@@ -126,6 +136,7 @@ class KvCostPolicy(Policy):
         self._rng = rng or random.Random()
         self._clock = clock
         self.recency = SelectionRecency()
+        self._cands = CandidateCache(index)
         self.sessions: SessionAffinity | None = (
             SessionAffinity() if self.role in _SESSION_ROLES else None
         )
@@ -147,49 +158,100 @@ class KvCostPolicy(Policy):
         """The cost (seconds: the estimated TTFT plus the miss and ITL prices) and the
         uncached prefill tokens ``U`` of every candidate.
 
-        Pure: no index record, no staging, no randomness. ``matched`` defaults to the index's
-        match of the request's hashes.
+        Pure: no index record, no staging, no randomness. ``matched`` (identity → matched
+        blocks) defaults to the index's match of the request's hashes.
         """
         if now is None:
             now = self._clock()
+        counts = ([matched.get(inst.identity, 0) for inst in candidates]
+                  if matched is not None else self._counts(candidates, request))
+        ests, uncached = self._estimate(candidates, request, counts, now)
+        return [float(e) for e in ests], [round(float(u)) for u in uncached]
+
+    def _counts(self, candidates: Sequence[Instance], request: RequestView):
+        """Leading matched blocks per candidate (an int array), ``None`` without blocks or
+        in the decode role."""
+        if self.role == "decode" or not request.hashes:
+            return None
+        _, nums = self._cands.get(candidates)
+        return self.index.match_counts(request.hashes, nums)
+
+    def _estimate(self, candidates: Sequence[Instance], request: RequestView, counts,
+                  now: float):
+        """``(costs, uncached)``: lists for few candidates, float arrays for many (same
+        arithmetic in the same order, so the same floats)."""
         units, scale = self._lengths(request)
         prompt_tokens = units * scale
         xfer = 0.0
         if self.transfer_tokens_per_sec > 0 and self.role in ("prefill", "decode"):
             xfer = prompt_tokens / self.transfer_tokens_per_sec
         wd = self.decode_weight
+        k = len(candidates)
+        if k >= VECTOR_MIN:
+            return self._estimate_vector(candidates, counts, units, scale, xfer, now)
         if self.role == "decode":
-            return ([wd * inst.load.requests + xfer for inst in candidates],
-                    [0] * len(candidates))
-        hashes = request.hashes
-        if matched is None:
-            matched = (self.index.match(hashes, [inst.identity for inst in candidates])
-                       if hashes else {})
+            return [wd * inst.load.requests + xfer for inst in candidates], [0] * k
+        matched = counts.tolist() if isinstance(counts, np.ndarray) else counts
         rate = self.prefill_tokens_per_sec
         wi = self.itl_weight
         bs = self.block_size
         ests: list[float] = []
         uncached: list[float] = []
-        for inst in candidates:
+        for i, inst in enumerate(candidates):
             load = inst.load
-            m = matched.get(inst.identity, 0)
+            m = matched[i] if matched is not None else 0
             u_units = units - m * bs
             u = max(1.0, u_units * scale) if units else 0.0
             q = float(load.prefill_tokens)
             snap = inst.fresh_snapshot(now)
             if snap is not None and snap.waiting > 0:
-                old_legs = load.prefill_leases - load.pending_prefill_leases
-                ubar = ((load.prefill_tokens - load.pending_prefill) / old_legs
-                        if old_legs > 0 else u)
-                q = max(q, snap.waiting * ubar + load.pending_prefill)
+                q = self._queued_from_snapshot(load, snap, u, q)
             d = load.decoding
             ests.append((q + u) / rate + wd * d + xfer + wi * d * u / rate)
             uncached.append(u)
         if self.miss_weight > 0 and uncached:
             u_min = min(uncached)
-            k = self.miss_weight / rate
-            ests = [e + k * (u - u_min) for e, u in zip(ests, uncached)]
-        return ests, [round(u) for u in uncached]
+            c = self.miss_weight / rate
+            ests = [e + c * (u - u_min) for e, u in zip(ests, uncached)]
+        return ests, uncached
+
+    @staticmethod
+    def _queued_from_snapshot(load, snap, u: float, q: float) -> float:
+        """``Q_i`` corrected by a fresh snapshot with a waiting queue (see the docstring)."""
+        old_legs = load.prefill_leases - load.pending_prefill_leases
+        ubar = ((load.prefill_tokens - load.pending_prefill) / old_legs
+                if old_legs > 0 else u)
+        return max(q, snap.waiting * ubar + load.pending_prefill)
+
+    def _estimate_vector(self, candidates, counts, units, scale, xfer, now):
+        k = len(candidates)
+        wd = self.decode_weight
+        loads = self._cands.loads if self._cands._list is candidates else \
+            [inst.load for inst in candidates]
+        if self.role == "decode":
+            return wd * _floats([ld.requests for ld in loads], k) + xfer, np.zeros(k)
+        rate = self.prefill_tokens_per_sec
+        if counts is None:
+            counts = np.zeros(k, dtype=np.int64)
+        elif not isinstance(counts, np.ndarray):
+            counts = np.array(counts, dtype=np.int64)
+        u_units = units - counts * self.block_size
+        u = np.maximum(1.0, u_units * scale) if units else np.zeros(k)
+        q = _floats([ld.prefill_tokens for ld in loads], k)
+        snaps = [inst.snapshot for inst in candidates]
+        if snaps.count(None) < k:
+            for i, snap in enumerate(snaps):
+                if snap is None:
+                    continue
+                snap = candidates[i].fresh_snapshot(now)
+                if snap is not None and snap.waiting > 0:
+                    q[i] = self._queued_from_snapshot(loads[i], snap, float(u[i]), float(q[i]))
+        # Load.decoding = max(0, requests − prefill_leases)
+        d = np.maximum(_floats([ld.requests - ld.prefill_leases for ld in loads], k), 0.0)
+        ests = (q + u) / rate + wd * d + xfer + self.itl_weight * d * u / rate
+        if self.miss_weight > 0:
+            ests = ests + (self.miss_weight / rate) * (u - u.min())
+        return ests, u
 
     # ------------------------------------------------------------------ decision
     def select(self, candidates: Sequence[Instance], request: RequestView) -> Selection:
@@ -197,30 +259,41 @@ class KvCostPolicy(Policy):
         hashes = request.hashes
         n_blocks = len(hashes)
         decode = self.role == "decode"
-        matched = ({} if decode or not n_blocks else
-                   self.index.match(hashes, [inst.identity for inst in candidates]))
-        ests, uncached = self.estimates(candidates, request, matched, now)
+        ids, nums = self._cands.get(candidates)
+        counts = None if decode or not n_blocks else self.index.match_counts(hashes, nums)
+        ests, uncached = self._estimate(candidates, request, counts, now)
         recency = self.recency
-        best = 0
-        best_key: tuple[float, int, int] | None = None
-        for i, inst in enumerate(candidates):
-            key = (ests[i], inst.load.tokens if decode else 0, recency.last(inst.identity))
-            if best_key is None or key < best_key:
-                best, best_key = i, key
+        if isinstance(ests, np.ndarray):
+            tied = np.flatnonzero(ests == ests.min()).tolist()
+            if decode and len(tied) > 1:
+                toks = [candidates[i].load.tokens for i in tied]
+                low = min(toks)
+                tied = [i for i, t in zip(tied, toks) if t == low]
+            best = tied[0] if len(tied) == 1 else min((recency.last(ids[i]), i) for i in tied)[1]
+        else:
+            best = 0
+            best_key: tuple[float, int, int] | None = None
+            for i, inst in enumerate(candidates):
+                key = (ests[i], inst.load.tokens if decode else 0, recency.last(ids[i]))
+                if best_key is None or key < best_key:
+                    best, best_key = i, key
         strategy = STRATEGY_COST
         if self.exploration > 0 and len(candidates) > 1 and self._rng.random() < self.exploration:
             limit = ests[best] + max(EXPLORE_REL * ests[best], EXPLORE_ABS)
-            near = [i for i in range(len(candidates)) if i != best and ests[i] <= limit]
+            if isinstance(ests, np.ndarray):
+                near = [i for i in np.flatnonzero(ests <= limit).tolist() if i != best]
+            else:
+                near = [i for i in range(len(candidates)) if i != best and ests[i] <= limit]
             if near:
                 best = near[self._rng.randrange(len(near))]
                 strategy = STRATEGY_EXPLORATION
         chosen = candidates[best]
-        recency.touch(chosen.identity)
-        chosen.load.stage_prefill(uncached[best])
-        hit_blocks = matched.get(chosen.identity, 0)
+        recency.touch(ids[best])
+        chosen.load.stage_prefill(round(float(uncached[best])))
+        hit_blocks = int(counts[best]) if counts is not None else 0
         if n_blocks and not decode:
-            self.index.record(hashes, chosen.identity, now)
+            self.index.record(hashes, ids[best], now)
         session_hit: bool | None = None
         if self.sessions is not None and request.session_id is not None:
-            session_hit = self.sessions.observe(request.session_id, chosen.identity)
+            session_hit = self.sessions.observe(request.session_id, ids[best])
         return Selection(chosen, strategy, hit_blocks, 0 if decode else n_blocks, session_hit)

@@ -32,9 +32,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from kvrouter.policies.base import (
     STRATEGY_CACHE_AWARE,
     STRATEGY_IMBALANCE,
+    CandidateCache,
     Policy,
     RequestView,
     Selection,
@@ -77,6 +80,7 @@ class SglangCacheAwarePolicy(Policy):
         self.miss_policy = miss_policy
         self._clock = clock
         self.tree_blocks: dict[str, int] = {}
+        self._cands = CandidateCache(index)
         self.sessions: SessionAffinity | None = (
             SessionAffinity() if self.role in _SESSION_ROLES else None
         )
@@ -85,37 +89,41 @@ class SglangCacheAwarePolicy(Policy):
         now = self._clock()
         hashes = request.hashes
         n_blocks = len(hashes)
-        loads = [inst.load.requests for inst in candidates]
+        ids, nums = self._cands.get(candidates)
+        loads = [load.requests for load in self._cands.loads]
         max_load, min_load = max(loads), min(loads)
         imbalanced = (
             len(candidates) >= 2
             and max_load - min_load > self.balance_abs_threshold
             and max_load > min_load * self.balance_rel_threshold
         )
-        matched = (self.index.match(hashes, [inst.identity for inst in candidates])
-                   if n_blocks else {})
         if imbalanced:
-            chosen = candidates[_argmin(loads)]
+            best = loads.index(min_load)
             strategy = STRATEGY_IMBALANCE
+            hit_blocks = (int(self.index.match_counts(hashes, nums[best:best + 1])[0])
+                          if n_blocks else 0)
         else:
             strategy = STRATEGY_CACHE_AWARE
-            best_m = max(matched.values(), default=0)
+            counts = self.index.match_counts(hashes, nums) if n_blocks else None
+            best_m = int(counts.max()) if counts is not None else 0
             if n_blocks and best_m / n_blocks > self.cache_threshold:
-                keys = [(-matched[inst.identity], loads[i]) for i, inst in enumerate(candidates)]
-                chosen = candidates[_argmin(keys)]
+                # the longest match; ties → lower load, then the earliest URL
+                holders = np.flatnonzero(counts == best_m).tolist()
+                best = min((loads[i], i) for i in holders)[1]
             elif self.miss_policy == "smallest_tree":
-                sizes = [self.tree_blocks.get(inst.identity, 0) for inst in candidates]
-                chosen = candidates[_argmin(list(zip(sizes, loads)))]
+                sizes = [self.tree_blocks.get(ident, 0) for ident in ids]
+                best = _argmin(list(zip(sizes, loads)))
             else:
-                chosen = candidates[_argmin(loads)]
-        hit_blocks = matched.get(chosen.identity, 0)
+                best = loads.index(min_load)
+            hit_blocks = int(counts[best]) if counts is not None else 0
+        chosen = candidates[best]
+        ident = ids[best]
         if n_blocks:
-            self.index.record(hashes, chosen.identity, now)
-            ident = chosen.identity
+            self.index.record(hashes, ident, now)
             self.tree_blocks[ident] = self.tree_blocks.get(ident, 0) + n_blocks - hit_blocks
         session_hit: bool | None = None
         if self.sessions is not None and request.session_id is not None:
-            session_hit = self.sessions.observe(request.session_id, chosen.identity)
+            session_hit = self.sessions.observe(request.session_id, ident)
         return Selection(chosen, strategy, hit_blocks, n_blocks, session_hit)
 
 

@@ -3,7 +3,7 @@
 ``build_request_view`` lives in :mod:`kvrouter.prefix.view` (it depends on the policies).
 """
 
-from kvrouter.prefix.hashing import block_hashes
+from kvrouter.prefix.hashing import HashList, block_hashes, text_block_hashes
 from kvrouter.prefix.index import PrefixIndex
 from kvrouter.prefix.render import extract_session_id, render_prompt
 from kvrouter.prefix.tokenizer import (
@@ -17,6 +17,8 @@ from kvrouter.prefix.tokenizer import (
 
 __all__ = [
     "block_hashes",
+    "text_block_hashes",
+    "HashList",
     "PrefixIndex",
     "render_prompt",
     "extract_session_id",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvrouter.policies.base import RequestView
-from kvrouter.prefix.hashing import block_hashes
+from kvrouter.prefix.hashing import block_hashes, text_block_hashes
 from kvrouter.prefix.render import extract_session_id, render_prompt
 from kvrouter.prefix.tokenizer import Tokenizer
 
@@ -37,11 +37,17 @@ async def build_request_view(
         hashes = block_hashes(prompt, block_size) if need_prefix else []
         return RequestView(prompt, tokens, estimate, hashes, session_id)
 
+    if need_prefix and not tokenizer.real:
+        # code points as tokens: hashed straight from the string, no list of code points
+        return RequestView(prompt, None, 2 * len(prompt),
+                           text_block_hashes(prompt, block_size), session_id)
+
     if need_prefix or (tokenize_for_estimate and tokenizer.real):
         seq, real = await tokenizer.tokens_for(prompt)
-        tokens = seq if real else None
-        estimate = len(seq) if real else 2 * len(prompt)
+        if not real:      # the tokenizer failed and fell back to code points
+            hashes = text_block_hashes(prompt, block_size) if need_prefix else []
+            return RequestView(prompt, None, 2 * len(prompt), hashes, session_id)
         hashes = block_hashes(seq, block_size) if need_prefix else []
-        return RequestView(prompt, tokens, estimate, hashes, session_id)
+        return RequestView(prompt, seq, len(seq), hashes, session_id)
 
     return RequestView(prompt, None, 2 * len(prompt), [], session_id)
