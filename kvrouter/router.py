@@ -16,7 +16,7 @@ from kvrouter.policies import make_policy
 from kvrouter.policies.base import Policy, RequestView, Selection
 from kvrouter.prefix.index import PrefixIndex
 from kvrouter.prefix.tokenizer import make_tokenizer
-from kvrouter.prefix.view import build_request_view
+from kvrouter.prefix.view import build_request_view, build_request_view_now
 from kvrouter.registry import Instance, Registry
 from kvrouter.scraper import MetricsScraper, ModelsCache
 from kvrouter.server.transport import Transport
@@ -61,6 +61,15 @@ class Router:
         """The scheduling view of a request for the policies of ``roles``: rendered prompt,
         tokens, token estimate and (if a policy needs them) block hashes."""
         return await build_request_view(
+            body, endpoint, self.tokenizer, self.cfg.scheduler.cache_block_size,
+            need_prefix=any(self.policies[r].needs_prefix for r in roles),
+            tokenize_for_estimate=self.tokenizer.kind == "local")
+
+    def request_view_now(self, body: dict, endpoint: str,
+                         roles: tuple[Role, ...]) -> RequestView | None:
+        """:meth:`request_view` if it needs no tokenizer call (no tokenizer configured, or
+        token-id prompts), else ``None``."""
+        return build_request_view_now(
             body, endpoint, self.tokenizer, self.cfg.scheduler.cache_block_size,
             need_prefix=any(self.policies[r].needs_prefix for r in roles),
             tokenize_for_estimate=self.tokenizer.kind == "local")

@@ -7,7 +7,21 @@ from kvrouter.prefix.hashing import block_hashes, text_block_hashes
 from kvrouter.prefix.render import extract_session_id, render_prompt
 from kvrouter.prefix.tokenizer import Tokenizer
 
-__all__ = ["build_request_view"]
+__all__ = ["build_request_view", "build_request_view_now"]
+
+
+def build_request_view_now(
+    body: dict,
+    endpoint: str,
+    tokenizer: Tokenizer,
+    block_size: int,
+    *,
+    need_prefix: bool,
+    tokenize_for_estimate: bool = True,
+) -> RequestView | None:
+    """:func:`build_request_view` when it needs no tokenizer call, else ``None``."""
+    return _view_now(render_prompt(body, endpoint), extract_session_id(body), tokenizer,
+                     block_size, need_prefix, tokenize_for_estimate)
 
 
 async def build_request_view(
@@ -31,23 +45,28 @@ async def build_request_view(
     """
     prompt = render_prompt(body, endpoint)
     session_id = extract_session_id(body)
-    if not isinstance(prompt, str):
-        tokens: list[int] | None = prompt
-        estimate = len(prompt)
-        hashes = block_hashes(prompt, block_size) if need_prefix else []
-        return RequestView(prompt, tokens, estimate, hashes, session_id)
+    view = _view_now(prompt, session_id, tokenizer, block_size, need_prefix,
+                     tokenize_for_estimate)
+    if view is not None:
+        return view
+    seq, real = await tokenizer.tokens_for(prompt)
+    if not real:      # the tokenizer failed and fell back to code points
+        hashes = text_block_hashes(prompt, block_size) if need_prefix else []
+        return RequestView(prompt, None, 2 * len(prompt), hashes, session_id)
+    hashes = block_hashes(seq, block_size) if need_prefix else []
+    return RequestView(prompt, seq, len(seq), hashes, session_id)
 
+
+def _view_now(prompt: str | list[int], session_id: str | None, tokenizer: Tokenizer,
+              block_size: int, need_prefix: bool,
+              tokenize_for_estimate: bool) -> RequestView | None:
+    if not isinstance(prompt, str):
+        hashes = block_hashes(prompt, block_size) if need_prefix else []
+        return RequestView(prompt, prompt, len(prompt), hashes, session_id)
     if need_prefix and not tokenizer.real:
         # code points as tokens: hashed straight from the string, no list of code points
         return RequestView(prompt, None, 2 * len(prompt),
                            text_block_hashes(prompt, block_size), session_id)
-
     if need_prefix or (tokenize_for_estimate and tokenizer.real):
-        seq, real = await tokenizer.tokens_for(prompt)
-        if not real:      # the tokenizer failed and fell back to code points
-            hashes = text_block_hashes(prompt, block_size) if need_prefix else []
-            return RequestView(prompt, None, 2 * len(prompt), hashes, session_id)
-        hashes = block_hashes(seq, block_size) if need_prefix else []
-        return RequestView(prompt, seq, len(seq), hashes, session_id)
-
+        return None       # the tokenizer must be asked
     return RequestView(prompt, None, 2 * len(prompt), [], session_id)

@@ -59,7 +59,8 @@ def start(app: App, req: Request, endpoint: str) -> Awaitable[None] | None:
     body = parse_json_object(raw)
     if app.router.splitwise:
         return pd.handle(app, req, body, endpoint, req.received)
-    view = fast_view(body, endpoint) if app.fast_views else None
+    view = (fast_view(body, endpoint) if app.fast_views else None) or \
+        app.router.request_view_now(body, endpoint, MIXED)
     if view is None:
         return _mixed_after_view(app, req, raw, body, endpoint)
     MixedRequest(app, req, raw, body, endpoint, view, None).start()
