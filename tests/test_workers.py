@@ -128,25 +128,30 @@ async def test_two_workers_serve_share_registrations_and_stop(router_factory, si
         assert not alive(pid)
 
 
-@bounded(90)
-async def test_cache_affinity_across_workers(router_factory, sims):
-    router = await router_factory(CACHE_AWARE, "--workers", "2")
-    i0, i1 = await sims(2)
+async def prefix_from_worker_0_then_1(router, i0, i1) -> str:
+    """Register both instances; through worker 0 send a cold prompt (→ ``i0``) and a prompt
+    with prefix P (→ ``i1``); then P through worker 1: the instance it picks."""
     for inst in (i0, i1):
         assert await inst.register_once(router.url) == 200
     w0, w1 = await pin(router, 0), await pin(router, 1)
     try:
-        # worker 0: a cold prompt goes to the first instance, the next cold one to the other
         _, h, _ = await w0.post("/v1/chat/completions", chat("Q" + CONTEXT))
         assert h["X-Router-Mixed-URL"] == i0.url
         _, h, _ = await w0.post("/v1/chat/completions", chat("P" + CONTEXT + " question 0"))
         assert h["X-Router-Mixed-URL"] == i1.url
-        await asyncio.sleep(0.05)                            # a few ms: the record reaches worker 1
+        await asyncio.sleep(0.05)                     # a few ms: a record reaches worker 1
         _, h, _ = await w1.post("/v1/chat/completions", chat("P" + CONTEXT + " question 1"))
-        assert h["X-Router-Mixed-URL"] == i1.url             # worker 1 knows where P is cached
+        return h["X-Router-Mixed-URL"]
     finally:
         await w0.close()
         await w1.close()
+
+
+@bounded(90)
+async def test_cache_affinity_across_workers(router_factory, sims):
+    router = await router_factory(CACHE_AWARE, "--workers", "2")
+    i0, i1 = await sims(2)
+    assert await prefix_from_worker_0_then_1(router, i0, i1) == i1.url  # worker 1 knows P
 
     # many requests sharing P, each on a new connection: both workers, one instance
     served_by: dict[int, int] = {}
@@ -170,20 +175,7 @@ async def test_without_prefix_sharing_affinity_is_lost(router_factory, sims, mon
     monkeypatch.setenv("KVROUTER_SHARE_PREFIX", "0")
     router = await router_factory(CACHE_AWARE, "--workers", "2")
     i0, i1 = await sims(2)
-    for inst in (i0, i1):
-        assert await inst.register_once(router.url) == 200
-    w0, w1 = await pin(router, 0), await pin(router, 1)
-    try:
-        _, h, _ = await w0.post("/v1/chat/completions", chat("Q" + CONTEXT))
-        assert h["X-Router-Mixed-URL"] == i0.url
-        _, h, _ = await w0.post("/v1/chat/completions", chat("P" + CONTEXT + " question 0"))
-        assert h["X-Router-Mixed-URL"] == i1.url
-        await asyncio.sleep(0.05)
-        _, h, _ = await w1.post("/v1/chat/completions", chat("P" + CONTEXT + " question 1"))
-        assert h["X-Router-Mixed-URL"] == i0.url             # cold for worker 1: a cache miss
-    finally:
-        await w0.close()
-        await w1.close()
+    assert await prefix_from_worker_0_then_1(router, i0, i1) == i0.url  # cold for worker 1
 
 
 async def _slow_stream(pinned: Pinned) -> None:

@@ -21,7 +21,7 @@ import asyncio
 import collections
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import httptools
 import orjson
@@ -143,6 +143,56 @@ def _accepted(task: asyncio.Task) -> None:
         log.debug("accepted connection failed: %r", task.exception())
 
 
+Address = tuple[int, int, int, tuple]      # family, type, proto, sockaddr
+
+
+def stream_socket(family: int, type_: int, proto: int, *,
+                  reuse_port: bool = False) -> socket.socket:
+    """A listening-to-be socket: ``SO_REUSEADDR`` (and ``SO_REUSEPORT``: several worker
+    processes on one port), IPv6 sockets IPv6-only."""
+    sock = socket.socket(family, type_, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    return sock
+
+
+def bind(sock: socket.socket, addr: tuple) -> None:
+    """``sock.bind(addr)``; the error names the address."""
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        raise OSError(e.errno, f"error while attempting to bind on address {addr!r}: "
+                               f"{(e.strerror or str(e)).lower()}") from None
+
+
+def listening_sockets(addrs: Iterable[Address], *, backlog: int = 2048,
+                      reuse_port: bool = False) -> list[socket.socket]:
+    """Non-blocking listening sockets bound to ``addrs`` (all closed if one fails)."""
+    sockets: list[socket.socket] = []
+    try:
+        for family, type_, proto, addr in addrs:
+            sock = stream_socket(family, type_, proto, reuse_port=reuse_port)
+            sockets.append(sock)
+            bind(sock, addr)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def serve_sockets(handler: Handler, sockets: list[socket.socket], *,
+                  max_body: int) -> tuple[Listener, HttpServer]:
+    """Serve ``handler`` on listening sockets."""
+    http = HttpServer(handler, max_body=max_body)
+    return Listener(http, sockets), http
+
+
 async def start_server(handler: Handler, host: str, port: int, *, max_body: int,
                        backlog: int = 2048) -> tuple[Listener, HttpServer]:
     """Bind ``host:port`` (every address ``host`` resolves to, as ``loop.create_server``
@@ -150,27 +200,8 @@ async def start_server(handler: Handler, host: str, port: int, *, max_body: int,
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host or None, port, family=socket.AF_UNSPEC,
                                    type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    sockets: list[socket.socket] = []
-    try:
-        for family, type_, proto, _, addr in dict.fromkeys(infos):
-            sock = socket.socket(family, type_, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind(addr)
-            except OSError as e:
-                raise OSError(e.errno, f"error while attempting to bind on address {addr!r}: "
-                                       f"{(e.strerror or str(e)).lower()}") from None
-            sock.listen(backlog)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    http = HttpServer(handler, max_body=max_body)
-    return Listener(http, sockets), http
+    addrs = [(family, type_, proto, addr) for family, type_, proto, _, addr in dict.fromkeys(infos)]
+    return serve_sockets(handler, listening_sockets(addrs, backlog=backlog), max_body=max_body)
 
 
 class HttpConnection(asyncio.Protocol):

@@ -5,8 +5,8 @@ Mixed mode is here (contract §1.3, §5.3); PD mode is in :mod:`kvrouter.server.
 
 from __future__ import annotations
 
-import logging
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 

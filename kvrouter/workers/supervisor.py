@@ -37,9 +37,10 @@ import traceback
 import orjson
 
 from kvrouter.config import RouterConfig
+from kvrouter.http.server import Address, bind, stream_socket
 from kvrouter.instance import InstanceInfo
 from kvrouter.workers.channel import socket_pair
-from kvrouter.workers.worker import Address, WorkerContext, reuseport_socket
+from kvrouter.workers.worker import WorkerContext
 
 log = logging.getLogger("kvrouter.workers")
 
@@ -62,26 +63,18 @@ def reserve(host: str, port: int) -> list[socket.socket]:
             try:
                 if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
                     probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                _bind(probe, addr)
+                bind(probe, addr)
                 addr = probe.getsockname()          # the port chosen for port 0
             finally:
                 probe.close()
-            sock = reuseport_socket(family, type_, proto)
+            sock = stream_socket(family, type_, proto, reuse_port=True)
             out.append(sock)
-            _bind(sock, addr)
+            bind(sock, addr)
     except BaseException:
         for sock in out:
             sock.close()
         raise
     return out
-
-
-def _bind(sock: socket.socket, addr) -> None:
-    try:
-        sock.bind(addr)
-    except OSError as e:
-        raise OSError(e.errno, f"error while attempting to bind on address {addr!r}: "
-                               f"{(e.strerror or str(e)).lower()}") from None
 
 
 def supervise(cfg: RouterConfig, static: list[InstanceInfo]) -> int:

@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from kvrouter.http.server import HttpServer, Listener
+from kvrouter.http.server import (
+    Address,
+    HttpServer,
+    Listener,
+    listening_sockets,
+    serve_sockets,
+)
 from kvrouter.workers.sync import SharedPrefixIndex, WorkerSync
 
 if TYPE_CHECKING:
@@ -24,17 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvrouter.workers")
 
-BACKLOG = 2048
-Address = tuple[int, int, int, tuple]      # family, type, proto, sockaddr
-
-
-def reuseport_socket(family: int, type_: int, proto: int) -> socket.socket:
-    sock = socket.socket(family, type_, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    return sock
 
 
 class WorkerContext:
@@ -73,20 +68,8 @@ class WorkerContext:
 
     async def listen(self, handler, max_body: int) -> tuple[Listener, HttpServer]:
         """Bind the supervisor's addresses with SO_REUSEPORT (same contract as start_server)."""
-        socks: list[socket.socket] = []
-        try:
-            for family, type_, proto, addr in self.addrs:
-                sock = reuseport_socket(family, type_, proto)
-                socks.append(sock)
-                sock.bind(addr)
-                sock.listen(BACKLOG)
-                sock.setblocking(False)
-        except BaseException:
-            for sock in socks:
-                sock.close()
-            raise
-        http = HttpServer(handler, max_body=max_body)
-        return Listener(http, socks), http
+        return serve_sockets(handler, listening_sockets(self.addrs, reuse_port=True),
+                             max_body=max_body)
 
     def ready(self, stop: asyncio.Event) -> None:
         """Tell the supervisor this worker serves; ``stop`` is set if the supervisor leaves."""
