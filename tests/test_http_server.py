@@ -407,6 +407,36 @@ async def test_non_stream_keeps_content_length_and_pools_connections():
 
 
 @on_loop
+async def test_pipelined_inference_requests_answered_at_once_and_relayed_in_order():
+    """Requests answered on the spot (no instance: 503, inside the parser's callback) and
+    relayed ones, pipelined in one write: every answer, in order; ``close`` is honoured."""
+    reply = orjson.dumps({"choices": [], "usage": {"prompt_tokens": 1}})
+
+    async def script(inst, head, body):
+        inst.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(reply), reply))
+
+    async with router_app() as (app, port, _http):
+        async with connect(port) as (r, w):
+            w.write(post("/v1/chat/completions", CHAT) * 3)
+            for _ in range(3):
+                status, _, body = await read_response(r)
+                assert status == 503 and orjson.loads(body)["error"]["type"]
+        fake = await FakeInstance(script).start()
+        app.router.registry.add(InstanceInfo(role=Role.MIXED, host="127.0.0.1", scheme="http",
+                                             port=str(fake.port)))
+        async with connect(port) as (r, w):
+            w.write(post("/v1/chat/completions", CHAT) * 2
+                    + post("/v1/chat/completions", CHAT, extra=b"Connection: close\r\n"))
+            for _ in range(3):
+                status, _, body = await read_response(r)
+                assert status == 200 and body == reply
+            assert await r.read() == b""                        # closed after the third
+        assert len(fake.requests) == 3 and in_flight(app) == 0
+        fake.close()
+
+
+@on_loop
 async def test_chunked_and_large_request_bodies_reach_the_instance():
     big = orjson.dumps({"messages": [{"role": "user", "content": "p" * (6 << 20)}]})
 

@@ -148,6 +148,8 @@ class MixedRequest:
             self.lease.release_tokens()
             start_relay(self.req, up, first, self.ref.mixed_tag, self._relayed)
         except Exception:
+            if up is not None:
+                up.close()
             self._crashed()
 
     def _failed(self, error: TransportError) -> None:
