@@ -432,7 +432,15 @@ async def test_pipelined_inference_requests_answered_at_once_and_relayed_in_orde
                 status, _, body = await read_response(r)
                 assert status == 200 and body == reply
             assert await r.read() == b""                        # closed after the third
-        assert len(fake.requests) == 3 and in_flight(app) == 0
+        async with connect(port) as (r, w):   # a malformed one after two good ones
+            w.write(post("/v1/chat/completions", CHAT) * 2 + b"BOGUS\r\n\r\n")
+            for _ in range(2):
+                status, _, body = await read_response(r)
+                assert status == 200 and body == reply
+            status, _, body = await read_response(r)
+            assert status == 400 and orjson.loads(body)["error"]["code"] == "bad_request"
+            assert await r.read() == b""
+        assert len(fake.requests) == 5 and in_flight(app) == 0
         fake.close()
 
 

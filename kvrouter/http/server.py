@@ -406,9 +406,9 @@ class HttpConnection(asyncio.Protocol):
         raise _Stop
 
     def _fail(self, reason: str, status: int = 400) -> None:
-        """A malformed request: 400 (or 431) after the response in progress, then close."""
+        """A malformed request: 400 (or 431) after the answers to the requests read before
+        it, then close."""
         self._discarding = True
-        self._queue.clear()
         self._error = _bad_request_bytes(reason, status)
         if self.active is None and self.transport is not None:
             self.transport.write(self._error)
@@ -471,7 +471,7 @@ class HttpConnection(asyncio.Protocol):
         if self.closed:
             return
         transport = self.transport
-        if self._error is not None:
+        if self._error is not None and not self._queue:
             transport.write(self._error)
             self._linger_close()
             return
