@@ -7,6 +7,7 @@ and per chunk as possible.
 * :mod:`.server`   – the server connection protocol (keep-alive, pipelining, chunked bodies,
   ``Expect: 100-continue``, HTTP/1.0, body limit, flow control) and ``start_server``;
 * :mod:`.routing`  – exact path → method → handler table (404/405 decided by the caller);
+* :mod:`.sockets`  – listening sockets (``SO_REUSEPORT`` for worker processes), ``TCP_NODELAY``;
 * :mod:`.upstream` – pooled keep-alive connections to instances, classified failures, first-byte
   and idle timeouts, pull (``read_chunk``) and push (``relay``) body delivery.
 """

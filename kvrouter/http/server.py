@@ -21,13 +21,14 @@ import asyncio
 import collections
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 
 import httptools
 import orjson
 
 from kvrouter.http.request import Request
 from kvrouter.http.response import JSON, Response, date_header, status_line
+from kvrouter.http.sockets import listening_sockets, set_nodelay
 
 log = logging.getLogger("kvrouter.http")
 
@@ -143,49 +144,6 @@ def _accepted(task: asyncio.Task) -> None:
         log.debug("accepted connection failed: %r", task.exception())
 
 
-Address = tuple[int, int, int, tuple]      # family, type, proto, sockaddr
-
-
-def stream_socket(family: int, type_: int, proto: int, *,
-                  reuse_port: bool = False) -> socket.socket:
-    """A listening-to-be socket: ``SO_REUSEADDR`` (and ``SO_REUSEPORT``: several worker
-    processes on one port), IPv6 sockets IPv6-only."""
-    sock = socket.socket(family, type_, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    return sock
-
-
-def bind(sock: socket.socket, addr: tuple) -> None:
-    """``sock.bind(addr)``; the error names the address."""
-    try:
-        sock.bind(addr)
-    except OSError as e:
-        raise OSError(e.errno, f"error while attempting to bind on address {addr!r}: "
-                               f"{(e.strerror or str(e)).lower()}") from None
-
-
-def listening_sockets(addrs: Iterable[Address], *, backlog: int = 2048,
-                      reuse_port: bool = False) -> list[socket.socket]:
-    """Non-blocking listening sockets bound to ``addrs`` (all closed if one fails)."""
-    sockets: list[socket.socket] = []
-    try:
-        for family, type_, proto, addr in addrs:
-            sock = stream_socket(family, type_, proto, reuse_port=reuse_port)
-            sockets.append(sock)
-            bind(sock, addr)
-            sock.listen(backlog)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
-
-
 def serve_sockets(handler: Handler, sockets: list[socket.socket], *,
                   max_body: int) -> tuple[Listener, HttpServer]:
     """Serve ``handler`` on listening sockets."""
@@ -274,12 +232,7 @@ class HttpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
         self.server.connections.add(self)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except (OSError, AttributeError):
-                pass
+        set_nodelay(transport)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
 

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import socket
 import ssl as ssl_mod
 from collections.abc import Callable
 from typing import Protocol as TypingProtocol
 
 import httptools
+
+from kvrouter.http.sockets import set_nodelay
 
 KEEPALIVE_SECS = 15.0      # idle pooled connections are closed after this long
 MAX_IDLE_PER_TARGET = 512
@@ -173,12 +174,7 @@ class Upstream(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except (OSError, AttributeError):
-                pass
+        set_nodelay(transport)
         self.pool._live.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -271,9 +267,7 @@ class Upstream(asyncio.Protocol):
     # -- exchange ------------------------------------------------------------------------------
     def _message_complete(self) -> None:
         self._eof = True
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self._cancel_idle_timer()
         sink = self._sink
         if sink is not None:
             self._sink = None
@@ -287,15 +281,18 @@ class Upstream(asyncio.Protocol):
         else:
             self._error = BodyFailed(reason, idle_timeout=idle)
         self._keep = False
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self._cancel_idle_timer()
         sink = self._sink
         if sink is not None:
             self._sink = None
             sink.fail(self._error)  # type: ignore[arg-type]
             return
         self._wake()
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
 
     def _wake(self) -> None:
         ready = self._ready
@@ -467,9 +464,7 @@ class Upstream(asyncio.Protocol):
         self._waiter = None
         self._ready = None
         self._put_after_feed = self._wake_after_feed = False
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self._cancel_idle_timer()
         if self.transport is not None and not self.closed:
             self.transport.close()
 

@@ -37,7 +37,7 @@ import traceback
 import orjson
 
 from kvrouter.config import RouterConfig
-from kvrouter.http.server import Address, bind, stream_socket
+from kvrouter.http.sockets import Address, bind, stream_socket
 from kvrouter.instance import InstanceInfo
 from kvrouter.workers.channel import socket_pair
 from kvrouter.workers.worker import WorkerContext

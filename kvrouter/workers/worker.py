@@ -15,13 +15,8 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from kvrouter.http.server import (
-    Address,
-    HttpServer,
-    Listener,
-    listening_sockets,
-    serve_sockets,
-)
+from kvrouter.http.server import HttpServer, Listener, serve_sockets
+from kvrouter.http.sockets import Address, listening_sockets
 from kvrouter.workers.sync import SharedPrefixIndex, WorkerSync
 
 if TYPE_CHECKING:
