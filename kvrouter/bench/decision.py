@@ -56,6 +56,7 @@ from kvrouter.instance import InstanceInfo, Role
 from kvrouter.prefix.index import PrefixIndex
 from kvrouter.prefix.view import build_request_view
 from kvrouter.router import Router
+from kvrouter.sim.cluster.summary import percentile
 
 __all__ = ["DEFAULT_POLICIES", "run", "request_overhead", "main"]
 
@@ -132,11 +133,9 @@ def _register(router: Router, n: int, rng: random.Random) -> list:
     return cands
 
 
-def _pct(sorted_ns: list[int], q: float) -> float:
-    if not sorted_ns:
-        return 0.0
-    k = min(len(sorted_ns) - 1, max(0, round(q * (len(sorted_ns) - 1))))
-    return sorted_ns[k] / 1000.0
+def _us(ns: list[int], q: float) -> float:
+    """Percentile ``q`` (0..100) of nanosecond samples, in µs (0 when there are none)."""
+    return percentile(ns, q) / 1000.0 if ns else 0.0
 
 
 def _hash_bytes(hashes: Sequence[int]) -> bytes:
@@ -236,21 +235,18 @@ async def _measure(policy: str, instances: int, prompt_tokens: int, iterations: 
             strategies[sel.strategy] = strategies.get(sel.strategy, 0) + 1
             hit += sel.hit_blocks
             looked += sel.lookup_blocks
-    view_ns.sort()
-    sel_ns.sort()
-    wall_ns.sort()
     await router.close()
     return {
         "policy": policy,
         "instances": instances,
         "prompt_tokens": prompt_tokens,
         "iterations": iterations,
-        "p50_us": round(_pct(sel_ns, 0.50), 1),
-        "p99_us": round(_pct(sel_ns, 0.99), 1),
-        "view_p50_us": round(_pct(view_ns, 0.50), 1),
-        "view_p99_us": round(_pct(view_ns, 0.99), 1),
-        "wall_p50_us": round(_pct(wall_ns, 0.50), 1),
-        "wall_p99_us": round(_pct(wall_ns, 0.99), 1),
+        "p50_us": round(_us(sel_ns, 50), 1),
+        "p99_us": round(_us(sel_ns, 99), 1),
+        "view_p50_us": round(_us(view_ns, 50), 1),
+        "view_p99_us": round(_us(view_ns, 99), 1),
+        "wall_p50_us": round(_us(wall_ns, 50), 1),
+        "wall_p99_us": round(_us(wall_ns, 99), 1),
         "predicted_hit_rate": round(hit / looked, 3) if looked else 0.0,
         "strategies": strategies,
         "index_size_after": router.index.size,
