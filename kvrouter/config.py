@@ -1,8 +1,14 @@
 """Router configuration: the schema of ``config.yaml`` (fd-router keys plus kvrouter's own).
 
-Field names are the YAML keys with ``-`` replaced by ``_``. Defaults are fd-router's
-(contract §2.3) and kvrouter's (§2.4). :func:`load_config` reads and validates a file
-against this schema (§2.2).
+Each key is declared once, as a field of its section's dataclass: the field name is the YAML
+key with ``-`` replaced by ``_``, the field default is the key's default, and
+``metadata["check"]`` validates and converts a YAML value (or raises ``_Invalid(reason)``).
+The schema :func:`load_config` validates against is derived from these fields. Defaults are
+fd-router's (contract §2.3) and kvrouter's (§2.4); validation follows §2.2.
+
+The scheduler keys of one policy are grouped under its name. The policy reads them through its
+own config type (``kvrouter.policies``: ``from_config``), so they stay flat in the YAML
+(``scheduler.kv-cost-miss-weight``) and on :class:`SchedulerConfig` (``kv_cost_miss_weight``).
 """
 
 from __future__ import annotations
@@ -12,110 +18,15 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import yaml
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
-@dataclass
-class ServerConfig:
-    port: int | None = None
-    host: str = "0.0.0.0"
-    mode: str = "release"
-    splitwise: bool = False
-    name: str = ""
-    connect_timeout_secs: float = 5.0
-    first_byte_timeout_secs: float = 600.0
-    stream_idle_timeout_secs: float = 300.0
-    connect_retries: int = 2
-    max_body_mb: float = 100.0
-    disaggregate_info_format: str = "flat"
-    workers: int = 1               # worker processes (kvrouter.workers); 1 = one process
-
-
-@dataclass
-class SchedulerConfig:
-    policy: str = "request_num"
-    prefill_policy: str = "process_tokens"
-    decode_policy: str = "request_num"
-    eviction_interval_secs: float = 60.0
-    eviction_duration_mins: float = 30.0
-    cache_block_size: int = 64
-    tokenizer_url: str = ""
-    tokenizer_timeout_secs: float = 2.0
-    tokenizer_path: str = ""
-    balance_abs_threshold: float = 1.0
-    balance_rel_threshold: float = 0.2
-    hit_ratio_weight: float = 1.0
-    load_balance_weight: float = 1.0
-    waiting_weight: float = 1.0
-    stats_interval_secs: float = 5.0
-    pd_retry_count: int = 3
-    pd_retry_exclude_decode: bool = True
-    metrics_scrape_interval_secs: float = 2.0
-    metrics_scrape_timeout_secs: float = 1.0
-    cache_max_blocks: int = 200_000
-    # sglang_cache_aware (SGLang router defaults)
-    sglang_cache_threshold: float = 0.3
-    sglang_balance_abs_threshold: float = 64.0
-    sglang_balance_rel_threshold: float = 1.5
-    sglang_miss_policy: str = "min_load"
-    # kv_cost
-    kv_cost_prefill_tokens_per_sec: float = 12000.0
-    kv_cost_decode_weight: float = 0.002
-    kv_cost_exploration: float = 0.01
-    kv_cost_miss_weight: float = 2.0
-    kv_cost_itl_weight: float = 0.1
-    kv_cost_transfer_tokens_per_sec: float = 190000.0
-    kv_cost_chars_per_token: float = 4.0
-
-
-@dataclass
-class ManagerConfig:
-    register_path: str = ""
-    health_failure_threshold: int = 1
-    health_success_threshold: int = 1
-    health_check_timeout_secs: float = 5.0
-    health_check_interval_secs: float = 5.0
-    health_check_endpoint: str = "/health"
-    unhealthy_removal_secs: float = 300.0
-    models_refresh_secs: float = 60.0
-
-
-@dataclass
-class LogConfig:
-    level: str = "info"
-    output: str = "stdout"
-    max_age_days: float = 7.0
-    max_total_size_mb: float = 500.0
-    cleanup_interval_secs: float = 3600.0
-
-
-@dataclass
-class RouterConfig:
-    server: ServerConfig = field(default_factory=ServerConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    manager: ManagerConfig = field(default_factory=ManagerConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    config_path: str | None = None  # the file it was loaded from, for messages
-
-
-#: Every valid policy name: the contract's (§6.2) in its order, then kvrouter's own. The
-#: policies package builds one class per name (checked by its tests).
-POLICY_NAMES: tuple[str, ...] = (
-    "random",
-    "round_robin",
-    "power_of_two",
-    "process_tokens",
-    "request_num",
-    "fd_metrics_score",
-    "fd_remote_metrics_score",
-    "cache_aware",
-    "remote_cache_aware",
-    "sglang_cache_aware",
-    "kv_cost",
-)
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warn", "error")
 
 MAX_WORKERS = 64
@@ -124,59 +35,6 @@ PORT_MISSING = "Failed to load config: failed to set router listen port"
 
 class ConfigError(Exception):
     """A configuration problem that prevents startup; ``str(err)`` is the message to print."""
-
-
-def load_config(
-    path: str | None, *, port: int | None = None, splitwise: bool = False,
-    workers: int | None = None,
-) -> tuple[RouterConfig, list[str]]:
-    """Load and validate ``config.yaml`` (contract §2.2–2.4), then apply the CLI flags.
-
-    ``path`` None or ``""`` means defaults only. ``port`` (``--port``) overrides
-    ``server.port``; ``splitwise`` (``--splitwise``) is OR-ed with ``server.splitwise``;
-    ``workers`` (``--workers``) overrides ``server.workers``.
-    A key whose value is YAML null counts as unset. Returns the config and the warnings
-    (unknown keys); raises :class:`ConfigError` on any invalid value.
-    """
-    config = RouterConfig(config_path=path or None)
-    warnings: list[str] = []
-    if path:
-        _apply(config, read_yaml_file(path), path, warnings)
-        _check_consistency(config, path)
-        _resolve_paths(config, path)
-    if port is not None:
-        if not 0 <= port <= 65535:
-            raise ConfigError(f"config error: --port: must be between 0 and 65535, got {port}")
-        config.server.port = port
-    if workers is not None:
-        if not 1 <= workers <= MAX_WORKERS:
-            raise ConfigError(f"config error: --workers: must be between 1 and {MAX_WORKERS}, "
-                              f"got {workers}")
-        config.server.workers = workers
-    if config.server.port is None:
-        raise ConfigError(PORT_MISSING)
-    config.server.splitwise = config.server.splitwise or splitwise
-    return config, warnings
-
-
-def read_yaml_file(path: str) -> object:
-    """Parse a YAML file; read and syntax errors become :class:`ConfigError` naming the file."""
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-    except OSError as exc:
-        raise ConfigError(f"config error: {path}: cannot read file: {exc.strerror or exc}") from exc
-    try:
-        return yaml.safe_load(raw)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(
-            f"config error: {path}: invalid YAML{where}: {exc.problem or exc.context}"
-        ) from exc
-    except yaml.YAMLError as exc:
-        detail = " ".join(str(exc).split())
-        raise ConfigError(f"config error: {path}: invalid YAML: {detail}") from exc
 
 
 _LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", re.IGNORECASE)
@@ -225,9 +83,8 @@ def _to_int(value: object) -> int:
 
 def _to_float(value: object) -> float:
     number: float | None = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+    if ((isinstance(value, (int, float)) and not isinstance(value, bool))
+            or (isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()))):
         number = float(value)
     if number is None or not math.isfinite(number):
         raise _Invalid(f"must be a number, got {_show(value)}")
@@ -292,9 +149,16 @@ def _choice(*choices: str, fold: bool = False) -> Checker:
 
 
 def _policy(value: object) -> str:
+    """A registered policy name (``kvrouter.policies.policy_names()``)."""
+    # Imported here, not at the top: kvrouter.policies depends on this module (SchedulerConfig),
+    # and loading it pulls in numpy and the prefix index, which reading a file does not need.
+    from kvrouter.policies import policy_class
+
     name = _text(value)
-    if name not in POLICY_NAMES:
-        raise _Invalid(f"unknown policy '{name}' (valid: {', '.join(POLICY_NAMES)})")
+    try:
+        policy_class(name)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
     return name
 
 
@@ -325,72 +189,167 @@ def _url(value: object) -> str:
     return url
 
 
+# --- the sections: one field per key (default and check side by side) ----------------------
+
+
+@dataclass
+class ServerConfig:
+    port: int | None = field(default=None, metadata={"check": _int(0, 65535)})
+    host: str = field(default="0.0.0.0", metadata={"check": _bind_host})
+    mode: str = field(default="release", metadata={"check": _choice("debug", "release", "test")})
+    splitwise: bool = field(default=False, metadata={"check": _bool})
+    name: str = field(default="", metadata={"check": _label})
+    connect_timeout_secs: float = field(default=5.0, metadata={"check": _num(0)})
+    first_byte_timeout_secs: float = field(default=600.0, metadata={"check": _num(0)})
+    stream_idle_timeout_secs: float = field(default=300.0, metadata={"check": _num(0)})
+    connect_retries: int = field(default=2, metadata={"check": _int(0)})
+    max_body_mb: float = field(default=100.0, metadata={"check": _num(0, strict=True)})
+    disaggregate_info_format: str = field(
+        default="flat", metadata={"check": _choice("flat", "nested")})
+    # worker processes (kvrouter.workers); 1 = one process
+    workers: int = field(default=1, metadata={"check": _int(1, MAX_WORKERS)})
+
+
+@dataclass
+class SchedulerConfig:
+    policy: str = field(default="request_num", metadata={"check": _policy})
+    prefill_policy: str = field(default="process_tokens", metadata={"check": _policy})
+    decode_policy: str = field(default="request_num", metadata={"check": _policy})
+    eviction_interval_secs: float = field(default=60.0, metadata={"check": _num(0)})
+    eviction_duration_mins: float = field(default=30.0, metadata={"check": _num(0)})
+    cache_block_size: int = field(default=64, metadata={"check": _int(1)})
+    tokenizer_url: str = field(default="", metadata={"check": _url})
+    tokenizer_timeout_secs: float = field(default=2.0, metadata={"check": _num(0, strict=True)})
+    tokenizer_path: str = field(default="", metadata={"check": _text})
+    stats_interval_secs: float = field(default=5.0, metadata={"check": _num(0)})
+    pd_retry_count: int = field(default=3, metadata={"check": _int(0)})
+    pd_retry_exclude_decode: bool = field(default=True, metadata={"check": _bool})
+    metrics_scrape_interval_secs: float = field(
+        default=2.0, metadata={"check": _num(0, strict=True)})
+    metrics_scrape_timeout_secs: float = field(
+        default=1.0, metadata={"check": _num(0, strict=True)})
+    cache_max_blocks: int = field(default=200_000, metadata={"check": _int(1)})
+    # cache_aware, remote_cache_aware (policies.cache_aware.CacheAwareConfig)
+    balance_abs_threshold: float = field(default=1.0, metadata={"check": _num(0)})
+    balance_rel_threshold: float = field(default=0.2, metadata={"check": _num(0, 1)})
+    hit_ratio_weight: float = field(default=1.0, metadata={"check": _num(0)})
+    load_balance_weight: float = field(default=1.0, metadata={"check": _num(0)})
+    # fd_metrics_score, fd_remote_metrics_score
+    waiting_weight: float = field(default=1.0, metadata={"check": _num(0)})
+    # sglang_cache_aware: sglang-* (policies.sglang.SglangConfig; SGLang router defaults)
+    sglang_cache_threshold: float = field(default=0.3, metadata={"check": _num(0, 1)})
+    sglang_balance_abs_threshold: float = field(default=64.0, metadata={"check": _num(0)})
+    sglang_balance_rel_threshold: float = field(default=1.5, metadata={"check": _num(0)})
+    sglang_miss_policy: str = field(
+        default="min_load", metadata={"check": _choice("min_load", "smallest_tree")})
+    # kv_cost: kv-cost-* (policies.kv_cost.KvCostConfig), and cache-block-size
+    kv_cost_prefill_tokens_per_sec: float = field(
+        default=12000.0, metadata={"check": _num(0, strict=True)})
+    kv_cost_decode_weight: float = field(default=0.002, metadata={"check": _num(0)})
+    kv_cost_exploration: float = field(default=0.01, metadata={"check": _num(0, 1)})
+    kv_cost_miss_weight: float = field(default=2.0, metadata={"check": _num(0)})
+    kv_cost_itl_weight: float = field(default=0.1, metadata={"check": _num(0)})
+    kv_cost_transfer_tokens_per_sec: float = field(default=190000.0, metadata={"check": _num(0)})
+    kv_cost_chars_per_token: float = field(default=4.0, metadata={"check": _num(0, strict=True)})
+
+
+@dataclass
+class ManagerConfig:
+    register_path: str = field(default="", metadata={"check": _text})
+    health_failure_threshold: int = field(default=1, metadata={"check": _int(1)})
+    health_success_threshold: int = field(default=1, metadata={"check": _int(1)})
+    health_check_timeout_secs: float = field(default=5.0, metadata={"check": _num(0, strict=True)})
+    health_check_interval_secs: float = field(
+        default=5.0, metadata={"check": _num(0, strict=True)})
+    health_check_endpoint: str = field(default="/health", metadata={"check": _endpoint})
+    unhealthy_removal_secs: float = field(default=300.0, metadata={"check": _num(0)})
+    models_refresh_secs: float = field(default=60.0, metadata={"check": _num(0, strict=True)})
+
+
+@dataclass
+class LogConfig:
+    level: str = field(default="info", metadata={"check": _choice(*LOG_LEVELS, fold=True)})
+    output: str = field(default="stdout", metadata={"check": _choice("stdout", "file")})
+    max_age_days: float = field(default=7.0, metadata={"check": _num(0)})
+    max_total_size_mb: float = field(default=500.0, metadata={"check": _num(0)})
+    cleanup_interval_secs: float = field(default=3600.0, metadata={"check": _num(0, strict=True)})
+
+
+@dataclass
+class RouterConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    manager: ManagerConfig = field(default_factory=ManagerConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    config_path: str | None = None  # the file it was loaded from, for messages
+
+
+def _section_schema(
+    section: DataclassInstance | type[DataclassInstance],
+) -> dict[str, Checker]:
+    """YAML key → check, from the fields of a section dataclass."""
+    return {f.name.replace("_", "-"): f.metadata["check"] for f in fields(section)}
+
+
+#: section → YAML key → check; the sections are the dataclass-valued fields of RouterConfig.
 _SCHEMA: dict[str, dict[str, Checker]] = {
-    "server": {
-        "port": _int(0, 65535),
-        "host": _bind_host,
-        "mode": _choice("debug", "release", "test"),
-        "splitwise": _bool,
-        "name": _label,
-        "connect-timeout-secs": _num(0),
-        "first-byte-timeout-secs": _num(0),
-        "stream-idle-timeout-secs": _num(0),
-        "connect-retries": _int(0),
-        "max-body-mb": _num(0, strict=True),
-        "disaggregate-info-format": _choice("flat", "nested"),
-        "workers": _int(1, MAX_WORKERS),
-    },
-    "scheduler": {
-        "policy": _policy,
-        "prefill-policy": _policy,
-        "decode-policy": _policy,
-        "eviction-interval-secs": _num(0),
-        "eviction-duration-mins": _num(0),
-        "cache-block-size": _int(1),
-        "tokenizer-url": _url,
-        "tokenizer-timeout-secs": _num(0, strict=True),
-        "tokenizer-path": _text,
-        "balance-abs-threshold": _num(0),
-        "balance-rel-threshold": _num(0, 1),
-        "hit-ratio-weight": _num(0),
-        "load-balance-weight": _num(0),
-        "waiting-weight": _num(0),
-        "stats-interval-secs": _num(0),
-        "pd-retry-count": _int(0),
-        "pd-retry-exclude-decode": _bool,
-        "metrics-scrape-interval-secs": _num(0, strict=True),
-        "metrics-scrape-timeout-secs": _num(0, strict=True),
-        "cache-max-blocks": _int(1),
-        "sglang-cache-threshold": _num(0, 1),
-        "sglang-balance-abs-threshold": _num(0),
-        "sglang-balance-rel-threshold": _num(0),
-        "sglang-miss-policy": _choice("min_load", "smallest_tree"),
-        "kv-cost-prefill-tokens-per-sec": _num(0, strict=True),
-        "kv-cost-decode-weight": _num(0),
-        "kv-cost-exploration": _num(0, 1),
-        "kv-cost-miss-weight": _num(0),
-        "kv-cost-itl-weight": _num(0),
-        "kv-cost-transfer-tokens-per-sec": _num(0),
-        "kv-cost-chars-per-token": _num(0, strict=True),
-    },
-    "manager": {
-        "register-path": _text,
-        "health-failure-threshold": _int(1),
-        "health-success-threshold": _int(1),
-        "health-check-timeout-secs": _num(0, strict=True),
-        "health-check-interval-secs": _num(0, strict=True),
-        "health-check-endpoint": _endpoint,
-        "unhealthy-removal-secs": _num(0),
-        "models-refresh-secs": _num(0, strict=True),
-    },
-    "log": {
-        "level": _choice(*LOG_LEVELS, fold=True),
-        "output": _choice("stdout", "file"),
-        "max-age-days": _num(0),
-        "max-total-size-mb": _num(0),
-        "cleanup-interval-secs": _num(0, strict=True),
-    },
+    name: _section_schema(value)
+    for name, value in vars(RouterConfig()).items()
+    if is_dataclass(value)
 }
+
+
+def load_config(
+    path: str | None, *, port: int | None = None, splitwise: bool = False,
+    workers: int | None = None,
+) -> tuple[RouterConfig, list[str]]:
+    """Load and validate ``config.yaml`` (contract §2.2–2.4), then apply the CLI flags.
+
+    ``path`` None or ``""`` means defaults only. ``port`` (``--port``) overrides
+    ``server.port``; ``splitwise`` (``--splitwise``) is OR-ed with ``server.splitwise``;
+    ``workers`` (``--workers``) overrides ``server.workers``.
+    A key whose value is YAML null counts as unset. Returns the config and the warnings
+    (unknown keys); raises :class:`ConfigError` on any invalid value.
+    """
+    config = RouterConfig(config_path=path or None)
+    warnings: list[str] = []
+    if path:
+        _apply(config, read_yaml_file(path), path, warnings)
+        _check_consistency(config, path)
+        _resolve_paths(config, path)
+    if port is not None:
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"config error: --port: must be between 0 and 65535, got {port}")
+        config.server.port = port
+    if workers is not None:
+        if not 1 <= workers <= MAX_WORKERS:
+            raise ConfigError(f"config error: --workers: must be between 1 and {MAX_WORKERS}, "
+                              f"got {workers}")
+        config.server.workers = workers
+    if config.server.port is None:
+        raise ConfigError(PORT_MISSING)
+    config.server.splitwise = config.server.splitwise or splitwise
+    return config, warnings
+
+
+def read_yaml_file(path: str) -> object:
+    """Parse a YAML file; read and syntax errors become :class:`ConfigError` naming the file."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"config error: {path}: cannot read file: {exc.strerror or exc}") from exc
+    try:
+        return yaml.safe_load(raw)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(
+            f"config error: {path}: invalid YAML{where}: {exc.problem or exc.context}"
+        ) from exc
+    except yaml.YAMLError as exc:
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"config error: {path}: invalid YAML: {detail}") from exc
 
 
 def _error(path: str, key: str, reason: object) -> ConfigError:

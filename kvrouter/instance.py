@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from kvrouter.config import ConfigError, is_hostname, read_yaml_file
 
 
-class Role(str, enum.Enum):
+class Role(str, enum.Enum):  # noqa: UP042 - str() must stay "Role.MIXED", not "mixed"
     MIXED = "mixed"
     PREFILL = "prefill"
     DECODE = "decode"

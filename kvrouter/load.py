@@ -10,10 +10,15 @@ Besides ``T`` (the token estimate), a lease carries its estimated **uncached pre
 prefix cache). It is held from dispatch until the same point as ``T`` (the first response byte
 of a mixed leg, the prefill's first byte in PD) and summed per instance in
 ``Load.prefill_tokens`` (with ``prefill_leases`` legs holding it; ``pending_prefill`` and
-``pending_prefill_leases`` are the part dispatched after the latest snapshot); the ``kv_cost`` policy reads it as the queued
-prefill work. The dispatching code does not know the estimate: the policy that chose the
-instance *stages* it with :meth:`Load.stage_prefill` and the next :meth:`Load.acquire` on that
-instance takes it (a lease acquired with nothing staged carries ``prefill = tokens``).
+``pending_prefill_leases`` are the part dispatched after the latest snapshot); the ``kv_cost``
+policy reads it as the queued prefill work. The dispatcher passes the estimate to
+:meth:`Load.acquire` (``prefill=``, the policy's ``Selection.prefill_estimate``); a lease
+acquired without one carries ``prefill = tokens``.
+
+When routing state is shared (:mod:`kvrouter.shared`), the counters also include the other
+routers' in-flight legs: :meth:`Load.share` is this process's own part, and
+:meth:`Load.set_remote` adds the sum of the others' (a :class:`LoadShare`) into the same fields
+the policies read, so a decision costs nothing more.
 """
 
 from __future__ import annotations
@@ -23,6 +28,32 @@ import time
 from dataclasses import dataclass, field
 
 log = logging.getLogger("kvrouter.load")
+
+
+@dataclass(slots=True)
+class LoadShare:
+    """One router's part of an instance's in-flight counters (the :class:`Load` fields of the
+    same names), or the sum of several routers' parts. A value: never changed once made."""
+
+    requests: int = 0
+    tokens: int = 0
+    prefill_tokens: int = 0
+    prefill_leases: int = 0
+    pending: int = 0
+    pending_prefill: int = 0
+    pending_prefill_leases: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.requests or self.tokens or self.prefill_tokens or self.prefill_leases
+                    or self.pending or self.pending_prefill or self.pending_prefill_leases)
+
+    def __add__(self, other: LoadShare) -> LoadShare:
+        return LoadShare(
+            self.requests + other.requests, self.tokens + other.tokens,
+            self.prefill_tokens + other.prefill_tokens,
+            self.prefill_leases + other.prefill_leases, self.pending + other.pending,
+            self.pending_prefill + other.pending_prefill,
+            self.pending_prefill_leases + other.pending_prefill_leases)
 
 
 @dataclass(eq=False)
@@ -37,28 +68,16 @@ class Load:
     prefill_leases: int = 0        # legs holding a prefill estimate
     pending_prefill: int = 0       # the part of prefill_tokens dispatched after the snapshot
     pending_prefill_leases: int = 0  # legs holding it
-    #: kvrouter.workers: the other worker processes' share of the seven counters above
-    #: (``requests`` … ``pending_prefill_leases``), already included in them
-    remote: list[int] | None = field(default=None, repr=False)
-    _staged_prefill: int | None = field(default=None, repr=False)
-    _leases: set["Lease"] = field(default_factory=set, repr=False)
-
-    def stage_prefill(self, prefill: int) -> None:
-        """Announce the uncached prefill work of the leg about to be acquired on this
-        instance (a policy calls this for the instance it chose; the next ``acquire`` takes
-        it, a later ``stage_prefill`` replaces it)."""
-        self._staged_prefill = max(0, int(prefill))
+    #: the other routers' part of the counters above (already included in them), or ``None``
+    remote: LoadShare | None = field(default=None, repr=False)
+    _leases: set[Lease] = field(default_factory=set, repr=False)
 
     def acquire(self, tokens: int, now: float | None = None,
-                prefill: int | None = None) -> "Lease":
+                prefill: int | None = None) -> Lease:
         """Count one dispatched leg; ``now`` is the clock of the metrics snapshots
         (``time.monotonic()`` by default; the virtual clock in a simulation). ``prefill`` is
-        the leg's uncached prefill estimate: the given value, else the staged one, else
-        ``tokens``."""
-        if prefill is None:
-            prefill = self._staged_prefill if self._staged_prefill is not None else tokens
-        self._staged_prefill = None
-        prefill = max(0, int(prefill))
+        the leg's uncached prefill estimate (``None``: ``tokens``)."""
+        prefill = max(0, int(tokens if prefill is None else prefill))
         lease = Lease(self, tokens, time.monotonic() if now is None else now, prefill)
         self.requests += 1
         self.tokens += tokens
@@ -81,13 +100,54 @@ class Load:
                 if lease._tokens_held:
                     pending_prefill += lease.prefill
                     pending_prefill_leases += 1
-        if self.remote is not None:     # the other worker processes' pending legs stay counted
-            pending += self.remote[4]
-            pending_prefill += self.remote[5]
-            pending_prefill_leases += self.remote[6]
+        remote = self.remote
+        if remote is not None:          # the other routers' pending legs stay counted
+            pending += remote.pending
+            pending_prefill += remote.pending_prefill
+            pending_prefill_leases += remote.pending_prefill_leases
         self.pending = pending
         self.pending_prefill = pending_prefill
         self.pending_prefill_leases = pending_prefill_leases
+
+    def share(self) -> LoadShare | None:
+        """This process's own part of the counters (the others' :attr:`remote` part taken
+        out), ``None`` when it is all zero."""
+        r = self.remote
+        if r is None:
+            if not (self.requests or self.tokens or self.prefill_tokens or self.prefill_leases
+                    or self.pending or self.pending_prefill or self.pending_prefill_leases):
+                return None
+            return LoadShare(self.requests, self.tokens, self.prefill_tokens,
+                             self.prefill_leases, self.pending, self.pending_prefill,
+                             self.pending_prefill_leases)
+        own = LoadShare(
+            max(0, self.requests - r.requests), max(0, self.tokens - r.tokens),
+            max(0, self.prefill_tokens - r.prefill_tokens),
+            max(0, self.prefill_leases - r.prefill_leases), max(0, self.pending - r.pending),
+            max(0, self.pending_prefill - r.pending_prefill),
+            max(0, self.pending_prefill_leases - r.pending_prefill_leases))
+        return own if own else None
+
+    def set_remote(self, remote: LoadShare | None) -> None:
+        """Replace the other routers' part of the counters with ``remote`` (their new sum):
+        each counter moves by the difference, never below zero."""
+        old = self.remote or _ZERO
+        new = remote or _ZERO
+        if new == old:
+            return
+        self.requests = max(0, self.requests + new.requests - old.requests)
+        self.tokens = max(0, self.tokens + new.tokens - old.tokens)
+        self.prefill_tokens = max(0, self.prefill_tokens + new.prefill_tokens
+                                  - old.prefill_tokens)
+        self.prefill_leases = max(0, self.prefill_leases + new.prefill_leases
+                                  - old.prefill_leases)
+        self.pending = max(0, self.pending + new.pending - old.pending)
+        self.pending_prefill = max(0, self.pending_prefill + new.pending_prefill
+                                   - old.pending_prefill)
+        self.pending_prefill_leases = max(0, self.pending_prefill_leases
+                                          + new.pending_prefill_leases
+                                          - old.pending_prefill_leases)
+        self.remote = new if new else None
 
     @property
     def decoding(self) -> int:
@@ -102,7 +162,7 @@ class Load:
 class Lease:
     """One leg's share of an instance's load; each part is released at most once."""
 
-    __slots__ = ("load", "tokens", "prefill", "dispatched_at", "_tokens_held", "_request_held")
+    __slots__ = ("_request_held", "_tokens_held", "dispatched_at", "load", "prefill", "tokens")
 
     def __init__(self, load: Load, tokens: int, dispatched_at: float, prefill: int = 0) -> None:
         self.load = load
@@ -146,3 +206,6 @@ class Lease:
     def release(self) -> None:
         self.release_tokens()
         self.release_request()
+
+
+_ZERO = LoadShare()

@@ -10,14 +10,16 @@ from __future__ import annotations
 import math
 import time
 from bisect import bisect_left
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Sequence
+from dataclasses import astuple, dataclass
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
+    Metric,
 )
 from prometheus_client.utils import floatToGoString
 
@@ -39,7 +41,10 @@ except ImportError:  # pragma: no cover
 # HELP, labels, ``_total``/``_bucket``/``_sum``/``_count``) with cached children and plain adds.
 
 
-class _Family:
+_C = TypeVar("_C")
+
+
+class Family(Generic[_C]):
     """A labelled family: ``labels(*values)`` returns a cached child (values as given)."""
 
     kind = ""
@@ -49,16 +54,29 @@ class _Family:
         self._name = name
         self._documentation = documentation
         self._labelnames = tuple(labelnames)
-        self._metrics: dict[tuple[str, ...], object] = {}
-        self._cache: dict[tuple, object] = {}
-        self._self = None if self._labelnames else self._child()
+        self._metrics: dict[tuple[str, ...], _C] = {}
+        self._cache: dict[tuple, _C] = {}
+        self._self: _C | None = None if self._labelnames else self._child()
         if registry is not None:
             registry.register(self)
 
-    def _child(self):
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def _child(self) -> _C:
         raise NotImplementedError
 
-    def labels(self, *values):
+    def _family(self) -> Metric:
+        raise NotImplementedError
+
+    def collect(self) -> Iterable[Metric]:
+        raise NotImplementedError
+
+    def _no_labels(self) -> ValueError:
+        return ValueError(f"{self._name}: labels {self._labelnames} expected")
+
+    def labels(self, *values) -> _C:
         child = self._cache.get(values)
         if child is None:
             if len(values) != len(self._labelnames):
@@ -74,7 +92,7 @@ class _Family:
         self._metrics.pop(tuple(str(v) for v in values), None)
         self._cache.clear()
 
-    def _series(self):
+    def _series(self) -> list[tuple[tuple[str, ...], _C]]:
         if self._self is not None:
             return [((), self._self)]
         return list(self._metrics.items())
@@ -95,14 +113,17 @@ class _CounterValue:
         self.value += amount
 
 
-class FastCounter(_Family):
+class FastCounter(Family[_CounterValue]):
     """A counter (exposed as ``<name>_total``)."""
 
     def _child(self) -> _CounterValue:
         return _CounterValue()
 
     def inc(self, amount: float = 1) -> None:
-        self._self.inc(amount)
+        child = self._self
+        if child is None:
+            raise self._no_labels()
+        child.inc(amount)
 
     def _family(self) -> CounterMetricFamily:
         return CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
@@ -127,7 +148,7 @@ class _HistogramValue:
         self.sum += amount
 
 
-class FastHistogram(_Family):
+class FastHistogram(Family[_HistogramValue]):
     """A histogram with fixed upper bounds (``+Inf`` appended)."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (),
@@ -144,7 +165,10 @@ class FastHistogram(_Family):
         return _HistogramValue(self._bounds)
 
     def observe(self, amount: float) -> None:
-        self._self.observe(amount)
+        child = self._self
+        if child is None:
+            raise self._no_labels()
+        child.observe(amount)
 
     def _family(self) -> HistogramMetricFamily:
         return HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
@@ -153,7 +177,7 @@ class FastHistogram(_Family):
         fam = self._family()
         for key, child in self._series():
             acc, buckets = 0, []
-            for le, n in zip(self._les, child.counts):
+            for le, n in zip(self._les, child.counts, strict=True):
                 acc += n
                 buckets.append((le, acc))
             fam.add_metric(list(key), buckets, child.sum)
@@ -229,6 +253,102 @@ class RouterMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    # -- several routers' counters (kvrouter.shared) ---------------------------------------------
+    def stats_totals(self) -> StatsTotals:
+        """This router's running totals of the counters the ``[stats]`` line reports."""
+        return StatsTotals(
+            counter_total(self.cache_hit), counter_total(self.cache_request),
+            counter_total(self.hit_blocks), counter_total(self.lookup_blocks),
+            counter_total(self.backend_cached_tokens), counter_total(self.backend_prompt_tokens))
+
+    def summed_families(self) -> list[Family]:
+        """The counter and histogram families updated by events, which several routers'
+        answers sum. (The gauges computed from the registry already show shared values, and
+        the prefix-index series describe one router's copy of the index.)"""
+        return [v for v in vars(self).values() if isinstance(v, Family)]
+
+    def counter_samples(self) -> CounterSamples:
+        """The samples of :meth:`summed_families`, as JSON-ready lists (what another router
+        adds to its answer with :meth:`render_merged`)."""
+        out: CounterSamples = {}
+        for family in self.summed_families():
+            for metric in family.collect():
+                out[metric.name] = [[s.name, s.labels, s.value] for s in metric.samples]
+        return out
+
+    def render_merged(self, others: Sequence[CounterSamples],
+                      extra: Iterable[Metric] = ()) -> bytes:
+        """This router's exposition with ``others``' :meth:`counter_samples` added to the
+        summed families, and ``extra`` metrics appended."""
+        summed = {f.name for f in self.summed_families()}
+        merged = []
+        for metric in self.registry.collect():
+            if metric.name in summed and others:
+                metric = _merge(metric, others)
+            merged.append(metric)
+        merged.extend(extra)
+        return generate_latest(_Collected(merged))
+
+
+#: ``{family name: [[sample name, labels, value], …]}``
+CounterSamples = dict[str, list[list]]
+
+
+@dataclass(slots=True)
+class StatsTotals:
+    """Running totals of the counters behind the ``[stats]`` line (summed over label sets)."""
+
+    cache_hits: float = 0.0
+    cache_requests: float = 0.0
+    hit_blocks: float = 0.0
+    lookup_blocks: float = 0.0
+    cached_tokens: float = 0.0
+    prompt_tokens: float = 0.0
+
+    def __add__(self, other: StatsTotals) -> StatsTotals:
+        return StatsTotals(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+    def __sub__(self, other: StatsTotals) -> StatsTotals:
+        return StatsTotals(*(a - b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+    def as_list(self) -> list[float]:
+        return list(astuple(self))
+
+
+def counter_total(metric: Family) -> float:
+    """Sum of a counter over all its label sets."""
+    return sum(s.value for fam in metric.collect() for s in fam.samples
+               if s.name.endswith("_total"))
+
+
+def _merge(metric: Metric, others: Sequence[CounterSamples]) -> Metric:
+    """``metric`` with the samples of the same name in ``others`` added (by name + labels)."""
+    acc: dict[tuple, list] = {}
+    for s in metric.samples:
+        acc[(s.name, tuple(sorted(s.labels.items())))] = [s.labels, s.value]
+    for dump in others:
+        for name, labels, value in dump.get(metric.name, ()):
+            key = (name, tuple(sorted(labels.items())))
+            slot = acc.get(key)
+            if slot is None:
+                acc[key] = [labels, value]
+            else:
+                slot[1] += value
+    out = Metric(metric.name, metric.documentation, metric.type)
+    for (name, _), (labels, value) in acc.items():
+        out.add_sample(name, labels, value)
+    return out
+
+
+class _Collected:
+    """A fixed list of metrics as a collector (for ``generate_latest``)."""
+
+    def __init__(self, metrics: list[Metric]) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> list[Metric]:
+        return self._metrics
 
 
 class StateCollector:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Literal, overload
 
+from kvrouter.backends.snapshot import MetricsSnapshot
 from kvrouter.instance import InstanceInfo, Role
 from kvrouter.load import Load
-from kvrouter.snapshot import MetricsSnapshot
 
 HEALTHY = "healthy"
 UNHEALTHY = "unhealthy"
@@ -99,8 +100,23 @@ class Registry:
     def count_routable(self) -> dict[str, int]:
         return {r.value: len(self.candidates(r)) for r in Role}
 
-    def loads(self) -> dict[str, Load]:
+    def loads(self) -> Mapping[str, Load]:
+        """The in-flight counters by identity (also of removed instances still in flight)."""
         return self._loads
+
+    @overload
+    def load_for(self, identity: str, *, create: Literal[True]) -> Load: ...
+    @overload
+    def load_for(self, identity: str, *, create: bool = False) -> Load | None: ...
+
+    def load_for(self, identity: str, *, create: bool = False) -> Load | None:
+        """The counters of ``identity``; with ``create``, new ones if it has none yet (another
+        router's legs on an instance this one has not registered yet: :mod:`kvrouter.shared`).
+        """
+        load = self._loads.get(identity)
+        if load is None and create:
+            load = self._loads[identity] = Load()
+        return load
 
     # -- changes ----------------------------------------------------------------------------
     def changed(self) -> None:

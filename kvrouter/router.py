@@ -4,22 +4,26 @@ tasks and metrics, and the one place where a policy is asked to choose."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from collections.abc import Callable
 
 from kvrouter import errors
 from kvrouter.config import RouterConfig
-from kvrouter.health import HealthMonitor
+from kvrouter.control.health import HealthMonitor
+from kvrouter.control.scraper import MetricsScraper, ModelsCache
+from kvrouter.control.transport import Transport
 from kvrouter.instance import Role
-from kvrouter.metrics import RouterMetrics
+from kvrouter.metrics import RouterMetrics, StatsTotals
 from kvrouter.policies import make_policy
 from kvrouter.policies.base import Policy, RequestView, Selection
+from kvrouter.policies.cache_aware import SessionAffinity
 from kvrouter.prefix.index import PrefixIndex
 from kvrouter.prefix.tokenizer import make_tokenizer
 from kvrouter.prefix.view import build_request_view, build_request_view_now
 from kvrouter.registry import Instance, Registry
-from kvrouter.scraper import MetricsScraper, ModelsCache
-from kvrouter.server.transport import Transport
+from kvrouter.shared import SharedState
 
 log = logging.getLogger("kvrouter.router")
 
@@ -27,16 +31,20 @@ log = logging.getLogger("kvrouter.router")
 class Router:
     """Everything a request handler needs, built once from the configuration."""
 
-    def __init__(self, cfg: RouterConfig, index: PrefixIndex | None = None) -> None:
+    def __init__(self, cfg: RouterConfig, index: PrefixIndex | None = None,
+                 shared: SharedState | None = None) -> None:
+        """``shared``: the routing state shared with other routers (:mod:`kvrouter.shared`;
+        default: nothing shared). ``index``: a prefix index to use instead of
+        ``shared.make_index(...)``."""
         self.cfg = cfg
+        self.shared = shared if shared is not None else SharedState()
         s, sch, m = cfg.server, cfg.scheduler, cfg.manager
         self.splitwise = s.splitwise
         self.mode = "splitwise" if s.splitwise else "mixed"
         self.metrics = RouterMetrics()
-        self.transport = Transport(s.connect_timeout_secs, s.first_byte_timeout_secs,
-                                   s.stream_idle_timeout_secs)
+        self.transport = Transport(s.connect_timeout_secs)
         self.registry = Registry(stale_after=3 * sch.metrics_scrape_interval_secs)
-        self.index = index if index is not None else PrefixIndex(  # kvrouter.workers passes its own
+        self.index = index if index is not None else self.shared.make_index(
             sch.cache_max_blocks, sch.eviction_duration_mins * 60)
         self.tokenizer = make_tokenizer(sch, lambda: self.transport.session)
         names = ({Role.PREFILL: sch.prefill_policy, Role.DECODE: sch.decode_policy}
@@ -53,8 +61,21 @@ class Router:
         self.registry.on_added.append(self._on_added)
         self.registry.on_removed.append(self._on_removed)
         self._tasks: set[asyncio.Task] = set()
-        self._stats_prev = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-        self.remote_totals = None  # kvrouter.workers: the other processes' _interval_deltas sums
+        self._stats_prev = StatsTotals()
+        # the routing state other routers see: registry changes, session observations (the
+        # index made by shared.make_index reports its records itself)
+        shared_ = self.shared
+        self.registry.on_added.append(shared_.instance_added)
+        self.registry.on_changed.append(shared_.instance_changed)
+        self.registry.on_removed.append(shared_.instance_removed)
+        #: the session-affinity memory of each role whose policy keeps one
+        self.sessions: dict[Role, SessionAffinity] = {}
+        for role, policy in self.policies.items():
+            sessions = getattr(policy, "sessions", None)
+            if isinstance(sessions, SessionAffinity):
+                sessions.add_listener(functools.partial(shared_.observed, role))
+                self.sessions[role] = sessions
+        shared_.attach(self)
 
     # -- scheduling ---------------------------------------------------------------------------
     async def request_view(self, body: dict, endpoint: str, roles: tuple[Role, ...]) -> RequestView:
@@ -74,8 +95,15 @@ class Router:
             need_prefix=any(self.policies[r].needs_prefix for r in roles),
             tokenize_for_estimate=self.tokenizer.kind == "local")
 
+    def load_only(self, roles: tuple[Role, ...]) -> bool:
+        """True when the views of ``roles`` need no prompt: no policy uses the prefix and no
+        local tokenizer would count tokens (mirrors :meth:`request_view`)."""
+        tok = self.tokenizer
+        return (not any(self.policies[r].needs_prefix for r in roles)
+                and not (tok.kind == "local" and tok.real))
+
     def select(self, role: Role, view: RequestView, exclude: set[str] | None = None,
-               prefer=None) -> Selection:
+               prefer: Callable[[Instance], bool] | None = None) -> Selection:
         """Ask the role's policy to choose among its routable candidates (minus ``exclude``).
 
         ``prefer`` optionally narrows candidates (the PD pair filter); if it leaves none, all
@@ -89,7 +117,8 @@ class Router:
             if preferred:
                 cands = preferred
             else:
-                log.warning("no %s instance can pair with the chosen prefill; using any", role.value)
+                log.warning("no %s instance can pair with the chosen prefill; using any",
+                            role.value)
         if not cands:
             raise errors.no_instance("No available prefill/decode workers" if self.splitwise
                                      else "No available mixed workers")
@@ -186,20 +215,13 @@ class Router:
     def _interval_deltas(self) -> tuple[int, int, float, float, float, float]:
         """Since the previous stats line: session hits/requests, predicted prefix hit/lookup
         blocks, and cached/prompt tokens reported by the instances."""
-        m = self.metrics
-        now = (_total(m.cache_hit), _total(m.cache_request), _total(m.hit_blocks),
-               _total(m.lookup_blocks), _total(m.backend_cached_tokens),
-               _total(m.backend_prompt_tokens))
-        if self.remote_totals is not None:   # the other worker processes' counters
-            now = tuple(a + b for a, b in zip(now, self.remote_totals()))
+        now = self.metrics.stats_totals()
+        others = self.shared.peer_totals()
+        if others is not None:               # the other routers' counters
+            now = now + others
         prev, self._stats_prev = self._stats_prev, now
-        d = [a - b for a, b in zip(now, prev)]
+        d = now - prev
         # a removed instance's series vanish, so a delta can go negative: count it as 0
-        return (int(max(0.0, d[0])), int(max(0.0, d[1])), max(0.0, d[2]), max(0.0, d[3]),
-                max(0.0, d[4]), max(0.0, d[5]))
-
-
-def _total(metric) -> float:
-    """Sum of a counter over all its label sets."""
-    return sum(s.value for fam in metric.collect() for s in fam.samples
-               if s.name.endswith("_total"))
+        return (int(max(0.0, d.cache_hits)), int(max(0.0, d.cache_requests)),
+                max(0.0, d.hit_blocks), max(0.0, d.lookup_blocks), max(0.0, d.cached_tokens),
+                max(0.0, d.prompt_tokens))

@@ -583,13 +583,13 @@ VIEW_BODIES = [
 
 @pytest.mark.parametrize(("body", "endpoint"), VIEW_BODIES)
 async def test_load_only_view_equals_the_full_view(body, endpoint):
-    """kvrouter.server.view computes the token estimate without rendering; it must agree with
-    Router.request_view (it falls back to it for shapes it does not handle)."""
-    from kvrouter.server.view import fast_view, load_only
+    """kvrouter.prefix.view.fast_view computes the token estimate without rendering; it must
+    agree with Router.request_view (it falls back to it for shapes it does not handle)."""
+    from kvrouter.prefix.view import fast_view
 
     router = Router(RouterConfig())
     try:
-        assert load_only(router, (Role.MIXED,))
+        assert router.load_only((Role.MIXED,))
         full = await router.request_view(body, endpoint, (Role.MIXED,))
         fast = fast_view(body, endpoint)
         if fast is None:     # handled by the full path

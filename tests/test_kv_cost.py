@@ -10,17 +10,13 @@ import pytest
 from kvrouter.config import ConfigError, SchedulerConfig, load_config
 from kvrouter.instance import InstanceInfo, Role
 from kvrouter.load import Load
-from kvrouter.policies import (
-    STRATEGY_COST,
-    STRATEGY_EXPLORATION,
-    RequestView,
-    make_policy,
-)
+from kvrouter.policies import make_policy
+from kvrouter.policies.base import STRATEGY_COST, STRATEGY_EXPLORATION, RequestView
 from kvrouter.policies.kv_cost import KvCostPolicy
 from kvrouter.prefix.hashing import block_hashes
 from kvrouter.prefix.index import PrefixIndex
 from kvrouter.registry import Instance
-from kvrouter.snapshot import MetricsSnapshot
+from kvrouter.backends.snapshot import MetricsSnapshot
 
 B = 16          # block size of these tests
 RATE = 1000.0   # prefill tokens per second: 1 token = 1 ms
@@ -57,8 +53,9 @@ def kv(role: str = "mixed", index: PrefixIndex | None = None, *, rng=None, clock
 
 
 def dispatch(p: KvCostPolicy, cands: list[Instance], r: RequestView):
+    """Select and take the load with the selection's prefill estimate, as the proxy does."""
     sel = p.select(cands, r)
-    return sel, sel.instance.load.acquire(r.token_estimate)
+    return sel, sel.instance.load.acquire(r.token_estimate, prefill=sel.prefill_estimate)
 
 
 # ------------------------------------------------------------------------------ estimates
@@ -69,8 +66,7 @@ def test_estimate_formula_uncached_and_queued_work():
     r = req(prompt)
     idx.record(r.hashes[:50], a.identity, 0.0)        # a holds 800 tokens
     idx.record(r.hashes[:10], b.identity, 0.0)        # b holds 160
-    b.load.stage_prefill(300)
-    b.load.acquire(999)                               # b: 300 tokens of queued prefill
+    b.load.acquire(999, prefill=300)                  # b: 300 tokens of queued prefill
     ests, unc = kv(index=idx).estimates([a, b, c], r)
     assert unc == [200, 840, 1000]
     assert ests == pytest.approx([0.200, 0.300 + 0.840, 1.000])
@@ -87,11 +83,9 @@ def test_cost_ordering_hit_beats_cold_until_its_queue_is_longer():
     assert sel.instance is a and sel.strategy == STRATEGY_COST
     assert (sel.hit_blocks, sel.lookup_blocks) == (50, 50)
     # queued work on a: 700 + 1 < 800 → still a; 900 + 1 > 800 → b
-    a.load.stage_prefill(700)
-    first = a.load.acquire(1)
+    first = a.load.acquire(1, prefill=700)
     assert p.select([a, b], r).instance is a
-    a.load.stage_prefill(200)
-    a.load.acquire(1)
+    a.load.acquire(1, prefill=200)
     sel = p.select([a, b], r)
     assert sel.instance is b and sel.hit_blocks == 0
     # b is now recorded as holding the prompt too (it will, once it has run it)
@@ -104,8 +98,7 @@ def test_miss_weight_raises_the_bar_for_recomputing_a_held_prefix():
     a, b = instances(2)
     r = req(tokens(800, 3))
     idx.record(r.hashes, a.identity, 0.0)
-    a.load.stage_prefill(900)
-    a.load.acquire(1)                                 # Q_a = 900: greedy TTFT says b
+    a.load.acquire(1, prefill=900)                    # Q_a = 900: greedy TTFT says b
     assert kv(index=idx).select([a, b], r).instance is b
     idx2 = PrefixIndex(100_000, 0)
     idx2.record(r.hashes, a.identity, 0.0)
@@ -115,19 +108,18 @@ def test_miss_weight_raises_the_bar_for_recomputing_a_held_prefix():
     assert ests == pytest.approx([0.901, 0.800 + 0.799])
     assert p.select([a, b], r).instance is a
     # … until a's queue exceeds (1 + α) × the recomputation: Q_a > 1598
-    a.load.stage_prefill(800)
-    a.load.acquire(1)
+    a.load.acquire(1, prefill=800)
     assert p.select([a, b], r).instance is b
 
 
-def test_select_stages_the_uncached_work_for_the_lease():
+def test_selection_carries_the_uncached_work_for_the_lease():
     idx = PrefixIndex(100_000, 0)
     a, b = instances(2)
     r = req(tokens(640, 4))                           # 40 blocks
     idx.record(r.hashes[:30], a.identity, 0.0)        # a holds 480: U_a = 160
     p = kv(index=idx)
     sel, lease = dispatch(p, [a, b], r)
-    assert sel.instance is a
+    assert sel.instance is a and sel.prefill_estimate == 160
     assert lease.prefill == 160 and lease.tokens == 640
     assert (a.load.prefill_tokens, a.load.prefill_leases, a.load.decoding) == (160, 1, 0)
     # the same prompt again: a now holds all of it (recorded), U = 1, queued 160
@@ -202,8 +194,7 @@ def test_cold_prompts_spread_over_an_idle_cluster():
 def test_exploration_is_deterministic_per_seed_and_stays_near_best():
     def run(seed: int) -> list[tuple[int, str]]:
         cands = instances(4)
-        cands[3].load.stage_prefill(100_000)
-        cands[3].load.acquire(1)                      # far from the best: never explored
+        cands[3].load.acquire(1, prefill=100_000)     # far from the best: never explored
         p = kv(rng=random.Random(seed), kv_cost_exploration=0.5)
         out = []
         for i in range(40):
@@ -277,7 +268,7 @@ def test_pd_prefill_includes_transfer_and_decode_is_load_only():
     assert ests == pytest.approx([1.000 + 0.1, 0.200 + 0.1])        # X = 1000 / 10k
     assert kv("mixed", idx, **kw).estimates([p1, p2], r)[0] == pytest.approx([1.0, 0.2])
     sel, p_lease = dispatch(pre, [p1, p2], r)
-    assert sel.instance is p2 and p_lease.prefill == 200
+    assert sel.instance is p2 and sel.prefill_estimate == p_lease.prefill == 200
 
     dec = kv("decode", idx, **kw)
     d1.load.acquire(10)
@@ -289,7 +280,7 @@ def test_pd_prefill_includes_transfer_and_decode_is_load_only():
     sel, d_lease = dispatch(dec, [d1, d2], r)
     assert sel.instance is d2 and sel.lookup_blocks == 0
     assert idx.size == size                           # decode choices are not recorded
-    assert d_lease.prefill == 0
+    assert sel.prefill_estimate == d_lease.prefill == 0
     # equal requests: fewer in-flight tokens, then the least recently selected
     d3, d4 = instances(2, Role.DECODE)
     d3.load.tokens = 5

@@ -8,25 +8,27 @@ import time
 
 import pytest
 
-from kvrouter.config import SchedulerConfig
+from kvrouter.config import ConfigError, SchedulerConfig, load_config
 from kvrouter.instance import InstanceInfo, Role
 from kvrouter.load import Load
-from kvrouter.metrics_parse import parse_fd_metrics
-from kvrouter.policies import (
-    POLICY_NAMES,
+from kvrouter.backends.engines import parse_metrics as parse_fd_metrics
+from kvrouter.policies import POLICY_NAMES, make_policy, policy_names
+from kvrouter.policies import base as policy_base
+from kvrouter.policies.base import (
     STRATEGY_CACHE_AWARE,
     STRATEGY_IMBALANCE,
     STRATEGY_POLICY,
     STRATEGY_STALE,
+    Policy,
     RequestView,
-    make_policy,
+    Selection,
+    register,
 )
-from kvrouter.policies.base import Policy
 from kvrouter.prefix.hashing import block_hashes
 from kvrouter.prefix.index import PrefixIndex
 from kvrouter.prefix.render import extract_session_id, render_prompt
 from kvrouter.registry import Instance
-from kvrouter.snapshot import MetricsSnapshot
+from kvrouter.backends.snapshot import MetricsSnapshot
 
 CHAT = "/v1/chat/completions"
 
@@ -73,7 +75,7 @@ def policy(name: str, role: str = "mixed", index: PrefixIndex | None = None, **k
 def dispatch(pol: Policy, cands: list[Instance], req: RequestView):
     """Select and take the load, as the proxy does."""
     sel = pol.select(cands, req)
-    lease = sel.instance.load.acquire(req.token_estimate)
+    lease = sel.instance.load.acquire(req.token_estimate, prefill=sel.prefill_estimate)
     return sel, lease
 
 
@@ -84,8 +86,7 @@ def test_policy_names_and_factory():
         "fd_metrics_score", "fd_remote_metrics_score", "cache_aware", "remote_cache_aware",
         "sglang_cache_aware", "kv_cost",
     )
-    from kvrouter.config import POLICY_NAMES as CONFIG_NAMES
-    assert CONFIG_NAMES == POLICY_NAMES
+    assert policy_names() == POLICY_NAMES
     idx = PrefixIndex(10, 0)
     for name in POLICY_NAMES:
         p = make_policy(name, "prefill", SchedulerConfig(), idx)
@@ -97,8 +98,39 @@ def test_policy_names_and_factory():
                      "kv_cost")
         )
     assert make_policy("request_num", Role.DECODE, SchedulerConfig(), idx).role == "decode"
-    with pytest.raises(ValueError, match="typo_policy.*random, round_robin"):
+    valid = ", ".join(POLICY_NAMES)
+    with pytest.raises(ValueError) as exc:
         make_policy("typo_policy", "mixed", SchedulerConfig(), idx)
+    assert str(exc.value) == f"unknown policy 'typo_policy' (valid: {valid})"
+
+
+def test_config_checks_policy_names_against_the_registry(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("scheduler:\n  decode-policy: typo_policy\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(str(path), port=1)
+    assert str(exc.value) == (f"config error: {path}: scheduler.decode-policy: unknown policy "
+                              f"'typo_policy' (valid: {', '.join(POLICY_NAMES)})")
+
+
+def test_a_registered_policy_is_known_to_make_policy_and_config(tmp_path, monkeypatch):
+    monkeypatch.setattr(policy_base, "_REGISTRY", dict(policy_base._REGISTRY))
+
+    @register
+    class FirstPolicy(Policy):
+        name = "first"
+
+        def select(self, candidates, request):
+            return Selection(candidates[0])
+
+    assert policy_names() == (*POLICY_NAMES, "first")
+    p = make_policy("first", "decode", SchedulerConfig(), PrefixIndex(10, 0))
+    assert isinstance(p, FirstPolicy) and p.role == "decode"
+    path = tmp_path / "c.yaml"
+    path.write_text("scheduler:\n  policy: first\n")
+    assert load_config(str(path), port=1)[0].scheduler.policy == "first"
+    with pytest.raises(ValueError, match="registered twice"):
+        register(FirstPolicy)
 
 
 # --------------------------------------------------------------------------- simple
@@ -645,15 +677,13 @@ def test_sglang_session_stats_and_short_prompt():
 
 
 # --------------------------------------------------------------------------- Load prefill work
-def test_load_prefill_estimate_is_staged_and_released_with_tokens():
+def test_load_prefill_estimate_is_released_with_tokens():
     load = Load()
-    lease = load.acquire(100)                     # nothing staged: the token estimate
+    lease = load.acquire(100)                     # no estimate: the token estimate
     assert (load.prefill_tokens, load.prefill_leases) == (100, 1)
-    load.stage_prefill(30)
-    second = load.acquire(100)
+    second = load.acquire(100, prefill=30)
     assert second.prefill == 30 and load.prefill_tokens == 130
-    load.stage_prefill(50)
-    assert load.acquire(10, prefill=0).prefill == 0   # explicit value wins, staging consumed
+    assert load.acquire(10, prefill=0).prefill == 0
     assert load.acquire(10).prefill == 10
     assert load.prefill_tokens == 140 and load.decoding == 0
     lease.release_tokens()                        # first byte

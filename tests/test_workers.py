@@ -369,23 +369,24 @@ async def test_port_in_use_is_refused(router_factory, tmp_path):
 
 # -- the sync layer in one process: two workers' state linked by a real socket pair ----------
 
-def _pair_of_apps(policy: str = "cache_aware"):
+def _pair_of_routers(policy: str = "cache_aware", linked: bool = True):
+    """Two routers whose shared state is a WorkerSync each (linked by a socket pair)."""
     from kvrouter.config import RouterConfig
-    from kvrouter.http.upstream import UpstreamPool
     from kvrouter.router import Router
-    from kvrouter.server.app import App
-    from kvrouter.workers.sync import SharedPrefixIndex, WorkerSync
+    from kvrouter.workers.channel import socket_pair
+    from kvrouter.workers.sync import WorkerSync
 
-    apps, syncs = [], []
-    for k in range(2):
+    a, b = socket_pair() if linked else (None, None)
+    routers, syncs = [], []
+    for k, peers in enumerate(({1: a}, {0: b}) if linked else ({}, {})):
         cfg = RouterConfig()
         cfg.scheduler.policy = policy
         cfg.scheduler.cache_block_size = 4
-        router = Router(cfg, index=SharedPrefixIndex(1000, 0))
-        app = App(router, UpstreamPool(1, 1, 1))
-        apps.append(app)
-        syncs.append(WorkerSync(app, k, 2))
-    return apps, syncs
+        cfg.scheduler.stats_interval_secs = 1
+        sync = WorkerSync(k, 2, peers)
+        routers.append(Router(cfg, shared=sync))
+        syncs.append(sync)
+    return routers, syncs
 
 
 def _info(port: int):
@@ -401,15 +402,13 @@ async def _until(predicate, timeout: float = 2.0) -> None:
 
 
 @bounded(20)
-async def test_sync_registry_load_prefix_and_departure_in_process():
-    from kvrouter.prefix.view import build_request_view  # noqa: F401 - import check only
-    from kvrouter.workers.channel import socket_pair
+async def test_sync_registry_load_prefix_sessions_and_departure_in_process():
+    from kvrouter.instance import Role
 
-    apps, (s0, s1) = _pair_of_apps()
-    a, b = socket_pair()
-    s0.start({1: a})
-    s1.start({0: b})
-    r0, r1 = apps[0].router, apps[1].router
+    (r0, r1), (s0, s1) = _pair_of_routers()
+    assert r0.index.on_record == s0.recorded and r0.shared is s0
+    s0.start()
+    s1.start()
     try:
         inst = r0.registry.add(_info(9001))                      # registry: add, pause, health
         await _until(lambda: r1.registry.get(inst.identity) is not None)
@@ -420,12 +419,15 @@ async def test_sync_registry_load_prefix_and_departure_in_process():
         assert r1.registry.get(inst.identity).unhealthy_since is not None
         r0.health.observe(inst, True)
         await _until(lambda: r1.registry.get(inst.identity).state == "healthy")
+        await s0.registered()                                    # the barrier answers
 
         lease = inst.load.acquire(100)                           # load: summed, then released
         other = r1.registry.get(inst.identity).load
         await _until(lambda: (other.requests, other.tokens) == (1, 100))
-        lease2 = other.acquire(7)
+        assert other.remote is not None and other.remote.requests == 1
+        lease2 = other.acquire(7, prefill=3)
         await _until(lambda: (inst.load.requests, inst.load.tokens) == (2, 107))
+        assert inst.load.prefill_tokens == 103 and inst.load.pending_prefill == 103
         lease.release()
         await _until(lambda: (other.requests, other.tokens) == (1, 7))
         assert (inst.load.requests, inst.load.tokens) == (1, 7)
@@ -436,23 +438,42 @@ async def test_sync_registry_load_prefix_and_departure_in_process():
         big = [[f"10.0.0.{i}:80", list(range(1000 * i + 1, 1000 * i + 500))] for i in range(40)]
         s0._send_to(s0.links[1], [{"t": "rec", "r": big}])      # > 60 KB: fragmented
         await _until(lambda: r1.index.match(big[-1][1], [big[-1][0]])[big[-1][0]] == 499)
+        assert not s1._records                                   # applied, not sent back
+
+        mem0, mem1 = r0.sessions[Role.MIXED], r1.sessions[Role.MIXED]     # session affinity
+        assert mem1.observe("s1", inst.identity) is False
+        await _until(lambda: len(mem0) == 1)
+        assert mem0.observe("s1", inst.identity) is True
+
+        r1.metrics.cache_hit.inc(3)                              # counters: [stats], /metrics
+        r1.metrics.http_requests.labels("/x", "GET", "200").inc(2)
+        r0.metrics.http_requests.labels("/x", "GET", "200").inc(1)
+        s1._emit({"t": "ctr", "c": r1.metrics.stats_totals().as_list()})
+        await _until(lambda: s0.peer_totals() is not None)
+        assert s0.peer_totals().cache_hits == 3
+        assert "hits=3/" in r0.stats_line()
+        text = (await s0.render_metrics(r0.metrics)).decode()
+        assert re.search(r'^http_requests_total\{endpoint="/x",method="GET",status_code="200"\} '
+                         r'3\.0$', text, re.M), text
+        assert 'kvrouter_worker_processes{state="merged"} 2.0' in text
+        assert s0.health_info()["worker"]["linked"] == [1]
 
         s1.close()                                               # worker 1 leaves: share gone
         await _until(lambda: (inst.load.requests, inst.load.tokens) == (0, 0))
+        assert inst.load.remote is None and inst.load.prefill_tokens == 0
         assert other.requests == 1       # its own lease (the process would be gone)
         lease2.release()
         r0.registry.remove(inst, "instance_removed")
     finally:
         s0.close()
         s1.close()
-        for app in apps:
-            await app.router.close()
+        for r in (r0, r1):
+            await r.close()
 
 
 @bounded(10)
 async def test_sync_last_writer_wins_and_tombstones():
-    apps, (s0, _s1) = _pair_of_apps()
-    r0 = apps[0].router
+    (r0, r1), (s0, _s1) = _pair_of_routers(linked=False)
     link = type("L", (), {"peer": 1, "state": {}})()
     from kvrouter.workers import events as wev
     info = _info(9002)
@@ -470,8 +491,36 @@ async def test_sync_last_writer_wins_and_tombstones():
     assert r0.registry.get(info.identity) is None
     s0._apply_reg(link, {**reg, "v": [103.0, 0]})                        # a later heartbeat
     assert r0.registry.get(info.identity) is not None
-    for app in apps:
-        await app.router.close()
+    for r in (r0, r1):
+        await r.close()
+
+
+def test_load_shares_are_summed_per_sender_and_dropped_with_it():
+    from kvrouter.load import LoadShare
+    from kvrouter.registry import Registry
+    from kvrouter.shared.loads import LoadShares
+
+    reg = Registry()
+    inst = reg.add(_info(9003))
+    own = inst.load.acquire(10, now=1.0, prefill=4)
+    shares = LoadShares(reg)
+    shares.update("a", 1, {inst.identity: LoadShare(requests=2, tokens=20, pending=2)})
+    shares.update("b", 1, {inst.identity: LoadShare(requests=1, tokens=5),
+                           "10.9.9.9:1": LoadShare(requests=1)})     # not registered here
+    shares.update("a", 1, {})                                          # old sequence: ignored
+    load = inst.load
+    assert (load.requests, load.tokens, load.pending) == (4, 35, 3)
+    assert load.remote == LoadShare(requests=3, tokens=25, pending=2)
+    assert shares.own() == {inst.identity: LoadShare(1, 10, 4, 1, 1, 4, 1)}
+    assert reg.load_for("10.9.9.9:1").requests == 1
+    load.on_snapshot(5.0)                                  # the others' pending stays counted
+    assert (load.pending, load.pending_prefill) == (2, 0)
+    shares.drop("a")
+    assert (load.requests, load.tokens, load.remote) == (2, 15, LoadShare(requests=1, tokens=5))
+    shares.update("b", 2, {})
+    assert load.remote is None and (load.requests, load.tokens) == (1, 10)
+    own.release()
+    assert load.idle and shares.own() == {}
 
 
 def test_prefix_index_runs_replay_to_the_same_index():

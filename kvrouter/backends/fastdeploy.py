@@ -1,46 +1,16 @@
-"""FastDeploy's PD protocol (contract §5.4, §5.6): ``request_id``, ``disaggregate_info``,
-``pd_reschedule`` detection and prefill in-body errors."""
+"""FastDeploy's PD protocol: both legs get the same body at once, carrying the
+``request_id`` and a ``disaggregate_info`` that tells the prefill where to push the KV cache;
+a non-stream decode answer may ask to be rescheduled (``pd_reschedule``); a prefill may report
+an error inside a 2xx body. ``docs/fastdeploy.md`` describes the protocol."""
 
 from __future__ import annotations
 
-import json
 import uuid
-from typing import Any
-
-import orjson
+from typing import Any, ClassVar
 
 from kvrouter import errors
+from kvrouter.backends.base import EngineAdapter, PdAttempt, dumps, loads
 from kvrouter.instance import InstanceInfo
-
-
-def loads(raw: bytes) -> Any:
-    """Parse JSON exactly: orjson, or the stdlib for integers beyond 64 bits."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return json.loads(raw)
-
-
-def dumps(obj: Any) -> bytes:
-    """Compact UTF-8 JSON, key order kept, integers exact, no HTML escaping."""
-    try:
-        return orjson.dumps(obj)
-    except TypeError:  # an integer beyond 64 bits
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def base_request_id(body: dict) -> str:
-    """The client's ``request_id``, or a fresh UUID4 when absent, null or empty."""
-    rid = body.get("request_id")
-    if rid is None or rid == "":
-        return str(uuid.uuid4())
-    if not isinstance(rid, str):
-        raise errors.invalid_value("request_id must be a string")
-    return rid
-
-
-def attempt_request_id(base: str, attempt: int) -> str:
-    return base if attempt == 0 else f"{base}-retry{attempt}"
 
 
 def _port_int(value: str | None) -> int:
@@ -59,7 +29,8 @@ def flat_protocol(p: InstanceInfo, d: InstanceInfo) -> str:
 
 
 def nested_protocol(p: InstanceInfo, d: InstanceInfo) -> str:
-    if p.host and p.host == d.host and "ipc" in p.transfer_protocol and "ipc" in d.transfer_protocol:
+    if (p.host and p.host == d.host and "ipc" in p.transfer_protocol
+            and "ipc" in d.transfer_protocol):
         return "ipc"
     return "rdma"
 
@@ -152,6 +123,47 @@ def in_body_error(raw: bytes, sse: bool) -> str | None:
             if obj.get(key):
                 return _message(obj[key])
     return None
+
+
+class FastDeployAdapter(EngineAdapter):
+    """FastDeploy instances (mixed, or PD with ``disaggregate_info``)."""
+
+    name: ClassVar[str] = "fastdeploy"
+    concurrent_pd: ClassVar[bool] = True
+
+    def __init__(self, info_format: str = "flat") -> None:
+        self.info_format = info_format   # server.disaggregate-info-format
+
+    def base_request_id(self, body: dict) -> str:
+        """The client's ``request_id``, or a fresh UUID4 when absent, null or empty."""
+        rid = body.get("request_id")
+        if rid is None or rid == "":
+            return str(uuid.uuid4())
+        if not isinstance(rid, str):
+            raise errors.invalid_value("request_id must be a string")
+        return rid
+
+    def can_pair(self, prefill: InstanceInfo, decode: InstanceInfo) -> bool:
+        return can_pair(prefill, decode)
+
+    def prefill_body(self, body: dict, attempt: PdAttempt) -> bytes:
+        body["request_id"] = attempt.request_id
+        body["disaggregate_info"] = disaggregate_info(attempt.prefill, attempt.decode,
+                                                      self.info_format)
+        return dumps(body)
+
+    def decode_body(self, body: dict, attempt: PdAttempt, prefill_body: bytes,
+                    prefill_answer: bytes | None) -> bytes:
+        return prefill_body   # the same body for both legs
+
+    def prefill_error(self, raw: bytes, sse: bool) -> str | None:
+        return in_body_error(raw, sse)
+
+    def reschedule_tokens(self, answer: bytes) -> list[int] | None:
+        return reschedule_tokens(answer)
+
+    def continue_with(self, body: dict, tokens: list[int]) -> None:
+        body["completion_token_ids"] = list(body.get("completion_token_ids") or []) + tokens
 
 
 def _message(err: Any) -> str:

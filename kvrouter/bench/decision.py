@@ -58,17 +58,21 @@ from kvrouter.prefix.view import build_request_view
 from kvrouter.router import Router
 from kvrouter.sim.cluster.summary import percentile
 
-__all__ = ["DEFAULT_POLICIES", "run", "request_overhead", "main"]
+__all__ = ["DEFAULT_POLICIES", "main", "request_overhead", "run"]
 
 DEFAULT_POLICIES = ("request_num", "cache_aware", "sglang_cache_aware", "kv_cost")
 CHAT = "/v1/chat/completions"
 _ROLES = (Role.MIXED,)
-_WORDS = ("the of and to in is you that it he was for on are as with his they at be this "
-          "from have or by one had not but what all were when we there can an your which "
-          "their said if do will each about how up out them then she many some so these "
-          "would other into has more her two like him see time could no make than first "
-          "been its who now people my made over did down only way find use may water long "
-          "little very after words called just where most know").split()
+_WORDS = (
+    "the", "of", "and", "to", "in", "is", "you", "that", "it", "he", "was", "for", "on", "are",
+    "as", "with", "his", "they", "at", "be", "this", "from", "have", "or", "by", "one", "had",
+    "not", "but", "what", "all", "were", "when", "we", "there", "can", "an", "your", "which",
+    "their", "said", "if", "do", "will", "each", "about", "how", "up", "out", "them", "then",
+    "she", "many", "some", "so", "these", "would", "other", "into", "has", "more", "her", "two",
+    "like", "him", "see", "time", "could", "no", "make", "than", "first", "been", "its", "who",
+    "now", "people", "my", "made", "over", "did", "down", "only", "way", "find", "use", "may",
+    "water", "long", "little", "very", "after", "words", "called", "just", "where", "most", "know",
+)
 
 
 def _text(rng: random.Random, n: int) -> str:
@@ -227,7 +231,7 @@ async def _measure(policy: str, instances: int, prompt_tokens: int, iterations: 
         sel = select(Role.MIXED, view)
         w2 = perf()
         t2 = cpu()
-        sel.instance.load.acquire(view.token_estimate).release()
+        sel.instance.load.acquire(view.token_estimate, prefill=sel.prefill_estimate).release()
         if i >= warm:
             view_ns.append(t1 - t0)
             sel_ns.append(t2 - t1)

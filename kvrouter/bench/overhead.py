@@ -41,6 +41,7 @@ import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kvrouter import __version__
 from kvrouter.bench.external import free_port, launch_external
@@ -57,7 +58,6 @@ from kvrouter.bench.wrk import (
 __all__ = ["main", "parser"]
 
 TESTS = ("c1", "c64", "ca64", "sse")
-RESERVED = ("direct", "nginx", "kvrouter")
 
 
 @dataclass
@@ -194,8 +194,8 @@ class Ctx:
         self.lua = write_lua(workdir)
         self.tests = [t for t in TESTS if t in args.tests.split(",")]
         cpus = sorted(os.sched_getaffinity(0))
-        self.router_cpu, self.load_cpu = ((str(cpus[0]), str(cpus[1])) if args.pin
-                                          else (None, None))
+        self.router_cpu: str | None = str(cpus[0]) if args.pin else None
+        self.load_cpu: str | None = str(cpus[1]) if args.pin else None
         self.ports: list[int] = []
         self.deadline = 0.0
         self.records: list[dict] = []
@@ -439,10 +439,11 @@ def _version(argv: list[str]) -> str | None:
 
 
 def _environment(args: argparse.Namespace, targets: list[Target], argv: list[str]) -> dict:
-    env = {"command": "kvrouter bench overhead " + shlex.join(argv),
-           "cpu_count": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
-           "platform": platform.platform(), "python": platform.python_version(),
-           "kvrouter": __version__, "wrk": _version(["wrk", "-v"])}
+    env: dict[str, Any] = {
+        "command": "kvrouter bench overhead " + shlex.join(argv),
+        "cpu_count": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
+        "platform": platform.platform(), "python": platform.python_version(),
+        "kvrouter": __version__, "wrk": _version(["wrk", "-v"])}
     for t in targets:
         if t.kind == "nginx":
             env["nginx"] = _version([t.command, "-v"])
@@ -511,7 +512,7 @@ def main(argv: list[str] | tuple[str, ...] = ()) -> int:
         if time.monotonic() - started < args.deadline - 30:
             try:
                 report["decision"] = _decision(args)
-            except Exception as exc:  # noqa: BLE001 - report it, keep the other results
+            except Exception as exc:  # report it, keep the other results
                 report["errors"].append(f"decision: {exc!r}")
         else:
             report["errors"].append("decision: skipped (deadline)")

@@ -122,7 +122,7 @@ def table(report: dict, targets: list[str], args: argparse.Namespace) -> str:
                   f"{'policy':<22}{'p50':>9}{'p99':>9}" + "".join(f"{k:>24}" for k in extra)]
         lines.append("-" * len(lines[-1]))
         for row in decision:
-            lines.append(f"{str(row.get('policy')):<22}{_f(row.get('p50_us')):>9}"
+            lines.append(f"{row.get('policy')!s:<22}{_f(row.get('p50_us')):>9}"
                          f"{_f(row.get('p99_us')):>9}"
                          + "".join(f"{_f(row.get(k)):>24}" for k in extra))
     elif not args.no_decision:

@@ -294,7 +294,7 @@ def run(args: argparse.Namespace, log: Any = None) -> list[dict[str, Any]]:
         raise ValueError("a trace's rate is set with --speed (or --sweep of speeds)")
     specs = resolve_policies(args.policies, pd is not None, args.decode_policy, args.live, say)
     labels = list(args.router_label) + [None] * len(args.router_cmd)
-    for cmd, label in zip(args.router_cmd, labels):
+    for cmd, label in zip(args.router_cmd, labels, strict=False):
         specs.append(PolicySpec(label or default_label(cmd), "external", None, cmd))
     if not specs:
         raise ValueError("nothing to run (no policies)")

@@ -15,6 +15,7 @@ import sys
 import tempfile
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 from kvrouter.demo import report
 from kvrouter.demo.processes import ClusterSpec, backend_token_totals, start_cluster
@@ -42,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-WORKLOAD_PARAMS = {  # sized for a 2-core machine and a run under 2 minutes
+# sized for a 2-core machine and a run under 2 minutes
+WORKLOAD_PARAMS: dict[str, dict[str, Any]] = {
     "b2b": {"groups": 12, "context": 3000, "users": 4, "question": 200, "output": 16},
     "multigroup": {"groups": 8, "prefix_min": 1024, "prefix_max": 4096, "question": 128,
                    "output": 16},

@@ -8,9 +8,13 @@ import sys
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import yaml
+
+#: stdout drains of spawned processes (the event loop only keeps weak references to tasks)
+_drains: set[asyncio.Task[None]] = set()
 
 
 async def spawn(*args: str, marker: str, count: int = 1,
@@ -20,11 +24,13 @@ async def spawn(*args: str, marker: str, count: int = 1,
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "kvrouter", *args, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL)
+    stdout = proc.stdout
+    assert stdout is not None  # stdout=PIPE
     lines: list[str] = []
     try:
         async with asyncio.timeout(timeout):
             while len(lines) < count:
-                raw = await proc.stdout.readline()
+                raw = await stdout.readline()
                 if not raw:
                     raise RuntimeError(f"'kvrouter {' '.join(args[:2])}' exited early")
                 if raw.decode().startswith(marker):
@@ -32,7 +38,9 @@ async def spawn(*args: str, marker: str, count: int = 1,
     except BaseException:
         await stop(proc)
         raise
-    asyncio.ensure_future(_drain(proc.stdout))
+    drain = asyncio.ensure_future(_drain(stdout))
+    _drains.add(drain)
+    drain.add_done_callback(_drains.discard)
     return proc, lines
 
 
@@ -70,7 +78,6 @@ class ClusterSpec:
 class RunningCluster:
     url: str
     instances: int
-    sim_urls: list[str] = field(default_factory=list)   # every instance (prefill first in PD)
     roles: dict[str, str] = field(default_factory=dict)  # instance URL → role
 
 
@@ -97,13 +104,14 @@ async def start_sims(spec: ClusterSpec, stack: AsyncExitStack,
 async def start_cluster(spec: ClusterSpec, workdir: Path, stack: AsyncExitStack) -> RunningCluster:
     """Start the router, then the instances (which register themselves by heartbeat); returns
     once every instance is routable. Everything started is stopped when ``stack`` closes."""
-    sched = {"stats-interval-secs": 0}
+    sched: dict[str, Any] = {"stats-interval-secs": 0}
     if spec.pd:
         sched.update({"prefill-policy": spec.policy, "decode-policy": spec.decode_policy})
     else:
         sched["policy"] = spec.policy
-    cfg = {"scheduler": sched, "manager": {"health-check-interval-secs": 5},
-           "log": {"level": "warn"}}
+    cfg: dict[str, dict[str, Any]] = {"scheduler": sched,
+                                      "manager": {"health-check-interval-secs": 5},
+                                      "log": {"level": "warn"}}
     for section, values in spec.router_config.items():
         cfg.setdefault(section, {}).update(values)
     cfg_path = workdir / f"router-{spec.policy}.yaml"
@@ -124,7 +132,7 @@ async def start_cluster(spec: ClusterSpec, workdir: Path, stack: AsyncExitStack)
                 if health["ready"] and sum(health["routable"].values()) == total:
                     break
                 await asyncio.sleep(0.1)
-    return RunningCluster(url, total, list(sims), sims)
+    return RunningCluster(url, total, sims)
 
 
 async def sim_truth(urls: list[str]) -> list[dict]:
@@ -144,9 +152,8 @@ async def sim_truth(urls: list[str]) -> list[dict]:
 async def backend_token_totals(url: str) -> tuple[float, float]:
     """Σ prompt and Σ cached tokens the instances reported, from the router's ``/metrics``
     (in PD mode these come from the prefill instances' answers, which the client never sees)."""
-    async with aiohttp.ClientSession() as s:
-        async with s.get(url + "/metrics") as r:
-            text = await r.text()
+    async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
+        text = await r.text()
     totals = {"kvrouter_backend_prompt_tokens_total": 0.0,
               "kvrouter_backend_cached_tokens_total": 0.0}
     for line in text.splitlines():

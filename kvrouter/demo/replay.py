@@ -87,8 +87,8 @@ async def _send(s: aiohttp.ClientSession, url: str, req: WorkloadRequest,
     start = time.perf_counter()
     async with s.post(url + "/v1/completions", data=orjson.dumps(body),
                       headers={"Content-Type": "application/json"}) as r:
-        instance = r.headers.get("X-Router-Mixed-URL") or r.headers.get(
-            "X-Router-Prefill-URL", "")
+        instance = (r.headers.get("X-Router-Mixed-URL")
+                    or r.headers.get("X-Router-Prefill-URL") or "")
         if r.status != 200:
             await r.read()
             return ClientResult(False, r.status, instance, None, None, [], 0)

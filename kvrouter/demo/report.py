@@ -31,7 +31,7 @@ def summarize(policy: str, results: Sequence[ClientResult], seconds: float,
     """``prompt_tokens``/``cached_tokens``: the instances' usage totals (the measured hit rate)."""
     ok = [r for r in results if r.ok]
     scale = 1.0 / time_scale if time_scale else 1.0
-    ttfts = [r.ttft * scale for r in ok]
+    ttfts = [r.ttft * scale for r in ok if r.ttft is not None]   # every ok result has one
     itls = [x * scale for r in ok for x in r.itl]
     spread: dict[str, int] = {}
     for r in ok:

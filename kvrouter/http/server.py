@@ -10,9 +10,10 @@ complete response (:meth:`HttpConnection.send`) or a streamed one (:meth:`start_
 Covered: keep-alive; HTTP/1.0 (keep-alive only when asked; streamed responses are
 close-delimited, never chunked); chunked request bodies; the body limit (413 before the body is
 read when ``Content-Length`` says so, the rest of the upload discarded, then a lingering close);
-``Expect: 100-continue``; write backpressure (``pause_writing`` is forwarded to :attr:`flow`, the
-upstream being relayed); client disconnects (forwarded to :attr:`on_lost`, or the handler task is
-cancelled). Malformed requests get a 400 and the connection is closed.
+``Expect: 100-continue``; write backpressure and client disconnects, forwarded to whoever
+:meth:`HttpConnection.attach` ed itself to the active request (the upstream being relayed, the
+request's owner), or else the handler task is cancelled. Malformed requests get a 400 and the
+connection is closed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import collections
 import logging
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import httptools
 import orjson
@@ -35,6 +37,14 @@ log = logging.getLogger("kvrouter.http")
 #: Answers one request: either returns an awaitable (run in a task) or, having taken the request
 #: over with callbacks, ``None``, and then calls :meth:`HttpConnection.handler_done` itself.
 Handler = Callable[[Request], "Awaitable[None] | None"]
+
+
+class Flow(Protocol):
+    """What the connection pauses while the client does not read: the upstream being relayed."""
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LINGER_SECS = 2.0          # keep draining an over-limit upload this long before closing
@@ -174,21 +184,21 @@ class HttpConnection(asyncio.Protocol):
         "_discarding",
         "_error",
         "_expect",
+        "_flow",
         "_head_bytes",
         "_headers",
         "_linger",
+        "_on_lost",
         "_queue",
         "_read_paused",
         "_task",
         "_url",
         "active",
         "closed",
-        "flow",
         "idle_since",
         "keep_alive",
         "loop",
         "mode",
-        "on_lost",
         "parser",
         "peer",
         "server",
@@ -200,7 +210,7 @@ class HttpConnection(asyncio.Protocol):
     def __init__(self, server: HttpServer) -> None:
         self.server = server
         self.loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # connection_made
         self.parser = httptools.HttpRequestParser(self)
         self.peer = ""
         self.closed = False
@@ -223,8 +233,8 @@ class HttpConnection(asyncio.Protocol):
         self.status = 0        # of the response to the active request
         self.keep_alive = True
         self.write_paused = False
-        self.flow = None       # the upstream being relayed: pause_reading()/resume_reading()
-        self.on_lost: Callable[[], None] | None = None
+        self._flow: Flow | None = None
+        self._on_lost: Callable[[], None] | None = None
         self.idle_since = self.loop.time()
         self._head_bytes = -1  # bytes of a request head seen in earlier reads (-1: no head)
 
@@ -268,22 +278,36 @@ class HttpConnection(asyncio.Protocol):
             self._linger = None
         self._queue.clear()
         if self.active is not None:
-            cb = self.on_lost
+            cb = self._on_lost
             if cb is not None:
-                self.on_lost = None
+                self._on_lost = self._flow = None
                 cb()
             elif self._task is not None:
                 self._task.cancel()
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        if self.flow is not None:
-            self.flow.pause_reading()
+        if self._flow is not None:
+            self._flow.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if self.flow is not None:
-            self.flow.resume_reading()
+        if self._flow is not None:
+            self._flow.resume_reading()
+
+    # -- the active request's owner -------------------------------------------------------------
+    def attach(self, on_lost: Callable[[], None] | None, flow: Flow | None = None) -> None:
+        """Take over the active request's events: ``on_lost()`` if the client goes away
+        (instead of cancelling the handler task), ``flow`` paused while the client does not
+        read (it is paused at once if writing is already paused)."""
+        self._on_lost = on_lost
+        self._flow = flow
+        if flow is not None and self.write_paused:
+            flow.pause_reading()
+
+    def detach(self) -> None:
+        """Stop forwarding the client's events (the owner is done with the connection)."""
+        self._on_lost = self._flow = None
 
     # -- httptools callbacks -------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -327,14 +351,14 @@ class HttpConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
         self._body_size += len(body)
-        if self._body_size > self.server.max_body:
+        if self._body_size > self.server.max_body and self._cur is not None:
             self._too_large(self._cur)
 
     def on_message_complete(self) -> None:
         req = self._cur
         self._cur = None
         self._continue_pending = False
-        if self.closed or self.transport.is_closing():
+        if req is None or self.closed or self.transport.is_closing():
             return   # answered and closing (a request handled at once said ``close``)
         body = self._body
         if body:
@@ -418,8 +442,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _request_done(self) -> None:
         self.active = None
-        self.flow = None
-        self.on_lost = None
+        self._flow = self._on_lost = None
         self.idle_since = self.loop.time()
         if self.closed:
             return
@@ -445,15 +468,19 @@ class HttpConnection(asyncio.Protocol):
 
     # -- responses -----------------------------------------------------------------------------
     def _connection_header(self) -> bytes:
-        return _KEEP[(self.active.version if self.active.version == "1.0" else "1.1",
-                      self.keep_alive)]
+        return _KEEP[(self._version(), self.keep_alive)]
+
+    def _version(self) -> str:
+        """The HTTP version the answer is framed for (``1.0`` or ``1.1``)."""
+        active = self.active
+        return "1.0" if active is not None and active.version == "1.0" else "1.1"
 
     def send(self, status: int, body: bytes = b"", content_type: bytes = JSON,
              headers: bytes = b"") -> None:
         """A complete response with ``Content-Length``."""
         if self.closed or self.mode != NONE:
             return
-        head_only = self.active.method == "HEAD"
+        head_only = self.active is not None and self.active.method == "HEAD"
         data = b"".join((
             status_line(status), date_header(), b"Content-Type: ", content_type,
             b"\r\nContent-Length: %d\r\n" % len(body), headers, self._connection_header(),
@@ -477,7 +504,7 @@ class HttpConnection(asyncio.Protocol):
             mode, framing = RAW, b""
         elif length is not None:
             mode, framing = RAW, b"Content-Length: %d\r\n" % length
-        elif self.active.version != "1.0":
+        elif self._version() != "1.0":
             mode, framing = CHUNKED, b"Transfer-Encoding: chunked\r\n"
         else:
             mode, framing = CLOSE, b""

@@ -128,9 +128,9 @@ class Upstream(asyncio.Protocol):
         "_put_after_feed",
         "_ready",
         "_sink",
-        "_wake_after_feed",
         "_time",
         "_waiter",
+        "_wake_after_feed",
         "closed",
         "headers",
         "idle_since",
@@ -147,7 +147,7 @@ class Upstream(asyncio.Protocol):
         self.target = target
         self.loop = pool.loop
         self._time = self.loop.time
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # connection_made
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_since = 0.0
@@ -362,14 +362,15 @@ class Upstream(asyncio.Protocol):
 
     def _idle_check(self) -> None:
         self._idle_timer = None
-        if self._eof or self._error is not None or not self._active:
+        idle = self.pool.idle_timeout
+        if self._eof or self._error is not None or not self._active or idle is None:
             return
         now = self._time()
         if self._paused:
             self._last = now
-        due = self._last + self.pool.idle_timeout
+        due = self._last + idle
         if now >= due:
-            self._failed(f"no data for {self.pool.idle_timeout:g}s", idle=True)
+            self._failed(f"no data for {idle:g}s", idle=True)
             self.close()
         else:
             self._idle_timer = self.loop.call_at(due, self._idle_check)
@@ -557,6 +558,8 @@ class Exchange:
     def _answered(self) -> None:
         up = self.up
         self.up = None
+        if up is None:      # cancelled
+            return
         try:
             first = up._first()
         except ConnectFailed as e:

@@ -4,34 +4,48 @@ A policy picks one instance among non-empty candidates (the routable instances o
 sorted by URL). Decisions are synchronous and pure apart from the policy's own state (a
 round-robin counter, the shared prefix index): no I/O, no awaiting. Everything a decision needs
 about the request is precomputed in a :class:`RequestView`.
+
+Every policy class is declared once: decorated with :func:`register`, it is known by its
+``name`` to :func:`kvrouter.policies.make_policy` and to config validation, and its
+:meth:`Policy.from_config` builds it from the scheduler config (a policy with settings of its
+own reads them into its own config dataclass with :func:`policy_config`).
 """
 
 from __future__ import annotations
 
+import random
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 import numpy as np
 
 if TYPE_CHECKING:
+    from _typeshed import DataclassInstance, SupportsDunderLT
+
+    from kvrouter.config import SchedulerConfig
     from kvrouter.prefix.index import PrefixIndex
     from kvrouter.registry import Instance
 
 __all__ = [
-    "RequestView",
-    "Selection",
-    "Policy",
-    "STRATEGY_POLICY",
+    "STRATEGIES",
     "STRATEGY_CACHE_AWARE",
-    "STRATEGY_IMBALANCE",
-    "STRATEGY_STALE",
     "STRATEGY_COST",
     "STRATEGY_EXPLORATION",
-    "STRATEGIES",
+    "STRATEGY_IMBALANCE",
+    "STRATEGY_POLICY",
+    "STRATEGY_STALE",
     "VECTOR_MIN",
     "CandidateCache",
+    "Policy",
+    "RequestView",
+    "Selection",
+    "argmin",
+    "policy_class",
+    "policy_config",
+    "policy_names",
+    "register",
 ]
 
 STRATEGY_POLICY = "policy"
@@ -69,7 +83,10 @@ class Selection:
     ``lookup_blocks``/``hit_blocks`` feed ``kvrouter_prefix_lookup_blocks_total`` /
     ``_hit_blocks_total`` (cache-aware policies only). ``session_hit`` is ``None`` when the
     decision does not count for session-affinity statistics (§6.5), else whether the request
-    went to the same instance as its session's previous one.
+    went to the same instance as its session's previous one. ``prefill_estimate`` is the
+    policy's estimate of the prompt tokens ``instance`` will compute (its uncached prefill),
+    for the lease the dispatcher acquires there (``Load.acquire(prefill=...)``); ``None``
+    when the policy makes none (the lease then counts the token estimate).
     """
 
     instance: Instance
@@ -77,6 +94,7 @@ class Selection:
     hit_blocks: int = 0
     lookup_blocks: int = 0
     session_hit: bool | None = None
+    prefill_estimate: int | None = None
 
 
 class Policy(ABC):
@@ -89,6 +107,25 @@ class Policy(ABC):
     def __init__(self, role: str) -> None:
         self.role = str(getattr(role, "value", role))
 
+    @classmethod
+    def from_config(
+        cls,
+        role: str,
+        cfg: SchedulerConfig,
+        index: PrefixIndex,
+        *,
+        rng: random.Random | None,
+        clock: Callable[[], float],
+    ) -> Self:
+        """The policy for ``role`` as configured by ``cfg``.
+
+        ``index`` is the router's shared prefix index, ``rng`` the source of randomness
+        (``None``: a fresh ``random.Random()``), ``clock`` the clock of
+        ``MetricsSnapshot.taken_at`` and of ``index.sweep``. This default suits a policy
+        without settings; others override it.
+        """
+        return cls(role)
+
     @abstractmethod
     def select(self, candidates: Sequence[Instance], request: RequestView) -> Selection:
         """Pick one of ``candidates`` (non-empty, sorted by URL)."""
@@ -97,7 +134,52 @@ class Policy(ABC):
         return f"{type(self).__name__}(role={self.role!r})"
 
 
-def argmin(values: Sequence[float]) -> int:
+# --- the registry: the one list of policies ----------------------------------------------------
+
+_REGISTRY: dict[str, type[Policy]] = {}
+
+_P = TypeVar("_P", bound=type[Policy])
+
+
+def register(cls: _P) -> _P:
+    """Class decorator: make the policy ``cls`` known under ``cls.name``.
+
+    Registration order is the order of :func:`policy_names` (and of the names listed in an
+    unknown-policy error).
+    """
+    name = cls.name
+    if name in _REGISTRY:
+        raise ValueError(f"policy '{name}' registered twice")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def policy_names() -> tuple[str, ...]:
+    """Every registered policy name, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def policy_class(name: str) -> type[Policy]:
+    """The policy class registered as ``name``; ``ValueError`` for an unknown name."""
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise ValueError(f"unknown policy '{name}' (valid: {', '.join(_REGISTRY)})")
+    return cls
+
+
+_C = TypeVar("_C", bound="DataclassInstance")
+
+
+def policy_config(config_type: type[_C], cfg: SchedulerConfig, prefix: str = "") -> _C:
+    """A policy's own config: the dataclass ``config_type`` with each field ``x`` read from the
+    scheduler key ``<prefix>x`` (``kv_cost_`` + ``miss_weight``: YAML
+    ``scheduler.kv-cost-miss-weight``). The keys, defaults and checks are declared in
+    :class:`~kvrouter.config.SchedulerConfig`."""
+    values: dict[str, Any] = {f.name: getattr(cfg, prefix + f.name) for f in fields(config_type)}
+    return config_type(**values)
+
+
+def argmin(values: Sequence[SupportsDunderLT[Any]]) -> int:
     """Index of the smallest value; ties → the earliest index (the earliest URL)."""
     best = 0
     best_v = values[0]
@@ -122,7 +204,7 @@ class CandidateCache:
     be mutated in place once passed to a policy.
     """
 
-    __slots__ = ("index", "_list", "_len", "ids", "nums", "loads")
+    __slots__ = ("_len", "_list", "ids", "index", "loads", "nums")
 
     def __init__(self, index: PrefixIndex) -> None:
         self.index = index

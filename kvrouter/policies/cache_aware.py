@@ -19,10 +19,12 @@ Session-affinity statistics (§6.5) are kept for the prefill and mixed roles.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Self
 
 import numpy as np
 
@@ -34,31 +36,58 @@ from kvrouter.policies.base import (
     Policy,
     RequestView,
     Selection,
+    policy_config,
+    register,
 )
 from kvrouter.prefix.index import PrefixIndex
 
 if TYPE_CHECKING:
+    from kvrouter.config import SchedulerConfig
     from kvrouter.registry import Instance
 
-__all__ = ["CacheAwarePolicy", "RemoteCacheAwarePolicy", "SelectionRecency", "SessionAffinity"]
+__all__ = [
+    "SESSION_ROLES",
+    "CacheAwareConfig",
+    "CacheAwarePolicy",
+    "RemoteCacheAwarePolicy",
+    "SelectionRecency",
+    "SessionAffinity",
+]
 
 log = logging.getLogger("kvrouter.policy")
 
 SESSION_MEMORY = 100_000
-_SESSION_ROLES = frozenset({"prefill", "mixed"})
+#: The roles whose policies keep session-affinity statistics.
+SESSION_ROLES = frozenset({"prefill", "mixed"})
 
 
 class SessionAffinity:
-    """LRU memory of each session's previous instance (bounded to ``max_sessions``)."""
+    """LRU memory of each session's previous instance (bounded to ``max_sessions``).
 
-    __slots__ = ("max_sessions", "_last")
+    Listeners (:meth:`add_listener`) are told of every :meth:`observe`; :meth:`remember` is
+    the same without them, for an observation made by another router (:mod:`kvrouter.shared`).
+    """
+
+    __slots__ = ("_last", "_listeners", "max_sessions")
 
     def __init__(self, max_sessions: int = SESSION_MEMORY) -> None:
         self.max_sessions = max_sessions
         self._last: OrderedDict[str, str] = OrderedDict()
+        self._listeners: tuple[Callable[[str, str], None], ...] = ()
+
+    def add_listener(self, listener: Callable[[str, str], None]) -> None:
+        """Call ``listener(session_id, identity)`` after each :meth:`observe`."""
+        self._listeners = (*self._listeners, listener)
 
     def observe(self, session_id: str, identity: str) -> bool:
         """Record this session's new instance; ``True`` if it equals the previous one."""
+        hit = self.remember(session_id, identity)
+        for listener in self._listeners:
+            listener(session_id, identity)
+        return hit
+
+    def remember(self, session_id: str, identity: str) -> bool:
+        """:meth:`observe` without telling the listeners."""
         last = self._last
         prev = last.pop(session_id, None)
         last[session_id] = identity
@@ -78,7 +107,7 @@ class SelectionRecency:
     are remembered (instances come and go), the oldest half is forgotten.
     """
 
-    __slots__ = ("max_entries", "_seq", "_last")
+    __slots__ = ("_last", "_seq", "max_entries")
 
     def __init__(self, max_entries: int = 4096) -> None:
         self.max_entries = max_entries
@@ -98,6 +127,18 @@ class SelectionRecency:
                 del last[key]
 
 
+@dataclass(frozen=True, slots=True)
+class CacheAwareConfig:
+    """The settings of ``cache_aware`` and ``remote_cache_aware``: the scheduler keys of the
+    same names (``balance-abs-threshold`` …)."""
+
+    balance_abs_threshold: float
+    balance_rel_threshold: float
+    hit_ratio_weight: float
+    load_balance_weight: float
+
+
+@register
 class CacheAwarePolicy(Policy):
     """Prefix-hit vs load scoring with an imbalance fallback; load = local ``R``."""
 
@@ -108,25 +149,27 @@ class CacheAwarePolicy(Policy):
         self,
         role: str,
         index: PrefixIndex,
+        config: CacheAwareConfig,
         *,
-        balance_abs_threshold: float,
-        balance_rel_threshold: float,
-        hit_ratio_weight: float,
-        load_balance_weight: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(role)
         self.index = index
-        self.balance_abs_threshold = float(balance_abs_threshold)
-        self.balance_rel_threshold = float(balance_rel_threshold)
-        self.hit_ratio_weight = float(hit_ratio_weight)
-        self.load_balance_weight = float(load_balance_weight)
+        self.balance_abs_threshold = float(config.balance_abs_threshold)
+        self.balance_rel_threshold = float(config.balance_rel_threshold)
+        self.hit_ratio_weight = float(config.hit_ratio_weight)
+        self.load_balance_weight = float(config.load_balance_weight)
         self._clock = clock
         self.sessions: SessionAffinity | None = (
-            SessionAffinity() if self.role in _SESSION_ROLES else None
+            SessionAffinity() if self.role in SESSION_ROLES else None
         )
         self.recency = SelectionRecency()
         self._cands = CandidateCache(index)
+
+    @classmethod
+    def from_config(cls, role: str, cfg: SchedulerConfig, index: PrefixIndex, *,
+                    rng: random.Random | None, clock: Callable[[], float]) -> Self:
+        return cls(role, index, policy_config(CacheAwareConfig, cfg), clock=clock)
 
     def loads(self, candidates: Sequence[Instance], now: float) -> list[float]:
         """The load each candidate is compared on."""
@@ -206,14 +249,8 @@ class CacheAwarePolicy(Policy):
                      counts: np.ndarray | None, n_blocks: int) -> int:
         """The same rule with numpy (many candidates): identical floats, identical ties."""
         k = len(candidates)
-        if counts is not None:
-            miss = 1.0 - counts / n_blocks
-        else:
-            miss = np.ones(k)
-        if max_load > 0:
-            ratio = np.array(loads, dtype=np.float64) / max_load
-        else:
-            ratio = np.zeros(k)
+        miss = 1.0 - counts / n_blocks if counts is not None else np.ones(k)
+        ratio = np.array(loads, dtype=np.float64) / max_load if max_load > 0 else np.zeros(k)
         score = miss * self.hit_ratio_weight + ratio * self.load_balance_weight
         tied = np.flatnonzero(score == score.min())
         if len(tied) == 1:
@@ -236,7 +273,7 @@ class CacheAwarePolicy(Policy):
                        else [0] * len(candidates))
         ratios = ", ".join(
             f"{inst.url}: {100.0 * m / n_blocks if n_blocks else 0.0:.2f}"
-            for inst, m in zip(candidates, matched)
+            for inst, m in zip(candidates, matched, strict=True)
         )
         log.debug(
             "final strategy: cache_aware_scoring, selected=%s, loads=%s, hitRatios={%s}",
@@ -251,10 +288,11 @@ def _tie_break(tied: list[Instance], positions: list[int],
     tokens = [inst.load.tokens for inst in tied]
     low = min(tokens)
     rest = [(recency.last(inst.identity) if recency is not None else 0, pos)
-            for inst, pos, t in zip(tied, positions, tokens) if t == low]
+            for inst, pos, t in zip(tied, positions, tokens, strict=True) if t == low]
     return min(rest)[1]
 
 
+@register
 class RemoteCacheAwarePolicy(CacheAwarePolicy):
     """As ``cache_aware``, with load = snapshot ``num_requests_running`` + pending
     (local ``R`` when the snapshot is stale)."""
@@ -271,4 +309,5 @@ class RemoteCacheAwarePolicy(CacheAwarePolicy):
 
 
 def _fmt_loads(candidates: Sequence[Instance], loads: Sequence[float]) -> str:
-    return "{" + ", ".join(f"{inst.url}: {load:g}" for inst, load in zip(candidates, loads)) + "}"
+    pairs = zip(candidates, loads, strict=True)
+    return "{" + ", ".join(f"{inst.url}: {load:g}" for inst, load in pairs) + "}"

@@ -50,8 +50,8 @@ uniformly among the other **near-best** candidates, those whose cost is within
 ``max(50 % of the best, 50 ms)`` of the best (if there are none, nothing is explored). Such a
 choice has the strategy label ``exploration`` (else ``cost_estimate``). The chosen instance is
 recorded in the prefix index for all prompt blocks, since it will hold the prefix. Its ``U`` is
-staged on its ``Load`` for the lease the dispatcher acquires next
-(:meth:`kvrouter.load.Load.stage_prefill`).
+the selection's ``prefill_estimate``, which the dispatcher gives to the lease it acquires there
+(``Load.acquire(prefill=...)``).
 
 Decode role (PD): no prefill happens there, so ``cost_i = w_d × R_i + X``. This is load
 only; ties go to fewer in-flight tokens ``T``, then to the least recently selected. Nothing is
@@ -63,7 +63,8 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Self
 
 import numpy as np
 
@@ -75,22 +76,38 @@ from kvrouter.policies.base import (
     Policy,
     RequestView,
     Selection,
+    policy_config,
+    register,
 )
 from kvrouter.policies.cache_aware import (
-    _SESSION_ROLES,
+    SESSION_ROLES,
     SelectionRecency,
     SessionAffinity,
 )
 from kvrouter.prefix.index import PrefixIndex
 
 if TYPE_CHECKING:
+    from kvrouter.config import SchedulerConfig
     from kvrouter.registry import Instance
 
-__all__ = ["EXPLORE_ABS", "EXPLORE_REL", "KvCostPolicy"]
+__all__ = ["EXPLORE_ABS", "EXPLORE_REL", "KvCostConfig", "KvCostPolicy"]
 
 EXPLORE_REL = 0.5     # near-best: within 50 % of the best estimate …
 EXPLORE_ABS = 0.05    # … or within 50 ms of it, whichever is larger
 
+
+@dataclass(frozen=True, slots=True)
+class KvCostConfig:
+    """The settings of ``kv_cost``: the ``kv-cost-*`` scheduler keys (the block size *B* is
+    ``cache-block-size``, shared with the prefix index)."""
+
+    prefill_tokens_per_sec: float
+    decode_weight: float
+    exploration: float
+    miss_weight: float
+    itl_weight: float
+    transfer_tokens_per_sec: float
+    chars_per_token: float
 
 
 def _floats(values: list, k: int) -> np.ndarray:
@@ -98,6 +115,7 @@ def _floats(values: list, k: int) -> np.ndarray:
     return np.fromiter(values, dtype=np.float64, count=k)
 
 
+@register
 class KvCostPolicy(Policy):
     """Minimum estimated TTFT (see the module docstring for the formula)."""
 
@@ -109,37 +127,38 @@ class KvCostPolicy(Policy):
         self,
         role: str,
         index: PrefixIndex,
+        config: KvCostConfig,
         *,
         block_size: int,
-        prefill_tokens_per_sec: float,
-        decode_weight: float,
-        exploration: float = 0.0,
-        miss_weight: float = 0.0,
-        itl_weight: float = 0.0,
-        transfer_tokens_per_sec: float = 0.0,
-        chars_per_token: float = 4.0,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(role)
-        if prefill_tokens_per_sec <= 0:
+        if config.prefill_tokens_per_sec <= 0:
             raise ValueError("prefill_tokens_per_sec must be > 0")
         self.index = index
         self.block_size = int(block_size)
-        self.prefill_tokens_per_sec = float(prefill_tokens_per_sec)
-        self.decode_weight = float(decode_weight)
-        self.exploration = float(exploration)
-        self.miss_weight = float(miss_weight)
-        self.itl_weight = float(itl_weight)
-        self.transfer_tokens_per_sec = float(transfer_tokens_per_sec)
+        self.prefill_tokens_per_sec = float(config.prefill_tokens_per_sec)
+        self.decode_weight = float(config.decode_weight)
+        self.exploration = float(config.exploration)
+        self.miss_weight = float(config.miss_weight)
+        self.itl_weight = float(config.itl_weight)
+        self.transfer_tokens_per_sec = float(config.transfer_tokens_per_sec)
+        chars_per_token = config.chars_per_token
         self.chars_per_token = float(chars_per_token) if chars_per_token > 0 else 1.0
         self._rng = rng or random.Random()
         self._clock = clock
         self.recency = SelectionRecency()
         self._cands = CandidateCache(index)
         self.sessions: SessionAffinity | None = (
-            SessionAffinity() if self.role in _SESSION_ROLES else None
+            SessionAffinity() if self.role in SESSION_ROLES else None
         )
+
+    @classmethod
+    def from_config(cls, role: str, cfg: SchedulerConfig, index: PrefixIndex, *,
+                    rng: random.Random | None, clock: Callable[[], float]) -> Self:
+        return cls(role, index, policy_config(KvCostConfig, cfg, "kv_cost_"),
+                   block_size=cfg.cache_block_size, rng=rng, clock=clock)
 
     # ------------------------------------------------------------------ estimates
     def _lengths(self, request: RequestView) -> tuple[int, float]:
@@ -158,7 +177,7 @@ class KvCostPolicy(Policy):
         """The cost (seconds: the estimated TTFT plus the miss and ITL prices) and the
         uncached prefill tokens ``U`` of every candidate.
 
-        Pure: no index record, no staging, no randomness. ``matched`` (identity → matched
+        Pure: no index record, no randomness. ``matched`` (identity → matched
         blocks) defaults to the index's match of the request's hashes.
         """
         if now is None:
@@ -212,7 +231,7 @@ class KvCostPolicy(Policy):
         if self.miss_weight > 0 and uncached:
             u_min = min(uncached)
             c = self.miss_weight / rate
-            ests = [e + c * (u - u_min) for e, u in zip(ests, uncached)]
+            ests = [e + c * (u - u_min) for e, u in zip(ests, uncached, strict=True)]
         return ests, uncached
 
     @staticmethod
@@ -268,7 +287,7 @@ class KvCostPolicy(Policy):
             if decode and len(tied) > 1:
                 toks = [candidates[i].load.tokens for i in tied]
                 low = min(toks)
-                tied = [i for i, t in zip(tied, toks) if t == low]
+                tied = [i for i, t in zip(tied, toks, strict=True) if t == low]
             best = tied[0] if len(tied) == 1 else min((recency.last(ids[i]), i) for i in tied)[1]
         else:
             best = 0
@@ -287,13 +306,12 @@ class KvCostPolicy(Policy):
             if near:
                 best = near[self._rng.randrange(len(near))]
                 strategy = STRATEGY_EXPLORATION
-        chosen = candidates[best]
         recency.touch(ids[best])
-        chosen.load.stage_prefill(round(float(uncached[best])))
         hit_blocks = int(counts[best]) if counts is not None else 0
         if n_blocks and not decode:
             self.index.record(hashes, ids[best], now)
         session_hit: bool | None = None
         if self.sessions is not None and request.session_id is not None:
             session_hit = self.sessions.observe(request.session_id, ids[best])
-        return Selection(chosen, strategy, hit_blocks, 0 if decode else n_blocks, session_hit)
+        return Selection(candidates[best], strategy, hit_blocks, 0 if decode else n_blocks,
+                         session_hit, prefill_estimate=round(float(uncached[best])))

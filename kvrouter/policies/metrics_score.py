@@ -5,9 +5,10 @@ Both read only stored snapshots (§6.3); the background scraper keeps them curre
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 from kvrouter.policies.base import (
     STRATEGY_POLICY,
@@ -16,14 +17,18 @@ from kvrouter.policies.base import (
     RequestView,
     Selection,
     argmin,
+    register,
 )
 
 if TYPE_CHECKING:
+    from kvrouter.config import SchedulerConfig
+    from kvrouter.prefix.index import PrefixIndex
     from kvrouter.registry import Instance
 
 __all__ = ["FdMetricsScorePolicy", "FdRemoteMetricsScorePolicy"]
 
 
+@register
 class FdMetricsScorePolicy(Policy):
     """Local ``R`` split at the instance's ``max_batch_size`` into running and waiting.
 
@@ -39,6 +44,11 @@ class FdMetricsScorePolicy(Policy):
         super().__init__(role)
         self.waiting_weight = float(waiting_weight)
 
+    @classmethod
+    def from_config(cls, role: str, cfg: SchedulerConfig, index: PrefixIndex, *,
+                    rng: random.Random | None, clock: Callable[[], float]) -> Self:
+        return cls(role, cfg.waiting_weight)
+
     def select(self, candidates: Sequence[Instance], request: RequestView) -> Selection:
         w = self.waiting_weight
         scores: list[float] = []
@@ -51,6 +61,7 @@ class FdMetricsScorePolicy(Policy):
         return Selection(candidates[argmin(scores)])
 
 
+@register
 class FdRemoteMetricsScorePolicy(Policy):
     """score = snapshot running + snapshot waiting × ``waiting-weight`` + pending.
 
@@ -68,6 +79,11 @@ class FdRemoteMetricsScorePolicy(Policy):
         super().__init__(role)
         self.waiting_weight = float(waiting_weight)
         self._clock = clock
+
+    @classmethod
+    def from_config(cls, role: str, cfg: SchedulerConfig, index: PrefixIndex, *,
+                    rng: random.Random | None, clock: Callable[[], float]) -> Self:
+        return cls(role, cfg.waiting_weight, clock)
 
     def select(self, candidates: Sequence[Instance], request: RequestView) -> Selection:
         now = self._clock()

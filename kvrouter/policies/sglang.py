@@ -28,9 +28,11 @@ prompts can match; with ``cache-block-size`` 1 and no tokenizer the index is cha
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Self
 
 import numpy as np
 
@@ -41,18 +43,33 @@ from kvrouter.policies.base import (
     Policy,
     RequestView,
     Selection,
+    argmin,
+    policy_config,
+    register,
 )
-from kvrouter.policies.cache_aware import _SESSION_ROLES, SessionAffinity
+from kvrouter.policies.cache_aware import SESSION_ROLES, SessionAffinity
 from kvrouter.prefix.index import PrefixIndex
 
 if TYPE_CHECKING:
+    from kvrouter.config import SchedulerConfig
     from kvrouter.registry import Instance
 
-__all__ = ["MISS_POLICIES", "SglangCacheAwarePolicy"]
+__all__ = ["MISS_POLICIES", "SglangCacheAwarePolicy", "SglangConfig"]
 
 MISS_POLICIES = ("min_load", "smallest_tree")
 
 
+@dataclass(frozen=True, slots=True)
+class SglangConfig:
+    """The settings of ``sglang_cache_aware``: the ``sglang-*`` scheduler keys."""
+
+    cache_threshold: float
+    balance_abs_threshold: float
+    balance_rel_threshold: float
+    miss_policy: str
+
+
+@register
 class SglangCacheAwarePolicy(Policy):
     """SGLang's two-state rule: cache affinity when balanced, shortest queue when not."""
 
@@ -63,27 +80,29 @@ class SglangCacheAwarePolicy(Policy):
         self,
         role: str,
         index: PrefixIndex,
+        config: SglangConfig,
         *,
-        cache_threshold: float = 0.3,
-        balance_abs_threshold: float = 64.0,
-        balance_rel_threshold: float = 1.5,
-        miss_policy: str = "min_load",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(role)
-        if miss_policy not in MISS_POLICIES:
-            raise ValueError(f"unknown miss policy {miss_policy!r}")
+        if config.miss_policy not in MISS_POLICIES:
+            raise ValueError(f"unknown miss policy {config.miss_policy!r}")
         self.index = index
-        self.cache_threshold = float(cache_threshold)
-        self.balance_abs_threshold = float(balance_abs_threshold)
-        self.balance_rel_threshold = float(balance_rel_threshold)
-        self.miss_policy = miss_policy
+        self.cache_threshold = float(config.cache_threshold)
+        self.balance_abs_threshold = float(config.balance_abs_threshold)
+        self.balance_rel_threshold = float(config.balance_rel_threshold)
+        self.miss_policy = config.miss_policy
         self._clock = clock
         self.tree_blocks: dict[str, int] = {}
         self._cands = CandidateCache(index)
         self.sessions: SessionAffinity | None = (
-            SessionAffinity() if self.role in _SESSION_ROLES else None
+            SessionAffinity() if self.role in SESSION_ROLES else None
         )
+
+    @classmethod
+    def from_config(cls, role: str, cfg: SchedulerConfig, index: PrefixIndex, *,
+                    rng: random.Random | None, clock: Callable[[], float]) -> Self:
+        return cls(role, index, policy_config(SglangConfig, cfg, "sglang_"), clock=clock)
 
     def select(self, candidates: Sequence[Instance], request: RequestView) -> Selection:
         now = self._clock()
@@ -112,7 +131,7 @@ class SglangCacheAwarePolicy(Policy):
                 best = min((loads[i], i) for i in holders)[1]
             elif self.miss_policy == "smallest_tree":
                 sizes = [self.tree_blocks.get(ident, 0) for ident in ids]
-                best = _argmin(list(zip(sizes, loads)))
+                best = argmin(list(zip(sizes, loads, strict=True)))
             else:
                 best = loads.index(min_load)
             hit_blocks = int(counts[best]) if counts is not None else 0
@@ -125,11 +144,3 @@ class SglangCacheAwarePolicy(Policy):
         if self.sessions is not None and request.session_id is not None:
             session_hit = self.sessions.observe(request.session_id, ident)
         return Selection(chosen, strategy, hit_blocks, n_blocks, session_hit)
-
-
-def _argmin(values: Sequence) -> int:
-    best = 0
-    for i in range(1, len(values)):
-        if values[i] < values[best]:
-            best = i
-    return best

@@ -3,30 +3,43 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Self
 
-from kvrouter.policies.base import Policy, RequestView, Selection
+from kvrouter.policies.base import Policy, RequestView, Selection, register
 
 if TYPE_CHECKING:
+    from kvrouter.config import SchedulerConfig
+    from kvrouter.prefix.index import PrefixIndex
     from kvrouter.registry import Instance
 
-__all__ = ["RandomPolicy", "RoundRobinPolicy", "PowerOfTwoPolicy"]
+__all__ = ["PowerOfTwoPolicy", "RandomPolicy", "RoundRobinPolicy"]
 
 
-class RandomPolicy(Policy):
-    """Uniform over the candidates."""
-
-    name = "random"
+class _SeededPolicy(Policy):
+    """A policy whose only setting is its source of randomness."""
 
     def __init__(self, role: str, rng: random.Random | None = None) -> None:
         super().__init__(role)
         self._rng = rng or random.Random()
 
+    @classmethod
+    def from_config(cls, role: str, cfg: SchedulerConfig, index: PrefixIndex, *,
+                    rng: random.Random | None, clock: Callable[[], float]) -> Self:
+        return cls(role, rng)
+
+
+@register
+class RandomPolicy(_SeededPolicy):
+    """Uniform over the candidates."""
+
+    name = "random"
+
     def select(self, candidates: Sequence[Instance], request: RequestView) -> Selection:
         return Selection(candidates[self._rng.randrange(len(candidates))])
 
 
+@register
 class RoundRobinPolicy(Policy):
     """Counter *c* of this role: pick ``c mod n`` in sorted URL order, then ``c += 1``."""
 
@@ -42,14 +55,11 @@ class RoundRobinPolicy(Policy):
         return Selection(chosen)
 
 
-class PowerOfTwoPolicy(Policy):
+@register
+class PowerOfTwoPolicy(_SeededPolicy):
     """Two distinct random candidates; the lower ``R`` wins, a tie goes to the first draw."""
 
     name = "power_of_two"
-
-    def __init__(self, role: str, rng: random.Random | None = None) -> None:
-        super().__init__(role)
-        self._rng = rng or random.Random()
 
     def select(self, candidates: Sequence[Instance], request: RequestView) -> Selection:
         n = len(candidates)

@@ -16,16 +16,16 @@ from kvrouter.prefix.tokenizer import (
 )
 
 __all__ = [
-    "block_hashes",
-    "text_block_hashes",
-    "HashList",
-    "PrefixIndex",
-    "render_prompt",
-    "extract_session_id",
-    "Tokenizer",
     "CodePointTokenizer",
+    "HashList",
     "LocalTokenizer",
+    "PrefixIndex",
     "RemoteTokenizer",
+    "Tokenizer",
     "TokenizerError",
+    "block_hashes",
+    "extract_session_id",
     "make_tokenizer",
+    "render_prompt",
+    "text_block_hashes",
 ]

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 from xxhash import xxh3_64, xxh3_64_digest
 
-__all__ = ["H0", "HashList", "block_hashes", "text_block_hashes", "tokens_to_le64", "h64"]
+__all__ = ["H0", "HashList", "block_hashes", "h64", "text_block_hashes", "tokens_to_le64"]
 
 #: ``h_0``: the ASCII bytes ``kvrouter`` read as a little-endian 64-bit integer.
 H0: int = int.from_bytes(b"kvrouter", "little")

@@ -43,11 +43,12 @@ Semantics (the contract's, with one change, batched capacity eviction):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["PrefixIndex", "EVICTION_REASONS", "as_hash_array"]
+__all__ = ["EVICTION_REASONS", "PrefixIndex", "as_hash_array"]
 
 EVICTION_REASONS = ("ttl", "capacity", "instance_removed")
 
@@ -121,14 +122,45 @@ def as_hash_array(hashes: Sequence[int]) -> np.ndarray:
 class PrefixIndex:
     """Bounded, TTL-expiring map of block hashes to the instances that hold them."""
 
-    __slots__ = ("max_entries", "ttl_secs", "evictions", "_slack", "_ids", "_idents",
-                 "_salts", "_nb", "_max_nb", "_shift", "_tk", "_tk2", "_te", "_spill",
-                 "_spilled", "_ring", "_head", "_tail", "_live", "_cs", "_ct", "_ci", "_ch",
-                 "_nc", "_pending", "_version", "_probe", "_salt_cache")
+    __slots__ = (
+        "_ch",
+        "_ci",
+        "_cs",
+        "_ct",
+        "_head",
+        "_idents",
+        "_ids",
+        "_live",
+        "_max_nb",
+        "_nb",
+        "_nc",
+        "_pending",
+        "_probe",
+        "_ring",
+        "_salt_cache",
+        "_salts",
+        "_shift",
+        "_slack",
+        "_spill",
+        "_spilled",
+        "_tail",
+        "_te",
+        "_tk",
+        "_tk2",
+        "_version",
+        "evictions",
+        "max_entries",
+        "on_record",
+        "ttl_secs",
+    )
 
-    def __init__(self, max_entries: int, ttl_secs: float) -> None:
+    def __init__(self, max_entries: int, ttl_secs: float, *,
+                 on_record: Callable[[Sequence[int], str], None] | None = None) -> None:
         self.max_entries = max(0, int(max_entries))
         self.ttl_secs = max(0.0, float(ttl_secs))   # 0 = no age expiry
+        #: called with ``(hashes, identity)`` after each :meth:`record` (routing state shared
+        #: with other routers: :meth:`kvrouter.shared.SharedState.recorded`)
+        self.on_record = on_record
         #: cumulative evicted (hash, instance) entries per reason, for Prometheus counters
         self.evictions: dict[str, int] = dict.fromkeys(EVICTION_REASONS, 0)
         self._slack = min(self.max_entries // 256, 4096)
@@ -140,7 +172,7 @@ class PrefixIndex:
             nb *= 2
         self._max_nb = nb
         self._version = 0
-        self._probe: tuple | None = None
+        self._probe: tuple[Any, ...] | None = None
         self._salt_cache: tuple = (None, None)
         self._reset(min(nb, 64), _MIN_RING)
 
@@ -240,7 +272,7 @@ class PrefixIndex:
         if not ids:
             return {}
         counts = self.match_counts(hashes, self.instance_numbers(ids))
-        return dict(zip(ids, counts.tolist()))
+        return dict(zip(ids, counts.tolist(), strict=True))
 
     def match_counts(self, hashes: Sequence[int], nums: np.ndarray) -> np.ndarray:
         """:meth:`match` by instance number (:meth:`instance_numbers`): an int64 array of
@@ -362,7 +394,7 @@ class PrefixIndex:
         row = -1
         if probe is not None and probe[0] is hv and probe[1] == self._version:
             row = _row_of(probe[2], num)
-        if row >= 0:
+        if probe is not None and row >= 0:
             sl = slice(row * n, row * n + n)
             keys, home, win, found, j = (a[sl] for a in probe[3:8])
         else:
@@ -394,6 +426,8 @@ class PrefixIndex:
                 min(self._live - n, excess + self._slack))
         if truncated:
             self.evictions["capacity"] += truncated
+        if self.on_record is not None:
+            self.on_record(hashes, identity)
 
     def _insert(self, keys: np.ndarray, home16: np.ndarray, win: np.ndarray) -> np.ndarray:
         """Store keys known to be absent (``home16`` = home bucket × 16, ``win`` = the home
@@ -421,7 +455,7 @@ class PrefixIndex:
         while self._nc + m > len(self._cs):
             self._grow_calls()
         nc = self._nc
-        cs, ct, ci = zip(*pending)
+        cs, ct, ci = zip(*pending, strict=True)
         self._cs[nc:nc + m] = cs
         self._ct[nc:nc + m] = ct
         self._ci[nc:nc + m] = ci

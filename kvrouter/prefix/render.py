@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["render_prompt", "extract_session_id", "canonical_json"]
+__all__ = ["canonical_json", "extract_session_id", "render_prompt"]
 
 
 def canonical_json(value: Any) -> str:

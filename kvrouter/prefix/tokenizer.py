@@ -1,7 +1,8 @@
-"""Turning a rendered prompt into tokens for prefix hashing and load estimates (contract §6.4).
+"""Turning a rendered prompt into tokens for prefix hashing and load estimates.
 
-Precedence: ``tokenizer-path`` (local HF ``tokenizer.json``) > ``tokenizer-url`` (remote
-``/tokenize`` endpoint) > one token per Unicode code point. Token-id prompts are used as they
+Precedence: ``tokenizer-path`` (local HF ``tokenizer.json``) > ``tokenizer-url`` (a remote
+tokenize endpoint, called the way the engine's entry in :mod:`kvrouter.backends.engines` says)
+> one token per Unicode code point. Token-id prompts are used as they
 are. A remote failure never fails the request: it is logged (rate-limited) and the code-point
 fallback is used.
 
@@ -24,18 +25,21 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import orjson
 
+from kvrouter.backends.engines import DEFAULT_ENGINE, ENGINES, TokenizeApi
+
 if TYPE_CHECKING:
     from kvrouter.config import SchedulerConfig
 
 __all__ = [
-    "Tokenizer",
     "CodePointTokenizer",
     "LocalTokenizer",
     "RemoteTokenizer",
+    "Tokenizer",
     "TokenizerError",
     "code_points",
     "make_tokenizer",
     "normalize_tokenizer_url",
+    "tokenize_api",
 ]
 
 log = logging.getLogger("kvrouter.tokenizer")
@@ -48,6 +52,10 @@ _BIG_ENDIAN = sys.byteorder == "big"
 
 class TokenizerError(Exception):
     """A configured tokenizer cannot be used (raised at startup only)."""
+
+
+class _Failed(Exception):
+    """A remote tokenizer call failed (the message says why)."""
 
 
 def code_points(text: str) -> list[int]:
@@ -103,7 +111,7 @@ class LocalTokenizer(Tokenizer):
             from tokenizers import Tokenizer as HFTokenizer
 
             self._tok = HFTokenizer.from_file(path)
-        except Exception as exc:  # noqa: BLE001 - any load failure is a config error
+        except Exception as exc:  # any load failure is a config error
             raise TokenizerError(f"cannot load tokenizer {path!r}: {exc}") from exc
         self.path = path
 
@@ -116,23 +124,36 @@ class LocalTokenizer(Tokenizer):
             if len(text) > _THREAD_THRESHOLD_CHARS:
                 return await asyncio.to_thread(self.encode, text)
             return self.encode(text)
-        except Exception as exc:  # noqa: BLE001 - never fail a request over tokenization
+        except Exception as exc:  # never fail a request over tokenization
             log.warning("local tokenizer failed, using code points: %s", exc)
             return None
 
 
-def normalize_tokenizer_url(url: str) -> str:
-    """No scheme → ``http://``; an empty path or ``/`` → ``/tokenize``."""
+def tokenize_api(engine: str = DEFAULT_ENGINE) -> TokenizeApi:
+    """How ``engine``'s tokenize endpoint is called; :class:`TokenizerError` if it has none."""
+    api = ENGINES[engine].tokenize
+    if api is None:
+        raise TokenizerError(f"engine {engine!r} has no tokenize endpoint: use tokenizer-path")
+    return api
+
+
+def normalize_tokenizer_url(url: str, default_path: str | None = None) -> str:
+    """No scheme → ``http://``; an empty path or ``/`` → ``default_path`` (the default
+    engine's tokenize path if not given)."""
     url = url.strip()
     if "://" not in url:
         url = "http://" + url
     parts = urlsplit(url)
-    path = parts.path if parts.path not in ("", "/") else "/tokenize"
+    if parts.path not in ("", "/"):
+        path = parts.path
+    else:
+        path = default_path if default_path is not None else tokenize_api().path
     return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 
 
 class RemoteTokenizer(Tokenizer):
-    """A remote tokenize endpoint: ``POST {"text":p,"prompt":p,"message":p}`` → ``input_ids``."""
+    """A remote tokenize endpoint, called as ``api`` says (default: the default engine's).
+    FastDeploy's: ``POST {"text":p,"prompt":p,"message":p}`` → ``{"input_ids":[…]}``."""
 
     kind = "remote"
 
@@ -141,8 +162,10 @@ class RemoteTokenizer(Tokenizer):
         url: str,
         timeout: float,
         session_factory: Callable[[], aiohttp.ClientSession] | None = None,
+        api: TokenizeApi | None = None,
     ) -> None:
-        self.url = normalize_tokenizer_url(url)
+        self.api = api if api is not None else tokenize_api()
+        self.url = normalize_tokenizer_url(url, self.api.path)
         self.timeout = float(timeout)
         self._session_factory = session_factory
         self._own_session: aiohttp.ClientSession | None = None
@@ -162,34 +185,34 @@ class RemoteTokenizer(Tokenizer):
     async def _encode(self, text: str) -> list[int] | None:
         self.calls += 1
         try:
-            payload = orjson.dumps({"text": text, "prompt": text, "message": text})
-            async with self._session().post(
-                self.url,
-                data=payload,
-                headers={"Content-Type": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-            ) as resp:
-                raw = await resp.read()
-                if not 200 <= resp.status < 300:
-                    return self._fail(f"HTTP {resp.status}")
-            try:
-                doc = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                return self._fail("response is not JSON")
-            ids = doc.get("input_ids") if isinstance(doc, dict) else None
-            if (
-                not isinstance(ids, list)
-                or not ids
-                or not all(type(t) is int for t in ids)
-            ):
-                return self._fail("response lacks a non-empty integer list 'input_ids'")
-            return ids
-        except asyncio.TimeoutError:
-            return self._fail(f"timed out after {self.timeout:g}s")
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - connection errors and the like
-            return self._fail(f"{type(exc).__name__}: {exc}")
+            return await self._request(text)
+        except _Failed as exc:
+            reason = str(exc)
+        except TimeoutError:
+            reason = f"timed out after {self.timeout:g}s"
+        except Exception as exc:  # connection errors and the like
+            reason = f"{type(exc).__name__}: {exc}"
+        self._fail(reason)
+        return None
+
+    async def _request(self, text: str) -> list[int]:
+        async with self._session().post(
+            self.url,
+            data=self.api.request_body(text),
+            headers={"Content-Type": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
+        ) as resp:
+            raw = await resp.read()
+            if not 200 <= resp.status < 300:
+                raise _Failed(f"HTTP {resp.status}")
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise _Failed("response is not JSON") from None
+        ids = self.api.tokens(doc)
+        if ids is None:
+            raise _Failed(f"response lacks a non-empty integer list {self.api.tokens_field!r}")
+        return ids
 
     def _fail(self, reason: str) -> None:
         """Count and (at most once per 30 s) log a failure; the caller falls back."""
@@ -204,7 +227,6 @@ class RemoteTokenizer(Tokenizer):
             self._suppressed = 0
         else:
             self._suppressed += 1
-        return None
 
     async def close(self) -> None:
         if self._own_session is not None and not self._own_session.closed:
@@ -215,13 +237,16 @@ class RemoteTokenizer(Tokenizer):
 def make_tokenizer(
     sched_cfg: SchedulerConfig,
     session_getter: Callable[[], aiohttp.ClientSession] | None = None,
+    engine: str = DEFAULT_ENGINE,
 ) -> Tokenizer:
-    """The tokenizer the configuration asks for. Raises :class:`TokenizerError` if a
-    ``tokenizer-path`` cannot be loaded."""
+    """The tokenizer the configuration asks for (a ``tokenizer-url`` is called the way
+    ``engine``'s tokenize endpoint is). Raises :class:`TokenizerError` if a ``tokenizer-path``
+    cannot be loaded, or a ``tokenizer-url`` is set for an engine without a tokenize endpoint."""
     if sched_cfg.tokenizer_path:
         return LocalTokenizer(sched_cfg.tokenizer_path)
     if sched_cfg.tokenizer_url:
         return RemoteTokenizer(
-            sched_cfg.tokenizer_url, sched_cfg.tokenizer_timeout_secs, session_getter
+            sched_cfg.tokenizer_url, sched_cfg.tokenizer_timeout_secs, session_getter,
+            tokenize_api(engine),
         )
     return CodePointTokenizer()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from logging.handlers import BaseRotatingHandler
+from logging.handlers import RotatingFileHandler, TimedRotatingFileHandler
 
 from kvrouter.logsetup import DATE_FORMAT, LOG_FORMAT
 
@@ -78,11 +78,11 @@ class AccessLog:
         out: list[logging.Handler] = []
         logger: logging.Logger | None = self.logger
         while logger is not None:
-            out.extend(h for h in logger.handlers if INFO >= h.level)
+            out.extend(h for h in logger.handlers if h.level <= INFO)
             if not logger.propagate:
                 break
             logger = logger.parent
-        if not out and logging.lastResort is not None and INFO >= logging.lastResort.level:
+        if not out and logging.lastResort is not None and logging.lastResort.level <= INFO:
             out.append(logging.lastResort)
         return out
 
@@ -100,7 +100,7 @@ class AccessLog:
     def _records(self, entries: list[tuple[float, str]]) -> list[logging.LogRecord]:
         records = []
         for created, msg in entries:
-            r = self.logger.makeRecord(LOGGER, INFO, __file__, 0, msg, None, None)
+            r = self.logger.makeRecord(LOGGER, INFO, __file__, 0, msg, (), None)
             r.created = created
             r.msecs = int((created - int(created)) * 1000) + 0.0
             records.append(r)
@@ -110,13 +110,14 @@ class AccessLog:
     def _write(handler: logging.StreamHandler, text: str, record: logging.LogRecord) -> None:
         handler.acquire()
         try:
-            if isinstance(handler, BaseRotatingHandler) and handler.shouldRollover(record):
+            if (isinstance(handler, RotatingFileHandler | TimedRotatingFileHandler)
+                    and handler.shouldRollover(record)):
                 handler.doRollover()
             if handler.stream is None:  # a FileHandler opened lazily
                 handler.stream = handler._open()  # type: ignore[attr-defined]
             handler.stream.write(text)
             handler.flush()
-        except Exception:  # noqa: BLE001 - as logging does: report, never raise
+        except Exception:
             handler.handleError(record)
         finally:
             handler.release()

@@ -1,24 +1,21 @@
-"""Control-plane endpoints (contract §3, §4): registration, listings, health, models,
-decode instances, abort fan-out and ``/metrics``."""
+"""Control-plane endpoints: registration, listings, health, models, decode instances, abort
+fan-out and ``/metrics``."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from kvrouter.backends.fastdeploy import loads
+from kvrouter.backends.base import loads
 from kvrouter.http.request import Request
 from kvrouter.http.response import Response
 from kvrouter.instance import RegistrationError, Role, parse_registration_bytes
 from kvrouter.registry import HEALTHY, Instance
 from kvrouter.router import Router
-
-if TYPE_CHECKING:
-    from kvrouter.server.app import App
+from kvrouter.server.context import Context
 
 log = logging.getLogger("kvrouter.admin")
 
@@ -31,14 +28,17 @@ def _msg(code: int, msg: str) -> Response:
     return _json({"code": code, "msg": msg}, status=code)
 
 
-async def register(app: App, req: Request) -> Response:
-    router = app.router
+async def register(ctx: Context, req: Request) -> Response:
+    router = ctx.router
     try:
         info = parse_registration_bytes(req.body, splitwise=router.splitwise)
     except RegistrationError as e:
         log.error("Failed to register instance: %s", e.body.get("msg"))
         return _json(e.body, status=e.status)
-    return await apply_registration(router, info)
+    resp = await apply_registration(router, info)
+    if resp.status == 200:
+        await router.shared.registered()    # applied by every router sharing the registry
+    return resp
 
 
 async def apply_registration(router: Router, info) -> Response:
@@ -78,8 +78,8 @@ def worker_record(inst: Instance) -> dict:
     }
 
 
-async def registered(app: App, req: Request) -> Response:
-    router = app.router
+async def registered(ctx: Context, req: Request) -> Response:
+    router = ctx.router
     out: dict = {"code": 200, "msg": "success", "prefill": [], "decode": [], "mixed": [],
                  "unavailable": []}
     for inst in router.registry.all():
@@ -88,38 +88,39 @@ async def registered(app: App, req: Request) -> Response:
     return _json(out)
 
 
-async def registered_number(app: App, req: Request) -> Response:
-    return _json(app.router.registry.count_routable())
+async def registered_number(ctx: Context, req: Request) -> Response:
+    return _json(ctx.router.registry.count_routable())
 
 
-async def health(app: App, req: Request) -> Response:
-    router = app.router
+async def health(ctx: Context, req: Request) -> Response:
+    router = ctx.router
     counts = router.registry.count_routable()
     ready = (counts["prefill"] > 0 and counts["decode"] > 0) if router.splitwise \
         else counts["mixed"] > 0
-    return _json({"status": "ok", "mode": router.mode, "routable": counts, "ready": ready})
+    return _json({"status": "ok", "mode": router.mode, "routable": counts, "ready": ready,
+                  **router.shared.health_info()})
 
 
-async def health_generate(app: App, req: Request) -> Response:
+async def health_generate(ctx: Context, req: Request) -> Response:
     """Probe every known instance; observational only (no state change)."""
-    router = app.router
+    router = ctx.router
     instances = router.registry.all()
     timeout = router.cfg.manager.health_check_timeout_secs
     results = await asyncio.gather(*(router.health.probe_url(i.url, timeout) for i in instances))
     rows = [{"url": i.url, "worker_type": i.role.value, "healthy": r.ok,
              "status_code": r.status_code, "latency_ms": round(r.latency_ms, 3),
-             "error": r.error} for i, r in zip(instances, results)]
+             "error": r.error} for i, r in zip(instances, results, strict=True)]
     healthy = sum(r.ok for r in results)
     return _json({"code": 200, "msg": "Health check complete", "results": rows,
                   "healthy": healthy, "unhealthy": len(rows) - healthy})
 
 
-async def models(app: App, req: Request) -> Response:
-    return _json({"object": "list", "data": app.router.models.union()})
+async def models(ctx: Context, req: Request) -> Response:
+    return _json({"object": "list", "data": ctx.router.models.union()})
 
 
-async def decode_instances(app: App, req: Request) -> Response:
-    router = app.router
+async def decode_instances(ctx: Context, req: Request) -> Response:
+    router = ctx.router
     if not router.splitwise:
         return _json([])
     version = req.query.get("version")
@@ -147,9 +148,9 @@ def _abort_body_valid(body: object) -> bool:
     return isinstance(ids, list) and bool(ids) and all(isinstance(x, str) for x in ids)
 
 
-async def abort_requests(app: App, req: Request) -> Response:
+async def abort_requests(ctx: Context, req: Request) -> Response:
     """Forward the abort to every known instance concurrently and report each answer."""
-    router = app.router
+    router = ctx.router
     raw = req.body
     try:
         body = loads(raw)
@@ -166,12 +167,12 @@ async def abort_requests(app: App, req: Request) -> Response:
     instances = router.registry.all()
 
     async def one(inst: Instance) -> dict:
-        row = {"url": inst.url, "worker_type": inst.role.value, "status_code": None,
-               "body": None, "error": None}
+        row: dict[str, object] = {"url": inst.url, "worker_type": inst.role.value,
+                                  "status_code": None, "body": None, "error": None}
         try:
             status, data = await router.transport.get(inst.url + "/v1/abort_requests", timeout,
                                                       headers, method="POST", body=raw)
-        except Exception as e:  # noqa: BLE001 - reported per instance
+        except Exception as e:
             row["error"] = str(e) or type(e).__name__
             return row
         row["status_code"] = status
@@ -185,5 +186,7 @@ async def abort_requests(app: App, req: Request) -> Response:
     return _json({"code": 200, "msg": "success", "results": list(rows)})
 
 
-async def metrics(app: App, req: Request) -> Response:
-    return Response(app.router.metrics.render(), content_type=CONTENT_TYPE_LATEST)
+async def metrics(ctx: Context, req: Request) -> Response:
+    router = ctx.router
+    return Response(await router.shared.render_metrics(router.metrics),
+                    content_type=CONTENT_TYPE_LATEST)

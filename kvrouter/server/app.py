@@ -1,5 +1,11 @@
-"""The router's HTTP application: routes, error answers, access log, HTTP metrics, and the
-``serve`` entry point (contract §4, §5.9, §9.1, §9.3)."""
+"""The router's HTTP application: the route table, error answers, access log, HTTP metrics,
+and the ``serve`` entry point.
+
+Every request ends in :meth:`App._finish` (the error answer if any, HTTP metrics, the access
+line). Control-plane routes are coroutines that return their response; the inference routes
+hand the request to its owner (:class:`kvrouter.server.inference.InferenceRequest`), which
+completes it through ``Context.complete``.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +16,27 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable
+from typing import TYPE_CHECKING
 
 from kvrouter import errors
+from kvrouter.backends.fastdeploy import FastDeployAdapter
 from kvrouter.config import RouterConfig
 from kvrouter.http.request import Request
 from kvrouter.http.response import Response
-from kvrouter.http.routing import METHOD_NOT_ALLOWED, Routes
-from kvrouter.http.server import NONE, start_server
+from kvrouter.http.routing import METHOD_NOT_ALLOWED, Route, Routes
+from kvrouter.http.server import NONE, HttpServer, Listener, start_server
 from kvrouter.http.upstream import UpstreamPool
 from kvrouter.instance import InstanceInfo, Role
 from kvrouter.prefix.tokenizer import TokenizerError
-from kvrouter.registry import HEALTHY
+from kvrouter.registry import HEALTHY, Instance
 from kvrouter.router import Router
 from kvrouter.server import admin, inference
 from kvrouter.server.accesslog import AccessLog
+from kvrouter.server.context import Context
 from kvrouter.server.forward import InstanceRefs
-from kvrouter.server.view import load_only
+
+if TYPE_CHECKING:
+    from kvrouter.workers.worker import WorkerContext
 
 log = logging.getLogger("kvrouter.server")
 
@@ -34,15 +45,16 @@ GC_THRESHOLD = (20000, 20, 20)   # young collections every 20k allocations, not 
 
 
 class App:
-    """Everything a handler needs: the router, the upstream pool, per-instance constants."""
+    """The route table and the end of every request."""
 
     def __init__(self, router: Router, pool: UpstreamPool) -> None:
         self.router = router
         self.pool = pool
-        self.refs = InstanceRefs()
-        self.access = AccessLog()
         roles = (Role.PREFILL, Role.DECODE) if router.splitwise else (Role.MIXED,)
-        self.fast_views = load_only(router, roles)   # no prompt rendering needed
+        self.ctx = Context(router, pool, InstanceRefs(),
+                           FastDeployAdapter(router.cfg.server.disaggregate_info_format),
+                           fast_views=router.load_only(roles), complete=self._complete)
+        self.access = AccessLog()
         self.max_body_mb = router.cfg.server.max_body_mb
         m = router.metrics
         self._http_requests = m.http_requests
@@ -51,7 +63,7 @@ class App:
         self._errors = m.errors
         routes = self.routes = Routes()
         for path in INFERENCE:
-            routes.add("POST", path, inference.start)
+            routes.add("POST", path, inference.start, takes_over=True)
         routes.add("POST", "/register", admin.register)
         routes.add("GET", "/registered", admin.registered)
         routes.add("GET", "/registered_number", admin.registered_number)
@@ -63,37 +75,25 @@ class App:
         routes.add("POST", "/v1/abort_requests", admin.abort_requests)
         router.registry.on_removed.append(self._on_removed)
 
-    def _on_removed(self, inst, reason: str) -> None:
-        self.pool.forget(self.refs.pop(inst).target.key)
+    def _on_removed(self, inst: Instance, reason: str) -> None:
+        self.pool.forget(self.ctx.refs.pop(inst).target.key)
 
     def handle(self, req: Request) -> Awaitable[None] | None:
-        """The server's handler. An inference request that needs no await is driven by
-        callbacks (``None`` is returned; :meth:`inference_done` completes it); everything
-        else runs as a coroutine (:meth:`_answer`)."""
+        """The server's handler: ``None`` when the route's handler took the request over
+        (it completes it through :meth:`_complete`), else the coroutine answering it."""
         req.received = time.perf_counter()
         found = self.routes.resolve(req.method, req.path)
-        if type(found) is not int and found[0] is inference.start and not req.too_large:
-            endpoint = found[1]
+        if type(found) is Route and found.takes_over and not req.too_large:
             try:
-                pending = inference.start(self, req, endpoint)
-            except Exception as e:
-                self._finish(req, endpoint, self._failure_response(req, e))
+                found.handler(self.ctx, req, found.endpoint)
+            except Exception as e:       # the owner completes what it took over, but for this
+                self._finish(req, found.endpoint, self._failure_response(req, e))
                 req.conn.handler_done()
-                return None
-            return None if pending is None else self._settle(req, endpoint, pending)
+            return None
         return self._answer(req, found)
 
-    async def _settle(self, req: Request, endpoint: str, pending: Awaitable[None]) -> None:
-        resp: Response | None = None
-        try:
-            await pending
-        except Exception as e:
-            resp = self._failure_response(req, e)
-        self._finish(req, endpoint, resp)
-
-    def inference_done(self, req: Request, endpoint: str,
-                       error: errors.RouterError | None) -> None:
-        """Completion of an inference request driven by callbacks."""
+    def _complete(self, req: Request, endpoint: str, error: errors.RouterError | None) -> None:
+        """The end of a request a handler took over."""
         conn = req.conn
         if error is None and conn.closed and conn.mode == NONE:
             conn.handler_done()     # the client left before the answer: nothing to count
@@ -101,12 +101,12 @@ class App:
         self._finish(req, endpoint, self._error_response(error) if error is not None else None)
         conn.handler_done()
 
-    async def _answer(self, req: Request, found) -> None:
-        """Answer one request; never raises but for cancellation."""
+    async def _answer(self, req: Request, found: Route | int) -> None:
+        """Answer one request with a coroutine handler; never raises but for cancellation."""
         endpoint = "unmatched"
         resp: Response | None = None
         try:
-            if type(found) is int:
+            if isinstance(found, int):
                 resp = (errors.error_response(
                     405, f"Method {req.method} not allowed on {req.path}",
                     "invalid_request_error", "method_not_allowed",
@@ -115,10 +115,10 @@ class App:
                     errors.error_response(404, f"Not found: {req.path}",
                                           "invalid_request_error", "not_found"))
             else:
-                handler, endpoint = found
-                if req.too_large:   # inference routes come here only for this
+                endpoint = found.endpoint
+                if req.too_large:
                     raise errors.too_large(self.max_body_mb)
-                resp = await handler(self, req)
+                resp = await found.handler(self.ctx, req)
         except Exception as e:
             resp = self._failure_response(req, e)
         self._finish(req, endpoint, resp)
@@ -159,17 +159,18 @@ async def add_static_instances(router: Router, infos: list[InstanceInfo]) -> Non
     """register.yaml entries: probed once, concurrently; static, recovered by the health loop."""
     timeout = router.cfg.manager.health_check_timeout_secs
     results = await asyncio.gather(*(router.health.probe_url(i.url, timeout) for i in infos))
-    for info, res in zip(infos, results):
+    for info, res in zip(infos, results, strict=True):
         inst = router.registry.add(info, static=True, healthy=res.ok)
         if inst.state != HEALTHY:
             log.warning("static instance %s is not healthy at startup (%s)", info.url, res.error)
 
 
-async def run_server(cfg: RouterConfig, static: list[InstanceInfo], worker=None) -> int:
+async def run_server(cfg: RouterConfig, static: list[InstanceInfo],
+                     worker: WorkerContext | None = None) -> int:
     """Serve until SIGINT/SIGTERM; returns the process exit code. ``worker``: a
     :class:`kvrouter.workers.worker.WorkerContext` when this is one of several processes."""
     try:
-        router = Router(cfg, index=worker.make_index(cfg) if worker is not None else None)
+        router = Router(cfg, shared=worker.shared if worker is not None else None)
     except TokenizerError as e:
         print(f"config error: {cfg.config_path}: scheduler.tokenizer-path: {e}", file=sys.stderr)
         return 1
@@ -178,25 +179,25 @@ async def run_server(cfg: RouterConfig, static: list[InstanceInfo], worker=None)
                         s.stream_idle_timeout_secs)
     app = App(router, pool)
     if worker is not None:
-        worker.attach(app)      # shared routing state (kvrouter.workers)
-    server = http = None
+        worker.start()          # routing state shared with the sibling processes
+    served: tuple[Listener, HttpServer] | None = None
+    max_body = int(s.max_body_mb * (1 << 20))
     try:
         await add_static_instances(router, static)
         try:
             if worker is None:
-                server, http = await start_server(app.handle, s.host, s.port,
-                                                  max_body=int(s.max_body_mb * (1 << 20)))
+                served = await start_server(app.handle, s.host, s.port or 0, max_body=max_body)
             else:
-                server, http = await worker.listen(app.handle, int(s.max_body_mb * (1 << 20)))
+                served = await worker.listen(app.handle, max_body)
         except OSError as e:
             print(f"Failed to start server on {s.host}:{s.port}: {e}", file=sys.stderr)
             return 1
-        port = server.sockets[0].getsockname()[1]
+        port = served[0].sockets[0].getsockname()[1]
         shown = f"[{s.host}]" if ":" in s.host else s.host
         if worker is None:      # with workers, the supervisor prints it once all serve
             print(f"Starting server on {shown}:{port}", flush=True)
         log.info("Starting server on %s:%d (mode %s)", shown, port, router.mode)
-        await router.start(leader=worker is None or worker.leader)
+        await router.start(leader=router.shared.leader)
         gc.collect()
         gc.freeze()          # startup objects are never scanned again
         gc.set_threshold(*GC_THRESHOLD)
@@ -210,9 +211,9 @@ async def run_server(cfg: RouterConfig, static: list[InstanceInfo], worker=None)
         log.info("shutting down")
         return 0
     finally:
-        if server is not None:
-            server.close()
-            http.close_all()
+        if served is not None:
+            served[0].close()
+            served[1].close_all()
         pool.close()
         app.access.flush()
         if worker is not None:
@@ -220,7 +221,8 @@ async def run_server(cfg: RouterConfig, static: list[InstanceInfo], worker=None)
         await router.close()
 
 
-def serve(cfg: RouterConfig, static: list[InstanceInfo] | None = None, worker=None) -> int:
+def serve(cfg: RouterConfig, static: list[InstanceInfo] | None = None,
+          worker: WorkerContext | None = None) -> int:
     """Run the router until SIGINT/SIGTERM (uvloop when available); returns the exit code."""
     main = run_server(cfg, static or [], worker)
     try:

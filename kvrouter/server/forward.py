@@ -1,41 +1,27 @@
-"""Client → instance forwarding (contract §5.2): header filtering, the upstream request bytes,
-and per-instance constants (pool target, URL, router header lines) cached per registration."""
+"""Client → instance forwarding: header filtering, the upstream request bytes, and
+per-instance constants (pool target, URL, router header lines) cached per registration."""
 
 from __future__ import annotations
 
+from kvrouter.http.headers import HOP_BY_HOP, end_to_end
 from kvrouter.http.request import Request
 from kvrouter.http.upstream import Target
 from kvrouter.registry import Instance
 
 # hop-by-hop, recomputed or router-owned headers; ``Expect`` too: the router already answered
 # it, and an instance's ``100 Continue`` must not reach the relay
-DROP = frozenset({
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
-    b"trailer", b"transfer-encoding", b"upgrade", b"content-length", b"host", b"expect",
-})
+DROP = HOP_BY_HOP | {b"content-length", b"host", b"expect"}
+DROP_IDENTITY = DROP | {b"accept-encoding"}
 IDENTITY = b"Accept-Encoding: identity\r\n"
 
 
 def forward_block(req: Request, *, identity: bool = False) -> bytes:
-    """The client's header lines to pass on: all but :data:`DROP` and the headers its
-    ``Connection`` names; with ``identity`` (PD mode) ``Accept-Encoding: identity`` replaces the
+    """The client's end-to-end header lines to pass on (:func:`end_to_end` minus
+    :data:`DROP`); with ``identity`` (PD mode) ``Accept-Encoding: identity`` replaces the
     client's, because the router inspects the bodies."""
-    lines: list[bytes] = []
-    named: set[bytes] | None = None
-    for name, value in req.headers:
-        n = name.lower()
-        if n in DROP:
-            if n == b"connection":
-                named = {t.strip().lower() for t in value.split(b",") if t.strip()} or None
-            continue
-        if identity and n == b"accept-encoding":
-            continue
-        lines.append(name + b": " + value + b"\r\n")
-    if named:
-        lines = [ln for ln in lines if ln.split(b":", 1)[0].lower() not in named]
-    if identity:
-        lines.append(IDENTITY)
-    return b"".join(lines)
+    kept = end_to_end(req.headers, DROP_IDENTITY if identity else DROP)
+    block = b"".join([name + b": " + value + b"\r\n" for _, name, value in kept])
+    return block + IDENTITY if identity else block
 
 
 def upstream_request(req: Request, target: Target, headers: bytes, body: bytes) -> bytes:
@@ -47,9 +33,10 @@ def upstream_request(req: Request, target: Target, headers: bytes, body: bytes) 
 class InstanceRef:
     """What the data plane needs of one registration, computed once."""
 
-    __slots__ = ("identity", "info", "mixed_tag", "target", "url", "usage_children")
+    __slots__ = ("identity", "info", "inst", "mixed_tag", "target", "url", "usage_children")
 
     def __init__(self, inst: Instance) -> None:
+        self.inst = inst
         info = self.info = inst.info
         self.url = info.url
         self.identity = info.identity

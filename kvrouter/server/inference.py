@@ -1,37 +1,32 @@
-"""``POST /v1/chat/completions`` and ``/v1/completions``: parse, choose, dispatch, relay, account.
+"""``POST /v1/chat/completions`` and ``/v1/completions``: the one owner of an inference request.
 
-Mixed mode is here (contract §1.3, §5.3); PD mode is in :mod:`kvrouter.server.pd`.
+:class:`InferenceRequest` follows a request from its parsed body to its accounting, in mixed
+and in PD mode: parse → scheduling view → legs dispatched (:mod:`kvrouter.server.leg`; the PD
+pair and its retry rules in :mod:`kvrouter.server.pd`) → the chosen answer relayed
+(:mod:`kvrouter.server.relay`) → accounting → ``ctx.complete``. A mixed request whose view needs
+no tokenizer call is driven by callbacks from start to end (no task: the client's read callback
+sends, the instance's read callback relays); views that wait for a tokenizer and PD dispatch
+run in one task, and hand back to the same callbacks for the relay.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from kvrouter import errors
-from kvrouter.backends.fastdeploy import loads
+from kvrouter.backends.base import loads
 from kvrouter.http.request import Request
-from kvrouter.http.upstream import (
-    ConnectFailed,
-    Exchange,
-    FirstByteTimeout,
-    TransportError,
-    Upstream,
-)
+from kvrouter.http.upstream import Exchange, TransportError, Upstream
 from kvrouter.instance import Role
-from kvrouter.load import Lease
 from kvrouter.policies.base import RequestView
-from kvrouter.registry import Instance
+from kvrouter.prefix.view import fast_view
 from kvrouter.server import pd
-from kvrouter.server.accounting import account
-from kvrouter.server.forward import InstanceRef, forward_block, upstream_request
-from kvrouter.server.relay import Relay, start_relay
-from kvrouter.server.view import fast_view
-
-if TYPE_CHECKING:
-    from kvrouter.server.app import App
+from kvrouter.server.accounting import Outcome, account
+from kvrouter.server.context import Context
+from kvrouter.server.forward import forward_block, upstream_request
+from kvrouter.server.leg import Failure, Leg, RetryBudget
+from kvrouter.server.relay import start_relay
 
 log = logging.getLogger("kvrouter.inference")
 
@@ -49,165 +44,197 @@ def parse_json_object(raw: bytes) -> dict:
     return body
 
 
-def start(app: App, req: Request, endpoint: str) -> Awaitable[None] | None:
-    """Parse the body (a 400 is raised here) and start the request.
-
-    A mixed-mode request whose scheduling view needs no await is driven by callbacks:
-    ``None`` is returned and ``app.inference_done`` is called when it is over. Otherwise the
-    returned coroutine handles it (PD mode, or a view that needs the tokenizer)."""
-    raw = req.body
-    body = parse_json_object(raw)
-    if app.router.splitwise:
-        return pd.handle(app, req, body, endpoint, req.received)
-    view = (fast_view(body, endpoint) if app.fast_views else None) or \
-        app.router.request_view_now(body, endpoint, MIXED)
-    if view is None:
-        return _mixed_after_view(app, req, raw, body, endpoint)
-    MixedRequest(app, req, raw, body, endpoint, view, None).start()
-    return None
+def start(ctx: Context, req: Request, endpoint: str) -> None:
+    """The route handler: the request is :class:`InferenceRequest`'s from here on."""
+    InferenceRequest(ctx, req, endpoint).start()
 
 
-async def _mixed_after_view(app: App, req: Request, raw: bytes, body: dict,
-                            endpoint: str) -> None:
-    view = await app.router.request_view(body, endpoint, MIXED)
-    fut = req.conn.loop.create_future()
+class InferenceRequest:
+    """One inference request, from its body to ``ctx.complete`` (see the module docstring).
 
-    def done(error: errors.RouterError | None) -> None:
-        if not fut.done():
-            fut.set_result(error)
+    ``_end(error)`` is the single exit: it runs once, with the error to answer or ``None``
+    (answered, or the client left), after every lease was released.
+    """
 
-    mixed = MixedRequest(app, req, raw, body, endpoint, view, done)
-    mixed.start()
-    try:
-        error = await fut
-    except asyncio.CancelledError:
-        mixed.client_lost()
-        raise
-    if error is not None:
-        raise error
+    __slots__ = ("body", "ctx", "endpoint", "exchange", "leg", "outcome", "pair", "pending",
+                 "req", "retries", "stream", "task")
 
-
-class MixedRequest:
-    """One mixed-mode request (contract §5.3), driven by callbacks: choose an instance, send,
-    relay the answer, account. A connect failure excludes that instance, asks for a probe and
-    retries on another one (``server.connect-retries`` times). ``done(error)`` is called once
-    (``app.inference_done(req, endpoint, error)`` if ``done`` is ``None``): with the error to
-    answer, or ``None`` (answered, or the client left)."""
-
-    __slots__ = ("app", "attempt", "body", "done", "endpoint", "excluded", "exchange", "headers",
-                 "inst", "last_error", "lease", "pending", "raw", "ref", "req", "status", "view")
-
-    def __init__(self, app: App, req: Request, raw: bytes, body: dict, endpoint: str,
-                 view: RequestView,
-                 done: Callable[[errors.RouterError | None], None] | None) -> None:
-        self.app = app
+    def __init__(self, ctx: Context, req: Request, endpoint: str) -> None:
+        self.ctx = ctx
         self.req = req
-        self.raw = raw
-        self.body = body
         self.endpoint = endpoint
-        self.view = view
-        self.done = done
+        self.body: dict = {}
+        self.stream = False
         self.pending = True
-        self.attempt = 0
-        self.excluded: set[str] = set()
-        self.last_error: errors.RouterError | None = None
-        self.headers = forward_block(req)
+        self.leg: Leg | None = None
+        self.retries: RetryBudget | None = None
         self.exchange: Exchange | None = None
-        self.inst: Instance | None = None
-        self.ref: InstanceRef | None = None
-        self.lease: Lease | None = None
-        self.status = 0
+        self.pair: pd.Pair | None = None
+        self.task: asyncio.Task | None = None
+        self.outcome = Outcome()
 
     def start(self) -> None:
-        self.req.conn.on_lost = self.client_lost
-        self._attempt()
-
-    def _attempt(self) -> None:
-        app = self.app
+        ctx = self.ctx
         try:
-            inst = app.router.select(Role.MIXED, self.view, self.excluded).instance
+            body = self.body = parse_json_object(self.req.body)
+            self.stream = body.get("stream") is True
+            view = fast_view(body, self.endpoint) if ctx.fast_views else None
+            if view is None and not ctx.router.splitwise:
+                view = ctx.router.request_view_now(body, self.endpoint, MIXED)
         except errors.RouterError as e:
-            self._end(self.last_error or e)
+            self._end(e)
             return
         except Exception:
             self._crashed()
             return
-        ref = app.refs.get(inst)
-        self.inst, self.ref = inst, ref
-        self.lease = inst.load.acquire(self.view.token_estimate)
-        data = upstream_request(self.req, ref.target, self.headers, self.raw)
-        self.exchange = app.pool.request(ref.target, data, self._answered)
+        if view is not None and not ctx.router.splitwise:
+            self._dispatch_mixed(view)
+            return
+        self.req.conn.attach(self._client_lost)
+        self.task = asyncio.ensure_future(self._run(view))
+
+    async def _run(self, view: RequestView | None) -> None:
+        """The awaited part: a tokenizer call for the view, and PD dispatch up to its commit."""
+        router = self.ctx.router
+        commit: pd.Commit | None = None
+        try:
+            if router.splitwise:
+                if view is None:
+                    view = await router.request_view(self.body, self.endpoint, pd.PD_ROLES)
+                commit = await pd.dispatch(self.ctx, self.req, self.body, self.stream, view)
+            else:
+                if view is None:
+                    view = await router.request_view(self.body, self.endpoint, MIXED)
+        except errors.RouterError as e:
+            self._end(e)
+            return
+        except asyncio.CancelledError:
+            return              # the client left: _client_lost ended the request
+        except Exception:
+            self._crashed()
+            return
+        finally:
+            self.task = None
+        if commit is None:
+            assert view is not None
+            self._dispatch_mixed(view)
+        else:
+            self._answer_pd(commit)
+
+    # -- mixed: one leg, retried on another instance after a connect failure --------------------
+    def _dispatch_mixed(self, view: RequestView) -> None:
+        ctx = self.ctx
+        self.leg = Leg(ctx, Role.MIXED, view)
+        self.retries = RetryBudget(ctx.router, "connect", ctx.router.cfg.server.connect_retries)
+        self.req.conn.attach(self._client_lost)
+        self._send_mixed(None)
+
+    def _send_mixed(self, last_error: errors.RouterError | None) -> None:
+        leg = self.leg
+        assert leg is not None
+        try:
+            ref = leg.choose()
+            data = upstream_request(self.req, ref.target, forward_block(self.req), self.req.body)
+        except errors.RouterError as e:
+            self._end(last_error or e)
+            return
+        except Exception:
+            self._crashed()
+            return
+        self.exchange = leg.send(data, self._answered)
 
     def _answered(self, up: Upstream | None, first: bytes, error: TransportError | None) -> None:
         self.exchange = None
-        try:
-            if error is not None:
-                self._failed(error)
-                return
-            self.status = up.status
-            self.lease.release_tokens()
-            start_relay(self.req, up, first, self.ref.mixed_tag, self._relayed)
-        except Exception:
-            if up is not None:
-                up.close()
-            self._crashed()
-
-    def _failed(self, error: TransportError) -> None:
-        router, ref = self.app.router, self.ref
-        self.lease.release()
-        if isinstance(error, ConnectFailed):
-            self.excluded.add(ref.identity)
-            router.health.probe_soon(self.inst)
-            router.metrics.errors.labels("connect_failed").inc()
-            err = errors.connect_failed(ref.url, str(error))
-            err.headers = {"X-Router-Mixed-URL": ref.url}
-            self.last_error = err
-            if self.attempt < router.cfg.server.connect_retries:
-                self.attempt += 1
-                router.metrics.retries.labels("connect").inc()
-                self._attempt()
+        leg = self.leg
+        assert leg is not None and leg.ref is not None
+        if error is not None or up is None:
+            assert error is not None
+            failure, err = leg.failed(error)
+            err.headers = {"X-Router-Mixed-URL": leg.ref.url}
+            if failure is Failure.CONNECT and self.retries is not None and self.retries.take():
+                self._send_mixed(err)
             else:
                 self._end(err)
             return
-        err = (errors.first_byte_timeout(ref.url, router.cfg.server.first_byte_timeout_secs)
-               if isinstance(error, FirstByteTimeout) else errors.connect_failed(ref.url, str(error)))
-        err.headers = {"X-Router-Mixed-URL": ref.url}
-        self._end(err)
-
-    def _relayed(self, outcome: Relay) -> None:
         try:
-            self.lease.release()
-            account(self.app.router, self.endpoint, self.req.received, self.status, outcome,
-                    self.body, mixed=(self.inst, self.ref))
+            leg.answered()
+            start_relay(self.req.conn, up, first, leg.ref.mixed_tag, self.outcome,
+                        self._relayed_mixed)
+        except Exception:
+            up.close()
+            self._crashed()
+
+    def _relayed_mixed(self) -> None:
+        leg = self.leg
+        assert leg is not None
+        leg.release()
+        try:
+            account(self.ctx.router, self.endpoint, self.req.received, self.outcome, self.stream,
+                    mixed=leg.ref)
         except Exception:
             log.exception("accounting failed")
         self._end(None)
 
-    def client_lost(self) -> None:
-        """The client left before the answer started: drop the exchange and its lease."""
+    # -- PD: the decode's answer, once dispatch committed to it ---------------------------------
+    def _answer_pd(self, commit: pd.Commit) -> None:
+        self.pair = commit.pair
+        reply = commit.reply
+        if reply is not None:     # the prefill's own error reply
+            self.outcome.status = reply.status
+            self.req.conn.send(reply.status, reply.body, reply.content_type, commit.tags)
+            self._account_pd(commit.pair)
+            self._end(None)
+            return
+        assert commit.up is not None
+        try:
+            start_relay(self.req.conn, commit.up, commit.first, commit.tags, self.outcome,
+                        self._relayed_pd, scan_usage=False)
+        except Exception:
+            commit.up.close()
+            self._crashed()
+
+    def _relayed_pd(self) -> None:
+        pair = self.pair
+        assert pair is not None
+        pair.decode.release()
+        if self.outcome.client_gone:
+            pair.cancel_prefill()
+        self._account_pd(pair)
+        self._end(None)
+
+    def _account_pd(self, pair: pd.Pair) -> None:
+        try:
+            account(self.ctx.router, self.endpoint, self.req.received, self.outcome, self.stream,
+                    prefill=pair.prefill.ref, decode=pair.decode.ref)
+        except Exception:
+            log.exception("accounting failed")
+
+    # -- the end --------------------------------------------------------------------------------
+    def _client_lost(self) -> None:
+        """The client left before the answer started: drop whatever is in flight."""
         if not self.pending:
             return
+        self.outcome.client_gone = True
+        if self.task is not None:
+            self.task.cancel()     # PD: the pair's own cleanup releases its legs
         if self.exchange is not None:
             self.exchange.cancel()
             self.exchange = None
-        if self.lease is not None:
-            self.lease.release()
+        if self.leg is not None:
+            self.leg.release()
         self._end(None)
 
     def _crashed(self) -> None:
         log.exception("unhandled error on %s %s", self.req.method, self.req.path)
-        if self.lease is not None:
-            self.lease.release()
+        if self.leg is not None:
+            self.leg.release()
+        if self.pair is not None:
+            self.pair.release()
         self._end(errors.RouterError(*errors.INTERNAL_ERROR))
 
     def _end(self, error: errors.RouterError | None) -> None:
         if not self.pending:
             return
         self.pending = False
-        conn = self.req.conn
-        if conn.on_lost == self.client_lost:
-            conn.on_lost = None
-        if self.done is None:
-            self.app.inference_done(self.req, self.endpoint, error)
-        else:
-            self.done(error)
+        self.req.conn.detach()
+        self.ctx.complete(self.req, self.endpoint, error)

@@ -1,9 +1,14 @@
-"""PD (prefill/decode) dispatch (contract §1.4, §5.4–5.6).
+"""PD (prefill/decode) dispatch, up to the decode answer the client will get.
 
-Per attempt: choose P and D, send both the same body concurrently, commit to the client at D's
-first body byte (or D's whole body for non-stream requests, which may ask to be rescheduled),
-drain P in the background and release its load at its first byte. Failures before the commit
-cancel the other leg and retry on a new pair; nothing is retried after the commit.
+Per attempt: the prefill and decode policies choose a pair (the decode among those that can
+take the prefill's KV cache), both legs get their body at once (the engine adapter writes it),
+and the request commits to the decode at its first body byte (or its whole body for non-stream
+requests, which may ask to be rescheduled). The prefill is drained in the background and its
+lease released at its first byte. A failure before the commit cancels the other leg and, where
+the rules allow, tries a new pair: a connect failure (either side) or a prefill answering 429
+or 5xx-unavailable within ``server.connect-retries``, a decode asking to be rescheduled within
+``scheduler.pd-retry-count``. Nothing is retried after the commit.
+:class:`kvrouter.server.inference.InferenceRequest` relays the committed answer.
 """
 
 from __future__ import annotations
@@ -11,277 +16,250 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from functools import partial
 
 from kvrouter import errors
-from kvrouter.backends import fastdeploy as fd
+from kvrouter.backends.base import EngineAdapter, PdAttempt
 from kvrouter.http.request import Request
 from kvrouter.http.response import header_block
-from kvrouter.http.upstream import BodyFailed, ConnectFailed, FirstByteTimeout, Upstream
-from kvrouter.instance import Role
+from kvrouter.http.upstream import TransportError, Upstream
+from kvrouter.instance import InstanceInfo, Role
+from kvrouter.policies.base import RequestView
 from kvrouter.registry import Instance
-from kvrouter.server.accounting import account, count_usage
-from kvrouter.server.forward import InstanceRef, forward_block, upstream_request
-from kvrouter.server.relay import Relay, relay, usage_of
-from kvrouter.server.view import fast_view
-
-if TYPE_CHECKING:
-    from kvrouter.server.app import App
+from kvrouter.server.accounting import count_usage
+from kvrouter.server.context import Context
+from kvrouter.server.forward import forward_block, upstream_request
+from kvrouter.server.leg import Failure, Leg, RetryBudget
+from kvrouter.server.relay import usage_of
 
 log = logging.getLogger("kvrouter.pd")
 
 PD_ROLES = (Role.PREFILL, Role.DECODE)
-RESCHEDULE_BUFFER = 64 << 20
-PREFILL_SCAN = 1 << 20
+RESCHEDULE_BUFFER = 64 << 20     # a non-stream decode answer is read whole up to this size
+PREFILL_SCAN = 1 << 20           # prefill answer bytes kept for the error and usage scan
 RETRYABLE_PREFILL_STATUS = frozenset({429, 502, 503, 504})
 
 
-@dataclass
+@dataclass(slots=True)
 class PrefillResult:
-    """How the prefill leg ended: ``ok``, ``connect``, ``timeout``, ``status``, ``body_error``."""
+    """How the prefill leg ended: ``failure`` with the error it maps to, an HTTP error
+    ``status`` with its body, or neither (answered, drained)."""
 
-    kind: str
-    detail: str = ""
+    failure: Failure | None = None
+    error: errors.RouterError | None = None
     status: int = 0
     content_type: bytes = b"application/json"
     body: bytes = b""
 
 
-@dataclass
+@dataclass(slots=True)
 class DecodeStart:
     up: Upstream
     first: bytes
     eof: bool
 
 
-async def handle(app: App, req: Request, body: dict, endpoint: str, received: float) -> None:
-    router = app.router
-    base = fd.base_request_id(body)
-    view = fast_view(body, endpoint) if app.fast_views else None
-    if view is None:
-        view = await router.request_view(body, endpoint, PD_ROLES)
-    stream = body.get("stream") is True
-    fmt = router.cfg.server.disaggregate_info_format
-    sch = router.cfg.scheduler
-    connect_budget = router.cfg.server.connect_retries
-    reschedule_budget = sch.pd_retry_count
+@dataclass(slots=True)
+class Commit:
+    """What the client gets: the decode's answer to relay (``up``, ``first``), or the
+    prefill's own error reply (``reply``), with the router's header lines."""
+
+    pair: Pair
+    tags: bytes
+    up: Upstream | None = None
+    first: bytes = b""
+    reply: PrefillResult | None = None
+
+
+async def dispatch(ctx: Context, req: Request, body: dict, stream: bool,
+                   view: RequestView) -> Commit:
+    """Try pairs until one commits or an error is final (raised, with the router headers of
+    the last pair)."""
+    router, adapter = ctx.router, ctx.adapter
+    base = adapter.base_request_id(body)
+    connect = RetryBudget(router, "connect", router.cfg.server.connect_retries)
+    reschedule = RetryBudget(router, "pd_reschedule", router.cfg.scheduler.pd_retry_count)
     excl_p: set[str] = set()
     excl_d: set[str] = set()
     last_error: errors.RouterError | None = None
-    attempt = 0
     headers = forward_block(req, identity=True)
+    attempt = 0
     while True:
+        prefill = Leg(ctx, Role.PREFILL, view, excl_p)
+        decode = Leg(ctx, Role.DECODE, view, excl_d)
         try:
-            p = router.select(Role.PREFILL, view, excl_p).instance
-            d = router.select(Role.DECODE, view, excl_d,
-                              prefer=lambda c, p=p: fd.can_pair(p.info, c.info)).instance
+            p_ref = prefill.choose()
+            decode.choose(prefer=partial(_pairs_with, adapter, p_ref.info))
         except errors.RouterError:
+            prefill.release()
             if last_error is not None:
                 raise last_error from None
             raise
-        rid = fd.attempt_request_id(base, attempt)
-        body["request_id"] = rid
-        body["disaggregate_info"] = fd.disaggregate_info(p.info, d.info, fmt)
-        payload = fd.dumps(body)
-        p_ref, d_ref = app.refs.get(p), app.refs.get(d)
-        tags = {"X-Router-Prefill-URL": p_ref.url, "X-Router-Decode-URL": d_ref.url,
+        rid = adapter.attempt_request_id(base, attempt)
+        try_ = PdAttempt(rid, prefill.info, decode.info)
+        p_body = adapter.prefill_body(body, try_)
+        d_body = adapter.decode_body(body, try_, p_body, None)
+        tags = {"X-Router-Prefill-URL": p_ref.url, "X-Router-Decode-URL": decode.url,
                 "X-Router-Request-ID": rid}
-        pair = _Pair(app, req, p, d, p_ref, d_ref, rid, payload, headers, view.token_estimate,
-                     stream)
+        pair = Pair(ctx, req, stream, prefill, decode, rid, p_body, d_body, headers)
         try:
-            outcome = await pair.run()
+            step = await pair.run()
         except errors.RouterError as e:
             e.headers = tags
             raise
-        if outcome.retry is not None:
-            reason, err = outcome.retry
-            budget_left = reschedule_budget if reason == "pd_reschedule" else connect_budget
-            if err is not None:
-                err.headers = tags
-                last_error = err
-            if budget_left <= 0:
-                if err is not None:
-                    raise err
-            else:
-                router.metrics.retries.labels(reason).inc()
-                if reason == "pd_reschedule":
-                    reschedule_budget -= 1
-                    if sch.pd_retry_exclude_decode:
-                        excl_d.add(d.identity)
-                    body["completion_token_ids"] = (
-                        list(body.get("completion_token_ids") or []) + outcome.tokens)
-                    outcome.start.up.release()
-                    log.info("[request_id:%s] decode %s asked to reschedule; retrying",
-                             rid, d.url)
-                    attempt += 1
-                    continue
-                connect_budget -= 1
-                (excl_p if outcome.failed_side == "prefill" else excl_d).add(
-                    (p if outcome.failed_side == "prefill" else d).identity)
+        if step.error is not None:
+            step.error.headers = tags
+            last_error = step.error
+        if step.reschedule is not None:
+            if reschedule.take():
+                if router.cfg.scheduler.pd_retry_exclude_decode:
+                    excl_d.add(decode.identity)
+                adapter.continue_with(body, step.reschedule)
+                assert step.start is not None
+                step.start.up.release()
+                log.info("[request_id:%s] decode %s asked to reschedule; retrying",
+                         rid, decode.url)
                 attempt += 1
                 continue
-        if outcome.prefill_reply is not None:
-            r = outcome.prefill_reply
-            req.conn.send(r.status, r.body, r.content_type, header_block(tags))
-            account(router, endpoint, received, r.status, Relay(req.conn, None, False, False),
-                    body, prefill=p_ref, decode=d_ref)
-            return
-        start = outcome.start
-        status = start.up.status
-        try:
-            relayed = await relay(req, start.up, start.first, header_block(tags),
-                                  scan_usage=False)
-        finally:
-            pair.d_lease.release()
-        if relayed.client_gone:
-            pair.cancel_prefill()
-        account(router, endpoint, received, status, relayed, body, prefill=p_ref, decode=d_ref)
-        return
+        elif step.retry_reason is not None:
+            if not connect.take(step.retry_reason):
+                assert step.error is not None
+                raise step.error
+            attempt += 1
+            continue
+        if step.prefill_reply is not None:
+            return Commit(pair, header_block(tags), reply=step.prefill_reply)
+        assert step.start is not None
+        return Commit(pair, header_block(tags), step.start.up, step.start.first)
 
 
-def _content_type(up: Upstream) -> bytes:
-    ctype = up.header(b"content-type")
-    return ctype.split(b";")[0].strip() if ctype else b"application/json"
+@dataclass(slots=True)
+class Step:
+    """What one attempt came to: a decode answer (``start``), maybe asking to be rescheduled
+    with the tokens generated so far; a retry for ``retry_reason`` after ``error``; or the
+    prefill's own error reply."""
 
-
-@dataclass
-class _Outcome:
     start: DecodeStart | None = None
-    retry: tuple[str, errors.RouterError | None] | None = None
-    failed_side: str = ""
-    tokens: list[int] | None = None
+    reschedule: list[int] | None = None
+    retry_reason: str | None = None
+    error: errors.RouterError | None = None
     prefill_reply: PrefillResult | None = None
 
 
-class _Pair:
-    """One attempt on one (P, D) pair."""
+class Pair:
+    """One attempt on one (prefill, decode) pair: both legs run as tasks."""
 
-    def __init__(self, app: App, req: Request, p: Instance, d: Instance, p_ref: InstanceRef,
-                 d_ref: InstanceRef, request_id: str, payload: bytes, headers: bytes,
-                 tokens: int, stream: bool) -> None:
-        self.app = app
-        self.router = app.router
+    def __init__(self, ctx: Context, req: Request, stream: bool, prefill: Leg, decode: Leg,
+                 request_id: str, p_body: bytes, d_body: bytes, headers: bytes) -> None:
+        self.ctx = ctx
         self.req = req
-        self.request_id = request_id
-        self.p, self.d = p, d
-        self.p_ref, self.d_ref = p_ref, d_ref
-        self.payload = payload
-        self.headers = headers
         self.stream = stream
-        self.p_lease = p.load.acquire(tokens)
-        self.d_lease = d.load.acquire(tokens)
+        self.prefill = prefill
+        self.decode = decode
+        self.request_id = request_id
+        self.p_body = p_body
+        self.d_body = d_body
+        self.headers = headers
         self.p_task: asyncio.Task | None = None
 
     def cancel_prefill(self) -> None:
         if self.p_task is not None and not self.p_task.done():
             self.p_task.cancel()
 
-    async def run(self) -> _Outcome:
-        self.p_task = asyncio.ensure_future(self._prefill())
+    def release(self) -> None:
+        self.cancel_prefill()
+        self.prefill.release()
+        self.decode.release()
+
+    async def run(self) -> Step:
+        p_task = self.p_task = asyncio.ensure_future(self._prefill())
         d_task = asyncio.ensure_future(self._decode())
-        outcome: _Outcome | None = None
+        step: Step | None = None
         try:
-            pending = {self.p_task, d_task}
+            pending: set[asyncio.Task] = {p_task, d_task}
             while True:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 if d_task in done:
-                    outcome = self._after_decode(d_task)
-                    return outcome
-                result: PrefillResult = self.p_task.result()
-                if result.kind == "ok":
-                    continue
+                    step = self._after_decode(d_task)
+                    return step
+                result: PrefillResult = p_task.result()
+                if result.failure is None and result.status == 0:
+                    continue        # prefill answered: wait for the decode
                 d_task.cancel()
-                outcome = self._after_prefill_failure(result)
-                return outcome
+                step = self._after_prefill_failure(result)
+                return step
         finally:
             if not d_task.done():
                 d_task.cancel()
             elif (not d_task.cancelled() and d_task.exception() is None
-                  and (outcome is None or outcome.start is not d_task.result())):
+                  and (step is None or step.start is not d_task.result())):
                 d_task.result().up.close()  # a decode answer nobody will relay
-            committed = outcome is not None and outcome.start is not None and \
-                outcome.retry is None
+            committed = step is not None and step.start is not None and \
+                step.retry_reason is None and step.reschedule is None
             if not committed:
                 self.cancel_prefill()
-                self.d_lease.release()
+                self.decode.release()
             self._watch_prefill()
 
-    def _after_decode(self, d_task: asyncio.Task) -> _Outcome:
-        router = self.router
+    def _after_decode(self, d_task: asyncio.Task) -> Step:
         exc = d_task.exception()
         if exc is None:
             start: DecodeStart = d_task.result()
-            tokens = None
             if not self.stream and start.eof and start.up.status == 200:
-                tokens = fd.reschedule_tokens(start.first)
-            if tokens is not None:
-                return _Outcome(start=start, retry=("pd_reschedule", None), tokens=tokens)
-            return _Outcome(start=start)
+                tokens = self.ctx.adapter.reschedule_tokens(start.first)
+                if tokens is not None:
+                    return Step(start=start, reschedule=tokens)
+            return Step(start=start)
         self.cancel_prefill()
-        if isinstance(exc, ConnectFailed):
-            router.health.probe_soon(self.d)
-            router.metrics.errors.labels("connect_failed").inc()
-            return _Outcome(retry=("connect", errors.connect_failed(self.d.url, str(exc))),
-                            failed_side="decode")
-        if isinstance(exc, FirstByteTimeout):
-            router.metrics.errors.labels("first_byte_timeout").inc()
-            raise errors.first_byte_timeout(self.d.url,
-                                            router.cfg.server.first_byte_timeout_secs)
-        if isinstance(exc, BodyFailed):
-            raise errors.connect_failed(self.d.url, str(exc))
-        raise exc
+        if not isinstance(exc, TransportError):
+            raise exc
+        failure, err = self.decode.failed(exc)
+        if failure is Failure.CONNECT:
+            return Step(retry_reason="connect", error=err)
+        raise err
 
-    def _after_prefill_failure(self, r: PrefillResult) -> _Outcome:
-        router = self.router
-        url = self.p.url
-        if r.kind == "connect":
-            router.health.probe_soon(self.p)
-            router.metrics.errors.labels("connect_failed").inc()
-            return _Outcome(retry=("connect", errors.connect_failed(url, r.detail)),
-                            failed_side="prefill")
-        if r.kind == "status" and r.status in RETRYABLE_PREFILL_STATUS:
-            err = errors.prefill_failed(url, f"status {r.status}: {r.body[:200]!r}")
-            return _Outcome(retry=("prefill_status", err), failed_side="prefill")
-        if r.kind == "status":
-            return _Outcome(prefill_reply=r)
-        if r.kind == "timeout":
-            router.metrics.errors.labels("first_byte_timeout").inc()
-            raise errors.first_byte_timeout(url, router.cfg.server.first_byte_timeout_secs)
-        router.metrics.errors.labels("prefill_failed").inc()
-        raise errors.prefill_failed(url, r.detail)
+    def _after_prefill_failure(self, r: PrefillResult) -> Step:
+        if r.failure is Failure.CONNECT:
+            return Step(retry_reason="connect", error=r.error)
+        if r.error is not None:
+            raise r.error
+        if r.status in RETRYABLE_PREFILL_STATUS:
+            self.prefill.excluded.add(self.prefill.identity)
+            err = errors.prefill_failed(self.prefill.url, f"status {r.status}: {r.body[:200]!r}")
+            return Step(retry_reason="prefill_status", error=err)
+        return Step(prefill_reply=r)
 
     def _watch_prefill(self) -> None:
         """Log the background prefill drain's end (never shown to the client)."""
         task = self.p_task
         if task is None:
             return
-        router = self.router
 
         def done(t: asyncio.Task) -> None:
             if t.cancelled():
                 return
             r = t.result()
-            if r.kind != "ok":
-                log.warning("[request_id:%s] prefill %s ended with %s %s",
-                            self.request_id, self.p.url, r.kind, r.detail)
+            if r.failure is not None or r.status:
+                log.warning("[request_id:%s] prefill %s ended with %s", self.request_id,
+                            self.prefill.url, r.error.message if r.error else r.status)
 
         task.add_done_callback(done)
-        router.track(task)
+        self.ctx.router.track(task)
 
     async def _prefill(self) -> PrefillResult:
-        """Send to P, release its load at its first byte, drain its body to the end."""
-        target = self.p_ref.target
-        data = upstream_request(self.req, target, self.headers, self.payload)
+        """Send to the prefill, release its lease at its first byte, drain its body."""
+        leg = self.prefill
+        req = self.req
+        lease = leg.lease     # this attempt's, whatever the request does meanwhile
+        data = upstream_request(req, leg.target, self.headers, self.p_body)
         try:
             try:
-                up, first = await self.app.pool.open(target, data)
-            except ConnectFailed as e:
-                return PrefillResult("connect", str(e))
-            except FirstByteTimeout as e:
-                return PrefillResult("timeout", str(e))
-            except BodyFailed as e:
-                return PrefillResult("connect", str(e))
-            self.p_lease.release()
+                up, first = await leg.open(data)
+            except TransportError as e:
+                failure, err = leg.failed(e)
+                return PrefillResult(failure, err)
+            if lease is not None:
+                lease.release()
             parts, size, chunk = [first], len(first), first
             try:
                 while chunk:
@@ -289,32 +267,31 @@ class _Pair:
                     if size < PREFILL_SCAN:
                         parts.append(chunk)
                         size += len(chunk)
-            except BodyFailed as e:
+            except TransportError as e:
                 up.close()
-                return PrefillResult("body_error", str(e))
+                return PrefillResult(Failure.BROKEN, errors.prefill_failed(leg.url, str(e)))
             status, sse, ctype = up.status, up.is_sse, _content_type(up)
             up.release()
             raw = b"".join(parts)
             if not 200 <= status < 300:
-                return PrefillResult("status", status=status, content_type=ctype, body=raw)
-            msg = fd.in_body_error(raw, sse)
+                return PrefillResult(status=status, content_type=ctype, body=raw)
+            msg = self.ctx.adapter.prefill_error(raw, sse)
             if msg is not None:
-                return PrefillResult("body_error", msg)
-            self._count_usage(raw)
-            return PrefillResult("ok")
+                return PrefillResult(Failure.BROKEN, errors.prefill_failed(leg.url, msg))
+            prompt, cached = usage_of(raw)
+            if prompt is not None and leg.ref is not None:
+                count_usage(self.ctx.router, leg.ref, prompt, cached)
+            return PrefillResult()
         finally:
-            self.p_lease.release()
-
-    def _count_usage(self, raw: bytes) -> None:
-        prompt, cached = usage_of(raw)
-        if prompt is not None:
-            count_usage(self.router, self.p, self.p_ref, prompt, cached)
+            if lease is not None:
+                lease.release()
 
     async def _decode(self) -> DecodeStart:
-        """Send to D; return at its first body byte, or its whole body for non-stream answers."""
-        target = self.d_ref.target
-        up, first = await self.app.pool.open(
-            target, upstream_request(self.req, target, self.headers, self.payload))
+        """Send to the decode; return at its first body byte, or its whole body for
+        non-stream answers (which may ask for a reschedule)."""
+        leg = self.decode
+        up, first = await leg.open(
+            upstream_request(self.req, leg.target, self.headers, self.d_body))
         if self.stream or up.is_sse or not first:
             return DecodeStart(up, first, eof=not first)
         parts, size = [first], len(first)
@@ -325,3 +302,12 @@ class _Pair:
             parts.append(chunk)
             size += len(chunk)
         return DecodeStart(up, b"".join(parts), eof=False)
+
+
+def _pairs_with(adapter: EngineAdapter, prefill: InstanceInfo, decode: Instance) -> bool:
+    return adapter.can_pair(prefill, decode.info)
+
+
+def _content_type(up: Upstream) -> bytes:
+    ctype = up.header(b"content-type")
+    return ctype.split(b";")[0].strip() if ctype else b"application/json"

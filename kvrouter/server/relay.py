@@ -1,4 +1,4 @@
-"""Relaying an instance's response to the client, byte for byte (contract §5.2, §5.7).
+"""Relaying an instance's response to the client, byte for byte.
 
 The status and the filtered headers are written once, together with the first body bytes; the
 rest of the body is pushed from the instance's connection straight to the client's as it
@@ -7,58 +7,44 @@ with a ``Content-Length`` keeps it (raw bytes); otherwise chunked (HTTP/1.1 clie
 close-delimited (HTTP/1.0 clients). A slow client pauses reading from the instance; a client
 that goes away closes the instance connection.
 
-Per chunk the relay keeps only what the contract needs: the last body bytes (the
-``stream_interrupted`` rule needs the last two) and, when asked, usage: an SSE chunk is searched
-for ``"prompt_tokens"`` (a substring test), a non-SSE body (up to 1 MiB) once at the end; the
-numbers are read next to the keys, no JSON is parsed.
+Per chunk the relay keeps only what it needs: the last body bytes (an SSE stream that breaks
+after a complete event ends with a ``stream_interrupted`` event, which needs the last two) and,
+when asked, usage: an SSE chunk is searched for ``"prompt_tokens"`` (a substring test), a
+non-SSE body (up to 1 MiB) once at the end; the numbers are read next to the keys, no JSON is
+parsed. Everything the accounting needs goes into the request's :class:`Outcome`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
 from collections.abc import Callable
 
-from kvrouter.http.request import Request
-from kvrouter.http.server import CHUNKED
+from kvrouter.http.headers import end_to_end
+from kvrouter.http.server import HttpConnection
 from kvrouter.http.upstream import BodyFailed, Upstream
+from kvrouter.server.accounting import Outcome
 
 log = logging.getLogger("kvrouter.relay")
 
-INTERRUPTED = (b'data: {"error":{"message":"upstream stream interrupted: %s","type":"backend_error",'
-               b'"code":"stream_interrupted"}}\n\n' b"data: [DONE]\n\n")
+INTERRUPTED = (b'data: {"error":{"message":"upstream stream interrupted: %s",'
+               b'"type":"backend_error","code":"stream_interrupted"}}\n\n' b"data: [DONE]\n\n")
 USAGE_SCAN_LIMIT = 1 << 20
 USAGE_KEY = b'"prompt_tokens"'
 CACHED_KEY = b'"cached_tokens"'
-
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
-    b"trailer", b"transfer-encoding", b"upgrade",
-})
 _NO_BODY = frozenset({204, 304})
-
-
-def _connection_tokens(value: bytes) -> set[bytes]:
-    return {t.strip().lower() for t in value.split(b",") if t.strip()} - {b"close", b"keep-alive"}
 
 
 def response_head(headers: list[tuple[bytes, bytes]], extra: bytes
                   ) -> tuple[bytes, int | None, bool]:
-    """Instance → client header lines (§5.2: hop-by-hop, the headers ``Connection`` names and
-    ``Content-Length`` dropped; ``extra`` router lines appended), the instance's
-    ``Content-Length`` and whether the body is SSE."""
+    """Instance → client header lines (the end-to-end ones, without ``Content-Length``;
+    ``extra`` router lines appended), the instance's ``Content-Length`` and whether the body
+    is SSE."""
     lines: list[bytes] = []
     length: int | None = None
     sse = False
-    named: set[bytes] | None = None
-    for name, value in headers:
-        n = name.lower()
-        if n in HOP_BY_HOP:
-            if n == b"connection":
-                named = _connection_tokens(value) or None
-            continue
+    for n, name, value in end_to_end(headers):
         if n == b"content-length":
             try:
                 length = int(value)
@@ -68,75 +54,48 @@ def response_head(headers: list[tuple[bytes, bytes]], extra: bytes
         if n == b"content-type":
             sse = value.lstrip().lower().startswith(b"text/event-stream")
         lines.append(name + b": " + value + b"\r\n")
-    if named:
-        lines = [ln for ln in lines if ln.split(b":", 1)[0].lower() not in named]
     lines.append(extra)
     return b"".join(lines), length, sse
 
 
 class Relay:
-    """One relayed response; also its outcome for accounting (a body sink for
-    :meth:`Upstream.relay`)."""
+    """One relayed response: a body sink for :meth:`Upstream.relay` that writes to the client
+    and fills the :class:`Outcome`; ``on_done()`` is called once, when it is over."""
 
-    __slots__ = (
-        "cached_tokens",
-        "chunked",
-        "client_gone",
-        "conn",
-        "failure",
-        "first_byte_at",
-        "on_done",
-        "parts",
-        "prev",
-        "prompt_tokens",
-        "scan",
-        "size",
-        "sse",
-        "tail",
-        "transport",
-        "up",
-    )
+    __slots__ = ("conn", "on_done", "outcome", "parts", "prev", "scan", "size", "sse", "tail",
+                 "up")
 
-    def __init__(self, conn, up: Upstream | None, sse: bool, scan: bool) -> None:
+    def __init__(self, conn: HttpConnection, up: Upstream, sse: bool, scan: bool,
+                 outcome: Outcome) -> None:
         self.conn = conn
-        self.transport = conn.transport
         self.up = up
-        self.chunked = False
         self.sse = sse
         self.scan = scan
+        self.outcome = outcome
         self.tail = b""
         self.prev = b""
         self.parts: list[bytes] = []
         self.size = 0
-        self.first_byte_at: float | None = None
-        self.failure: BodyFailed | None = None
-        self.client_gone = False
-        self.prompt_tokens: int | None = None
-        self.cached_tokens: int | None = None
-        self.on_done: Callable[[Relay], None] | None = None
+        self.on_done: Callable[[], None] | None = None
 
     # -- body sink (called by the instance connection) -----------------------------------------
     def chunk(self, data: bytes) -> None:
-        if self.chunked:
-            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
-        else:
-            self.transport.write(data)
+        self.conn.write(data)
         self.prev = self.tail
         self.tail = data
         if self.scan:
             self._observe(data)
 
     def end(self) -> None:
-        conn = self.conn
-        conn.flow = conn.on_lost = None
-        conn.finish()
+        self.conn.detach()
+        self.conn.finish()
         self.up.release()
         self._resolve()
 
     def fail(self, exc: BodyFailed) -> None:
-        self.failure = exc
+        self.outcome.failure = exc
         conn = self.conn
-        conn.flow = conn.on_lost = None
+        conn.detach()
         self.up.close()
         log.warning("backend %s body failed mid-relay: %s", self.up.target.key, exc)
         if self.sse and self._last_two() == b"\n\n" and not conn.closed:
@@ -147,10 +106,8 @@ class Relay:
         self._resolve()
 
     def client_lost(self) -> None:
-        self.client_gone = True
-        self.conn.flow = None
-        if self.up is not None:
-            self.up.close()
+        self.outcome.client_gone = True
+        self.up.close()
         self._resolve()
 
     # -- helpers -------------------------------------------------------------------------------
@@ -158,16 +115,19 @@ class Relay:
         done = self.on_done
         if done is not None:
             self.on_done = None
-            conn = self.conn
-            conn.flow = None
-            conn.on_lost = None
+            self.conn.detach()
             self._complete()
-            done(self)
+            done()
 
     def _complete(self) -> None:
-        if self.first_byte_at is None and self.tail:
-            self.first_byte_at = time.perf_counter()
-        self._finish_scan()
+        outcome = self.outcome
+        if outcome.first_byte_at is None and self.tail:
+            outcome.first_byte_at = time.perf_counter()
+        if self.scan and not self.sse and self.parts and self.size < USAGE_SCAN_LIMIT:
+            parts = self.parts
+            outcome.prompt_tokens, outcome.cached_tokens = usage_of(
+                parts[0] if len(parts) == 1 else b"".join(parts))
+        self.parts = []
 
     def _last_two(self) -> bytes:
         tail = self.tail
@@ -178,17 +138,10 @@ class Relay:
             if USAGE_KEY in data:
                 prompt, cached = usage_of(data)
                 if prompt is not None:
-                    self.prompt_tokens, self.cached_tokens = prompt, cached
+                    self.outcome.prompt_tokens, self.outcome.cached_tokens = prompt, cached
         elif self.size < USAGE_SCAN_LIMIT:
             self.parts.append(data)
             self.size += len(data)
-
-    def _finish_scan(self) -> None:
-        if self.scan and not self.sse and self.parts and self.size < USAGE_SCAN_LIMIT:
-            parts = self.parts
-            self.prompt_tokens, self.cached_tokens = usage_of(
-                parts[0] if len(parts) == 1 else b"".join(parts))
-        self.parts = []
 
 
 _NUMBER = re.compile(rb"\s*:\s*(\d+)")
@@ -215,58 +168,33 @@ def usage_of(raw: bytes) -> tuple[int | None, int | None]:
     return prompt, _last_int(raw, CACHED_KEY)
 
 
-def start_relay(req: Request, up: Upstream, first: bytes, extra: bytes,
-                on_done: Callable[[Relay], None], *, scan_usage: bool = True) -> Relay:
-    """Send ``up``'s status, headers and body to the client; ``on_done(relay)`` is called once
-    the body has been relayed, the instance failed or the client left (maybe before this
+def start_relay(conn: HttpConnection, up: Upstream, first: bytes, extra: bytes,
+                outcome: Outcome, on_done: Callable[[], None], *, scan_usage: bool = True) -> None:
+    """Send ``up``'s status, headers and body to the client; ``on_done()`` is called once the
+    body has been relayed, the instance failed or the client left (maybe before this
     returns). ``first`` is the body read so far; if ``up`` has already received its whole
     body, nothing more is read."""
-    conn = req.conn
     head, length, sse = response_head(up.headers, extra)
-    r = Relay(conn, up, sse, scan_usage)
+    r = Relay(conn, up, sse, scan_usage, outcome)
     if sse:
         length = None  # the stream_interrupted event may have to be appended
-    mode = conn.start_stream(up.status, head, length, first,
-                             no_body=up.status in _NO_BODY or up.status < 200)
-    r.chunked = mode == CHUNKED
+    status = outcome.status = up.status
+    conn.start_stream(status, head, length, first, no_body=status in _NO_BODY or status < 200)
     if first:
-        r.first_byte_at = time.perf_counter()
+        outcome.first_byte_at = time.perf_counter()
         r.tail = first
         if scan_usage:
             r._observe(first)
     if conn.closed or up.done:
         if conn.closed:
-            r.client_gone = True
+            outcome.client_gone = True
             up.close()
         else:
             conn.finish()
             up.release()
         r._complete()
-        on_done(r)
+        on_done()
     else:
         r.on_done = on_done
-        conn.flow = up
-        conn.on_lost = r.client_lost
-        if conn.write_paused:
-            up.pause_reading()
+        conn.attach(r.client_lost, up)
         up.relay(r)
-    return r
-
-
-async def relay(req: Request, up: Upstream, first: bytes, extra: bytes, *,
-                scan_usage: bool = True) -> Relay:
-    """:func:`start_relay` as a coroutine that returns once the relay is over."""
-    fut = req.conn.loop.create_future()
-
-    def done(_: Relay) -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    r = start_relay(req, up, first, extra, done, scan_usage=scan_usage)
-    if not fut.done():
-        try:
-            await fut
-        except asyncio.CancelledError:
-            up.close()
-            raise
-    return r

@@ -5,7 +5,8 @@
 """
 
 from kvrouter.sim.config import Knobs, SimConfig
-from kvrouter.sim.engine import Engine, EngineParams, GenRequest, SimpleEngine, TokenOut
+from kvrouter.sim.core.params import EngineParams
+from kvrouter.sim.engine import Engine, GenRequest, TokenOut
 from kvrouter.sim.instance import HeartbeatRecord, ReceivedRequest, SimInstance
 
 __all__ = [
@@ -17,6 +18,5 @@ __all__ = [
     "ReceivedRequest",
     "SimConfig",
     "SimInstance",
-    "SimpleEngine",
     "TokenOut",
 ]

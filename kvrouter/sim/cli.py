@@ -25,28 +25,36 @@ from kvrouter.sim.instance import SimInstance
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvrouter sim", description="Run simulated FastDeploy instances.")
+    p = argparse.ArgumentParser(prog="kvrouter sim",
+                                description="Run simulated FastDeploy instances.")
     p.add_argument("--instances", "-n", type=int, default=1, help="number of instances (default 1)")
     p.add_argument("--role", choices=ROLES, default="mixed", help="instance role (default mixed)")
-    p.add_argument("--router", default=None, help="router host:port to heartbeat to (none: no registration)")
+    p.add_argument("--router", default=None,
+                   help="router host:port to heartbeat to (none: no registration)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port-base", type=int, default=0, help="first API port; 0 = ephemeral (default)")
+    p.add_argument("--port-base", type=int, default=0,
+                   help="first API port; 0 = ephemeral (default)")
     p.add_argument("--connector-port-base", type=int, default=0,
                    help="first connector port for prefill/decode; 0 = ephemeral (default)")
     p.add_argument("--metrics-port-base", type=int, default=None,
-                   help="serve /metrics on separate ports from this base (0 = ephemeral); default: API port")
-    p.add_argument("--time-scale", type=float, default=1.0, help="multiply all model times (default 1.0)")
+                   help="serve /metrics on separate ports from this base (0 = ephemeral); "
+                        "default: API port")
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="multiply all model times (default 1.0)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
                    help=f"engine model preset (default {DEFAULT_PRESET})")
     p.add_argument("--timing", choices=TIMING_MODELS, default=None,
                    help="step-time model (default: the preset's, roofline)")
-    p.add_argument("--max-num-seqs", type=int, default=None, help="running slots (default: preset, 256)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="running slots (default: preset, 256)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="token budget per engine step (default: preset, 8192)")
     p.add_argument("--max-concurrency", type=int, default=512)
     p.add_argument("--num-gpu-blocks", type=int, default=None,
-                   help="KV cache blocks (default: from the preset's memory budget or measured capacity)")
-    p.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: preset, 64)")
+                   help="KV cache blocks (default: from the preset's memory budget or "
+                        "measured capacity)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="tokens per KV block (default: preset, 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the step-time jitter (default 0)")
     p.add_argument("--output-tokens", type=int, default=16, help="natural answer length in tokens")
     p.add_argument("--served-model-name", default="default")
@@ -56,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer-protocol", default="ipc,rdma", help="comma list (default ipc,rdma)")
     p.add_argument("--heartbeat-period", type=float, default=5.0)
     p.add_argument("--first-heartbeat-delay", type=float, default=0.0,
-                   help="delay before the first registration (default 0; FastDeploy waits one period)")
+                   help="delay before the first registration (default 0; FastDeploy waits one "
+                        "period)")
     return p
 
 
@@ -129,13 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kvrouter sim: error: {exc}", file=sys.stderr)
         return 2
     try:
-        import uvloop  # type: ignore[import-not-found]
-    except ImportError:
-        uvloop = None
-    try:
-        if uvloop is not None:
-            return uvloop.run(_run(args, configs))
-        return asyncio.run(_run(args, configs))
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.run(_run(args, configs))
+        return uvloop.run(_run(args, configs))
     except KeyboardInterrupt:
         return 0
 

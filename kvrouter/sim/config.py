@@ -28,8 +28,9 @@ class SimConfig:
     host: str = "127.0.0.1"                  # bind address ("::1" works)
     port: int = 0                            # 0 = ephemeral (the bound port is in SimInstance.port)
     advertise_host: str | None = None        # host_ip sent to the router (default: host)
-    metrics_port: int | None = None          # None = /metrics on the API port; 0 = separate ephemeral port
-    connector_port: int | None = None        # None = ephemeral for prefill/decode, none for mixed; 0 = ephemeral
+    metrics_port: int | None = None          # None: /metrics on the API port; 0: own ephemeral port
+    # None = ephemeral for prefill/decode, none for mixed; 0 = ephemeral
+    connector_port: int | None = None
     engine_worker_queue_port: int | None = None
     transfer_protocol: list[str] = field(default_factory=lambda: ["ipc", "rdma"])
     rdma_ports: list[int] = field(default_factory=list)
@@ -56,16 +57,16 @@ class SimConfig:
     block_size: int | None = 64
     num_gpu_blocks: int | None = 4096
     max_num_batched_tokens: int | None = None   # None: preset (8192)
-    timing: str | None = None                # roofline | mocker-poly | linear (None: preset's roofline)
+    timing: str | None = None                # roofline | mocker-poly | linear (None: preset's)
     jitter_sigma: float | None = None        # None: preset (0.03)
     seed: int = 0                            # seeds the step-time jitter
     engine_overrides: dict[str, Any] = field(default_factory=dict)  # any EngineParams field
-    engine: str = "core"                     # core | simple (the earlier placeholder model)
     enable_prefix_caching: bool = True       # always off on decode instances
     prefix_cache_blocks: int | None = None   # cap of the cached-free LRU pool (default: no cap)
-    output_tokens: int = 16                  # natural answer length ("stop"); max_tokens may cut it ("length")
+    # natural answer length ("stop"); max_tokens may cut it ("length")
+    output_tokens: int = 16
     chars_per_token: int = 4                 # prompt tokenizer: one token per N characters
-    # linear timing model (timing="linear") and the simple engine: model seconds
+    # linear timing model (timing="linear"): model seconds
     ttft_base: float = 0.05
     prefill_per_token: float = 0.0002        # per uncached prompt token
     itl: float = 0.02
@@ -80,7 +81,8 @@ class SimConfig:
     transfer_rdma_base: float = 0.01
     transfer_ipc_bw: float = 300e9           # bytes/s intra-node (engine-model.md §6)
     transfer_rdma_bw: float = 50e9           # bytes/s, a 400 Gb/s NIC
-    transfer_ipc_per_token: float | None = None    # set: fixed seconds per token instead of KV bytes / bw
+    # set: fixed seconds per token instead of KV bytes / bw
+    transfer_ipc_per_token: float | None = None
     transfer_rdma_per_token: float | None = None
 
     # --- registration -------------------------------------------------------------------
@@ -95,8 +97,6 @@ class SimConfig:
             raise ValueError(f"invalid role {self.role!r}; expected one of {ROLES}")
         if self.time_scale < 0:
             raise ValueError("time_scale must be >= 0")
-        if self.engine not in ("core", "simple"):
-            raise ValueError(f"invalid engine {self.engine!r}; expected core or simple")
         # Resolve the preset's values for the fields left to it (so they are ints afterwards).
         base = make_params(self.preset, **self._param_overrides())
         if self.max_num_seqs is None:
@@ -144,22 +144,26 @@ class Knobs:
     metrics_delay: float = 0.0
     metrics_status: int = 200
     # inference (/v1/chat/completions, /v1/completions)
-    reply_status: int | None = None          # force this status with reply_body (JSON-encoded if not bytes/str)
+    # force this status with reply_body (JSON-encoded if not bytes/str)
+    reply_status: int | None = None
     reply_body: Any = None
     header_delay: float = 0.0                # before anything is sent
     first_byte_delay: float = 0.0            # headers sent at once, body delayed
     reset_before_response: bool = False      # RST the connection without answering
-    drop_after_events: int | None = None     # stream: N events then RST; non-stream: half the body then RST
-    drop_delay: float = 0.05                 # pause between the last event and the RST (lets the client read)
+    # stream: N events then RST; non-stream: half the body then RST
+    drop_after_events: int | None = None
+    # pause between the last event and the RST (lets the client read)
+    drop_delay: float = 0.05
     sse_script: list[bytes] | None = None    # stream these bytes verbatim (200, text/event-stream)
     sse_script_delay: float = 0.0            # pause between script items
     pd_reschedule_on: set[int] = field(default_factory=set)  # 1-based inference ordinals
     pd_reschedule_after: int = 2             # tokens generated before the pd_reschedule finish
-    echo: bool = False                       # non-stream bodies also carry {"echo":{"body","headers"}}
+    # non-stream bodies also carry {"echo":{"body","headers"}}
+    echo: bool = False
     ttft: float | None = None                # override the modelled prefill time
     itl: float | None = None                 # override the modelled inter-token latency
     handoff_timeout: float | None = None     # override SimConfig.handoff_timeout
-    post_handoff_delay: float = 0.0          # prefill: pause after the hand-off, before any reply byte
+    post_handoff_delay: float = 0.0          # prefill: pause after the hand-off, before replying
 
 
 def knobs_to_json(knobs: Knobs) -> dict[str, Any]:

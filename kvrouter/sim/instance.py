@@ -11,10 +11,10 @@ Designed to run inside a test's event loop::
 Requests without ``disaggregate_info`` on a prefill or decode instance are served like on a
 mixed instance. A mixed instance ignores ``disaggregate_info``.
 
-The engine is :class:`~kvrouter.sim.engine.CoreEngine` (the engine core of
-:mod:`kvrouter.sim.core` in real time) unless ``SimConfig.engine == "simple"``. On a prefill
-instance the core request has phase ``prefill`` and is released once the hand-off is sent; on
-a decode instance it has phase ``decode`` with the modelled KV transfer time
+The engine is :class:`~kvrouter.sim.engine.RealtimeEngine` (the engine core of
+:mod:`kvrouter.sim.core` in real time). On a prefill instance the core request has phase
+``prefill`` and is released once the hand-off is sent; on a decode instance it has phase
+``decode`` with the modelled KV transfer time
 (:meth:`SimInstance.transfer_delay`). ``GET /sim/requests`` (API port) serves the per-request
 ground truth for reports; the router never calls it.
 """
@@ -28,7 +28,7 @@ import socket
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +40,7 @@ from multidict import CIMultiDict
 from kvrouter.sim import protocol as P
 from kvrouter.sim.config import Knobs, SimConfig, knobs_to_json, update_knobs
 from kvrouter.sim.core.engine import EngineCore
-from kvrouter.sim.engine import CoreEngine, Engine, EngineParams, GenRequest, SimpleEngine, TokenOut
+from kvrouter.sim.engine import Engine, GenRequest, Phase, RealtimeEngine, TokenOut
 from kvrouter.sim.metrics import HttpStats, render
 from kvrouter.sim.pd import (
     DisaggError,
@@ -127,22 +127,27 @@ def _json(obj: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=P.dumps(obj), content_type=P.JSON_CONTENT_TYPE)
 
 
+def _json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be a JSON object; raises :class:`_BadRequest` (400) when it is
+    not JSON or not an object."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _BadRequest(f"Invalid JSON format: {exc}") from exc
+    if not isinstance(data, dict):
+        raise _BadRequest("request body must be a JSON object")
+    return data
+
+
 def _int_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+    return isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool)
+                                           for x in value)
 
 
 def build_engine(cfg: SimConfig) -> Engine:
-    """The engine of an instance: the core (default) or the earlier simple model."""
-    if cfg.engine == "simple":
-        return SimpleEngine(EngineParams(
-            max_num_seqs=int(cfg.max_num_seqs or 8), block_size=int(cfg.block_size or 64),
-            num_gpu_blocks=int(cfg.num_gpu_blocks or 4096),
-            enable_prefix_caching=cfg.enable_prefix_caching and cfg.role != "decode",
-            prefix_cache_blocks=cfg.prefix_cache_blocks, output_tokens=cfg.output_tokens,
-            ttft_base=cfg.ttft_base, prefill_per_token=cfg.prefill_per_token, itl=cfg.itl,
-            time_scale=cfg.time_scale))
-    return CoreEngine(EngineCore(cfg.engine_params(), seed=cfg.seed), time_scale=cfg.time_scale,
-                      output_tokens=cfg.output_tokens)
+    """The engine of an instance: the engine core, driven in real time."""
+    return RealtimeEngine(EngineCore(cfg.engine_params(), seed=cfg.seed),
+                          time_scale=cfg.time_scale, output_tokens=cfg.output_tokens)
 
 
 def normalize_router_url(router: str) -> str:
@@ -218,7 +223,8 @@ class SimInstance:
             if self.metrics_port is not None:
                 self.metrics_port = await self._bind(self._make_app("metrics"), self.metrics_port)
             if self.connector_port is not None:
-                self.connector_port = await self._bind(self._make_connector_app(), self.connector_port)
+                self.connector_port = await self._bind(self._make_connector_app(),
+                                                       self.connector_port)
         except BaseException:
             await self.close_port()
             raise
@@ -292,11 +298,11 @@ class SimInstance:
         rec = HeartbeatRecord(time=time.time(), health_status=None, register_status=None)
         self.heartbeats.append(rec)
         try:
-            async with session.get(self.url + "/health",
-                                   timeout=aiohttp.ClientTimeout(total=cfg.health_probe_timeout)) as r:
+            probe_timeout = aiohttp.ClientTimeout(total=cfg.health_probe_timeout)
+            async with session.get(self.url + "/health", timeout=probe_timeout) as r:
                 await r.read()
                 rec.health_status = r.status
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             rec.error = f"health probe failed: {exc!r}"
             return 0
         if rec.health_status != 200:
@@ -308,7 +314,7 @@ class SimInstance:
                                     timeout=aiohttp.ClientTimeout(total=cfg.register_timeout)) as r:
                 await r.read()
                 rec.register_status = r.status
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             rec.error = f"register failed: {exc!r}"
             log.warning("sim %s: register to %s failed: %r", self.url, url, exc)
             return 0
@@ -359,7 +365,8 @@ class SimInstance:
         g = self.engine.gauges()
         pending = self.handoffs.waiting()
         if pending:
-            g["fastdeploy:num_requests_waiting"] = g.get("fastdeploy:num_requests_waiting", 0.0) + pending
+            waiting = g.get("fastdeploy:num_requests_waiting", 0.0)
+            g["fastdeploy:num_requests_waiting"] = waiting + pending
         return g
 
     # ------------------------------------------------------------------ apps
@@ -404,7 +411,8 @@ class SimInstance:
             body = await request.read()
             self.received.append(ReceivedRequest(
                 method=request.method, path=request.path, query=request.query_string,
-                headers=CIMultiDict(request.headers), body=body, time=time.time(), listener=listener))
+                headers=CIMultiDict(request.headers), body=body, time=time.time(),
+                listener=listener))
             resource = request.match_info.route.resource
             path = resource.canonical if resource is not None else request.path
             t0 = time.perf_counter()
@@ -487,13 +495,7 @@ class SimInstance:
         """vLLM-style ``/v1/{chat/}completions/render`` (vllm-router's cache_aware calls it on
         every worker for every request): the prompt's token ids, nothing generated."""
         try:
-            data = orjson.loads(await request.read())
-        except orjson.JSONDecodeError as exc:
-            return _json(P.error_body(f"Invalid JSON format: {exc}"), 400)
-        if not isinstance(data, dict):
-            return _json(P.error_body("request body must be a JSON object"), 400)
-        try:
-            req = self._parse(kind, data)
+            req = self._parse(kind, _json_object(await request.read()))
         except _BadRequest as exc:
             return _json(exc.body, exc.status)
         return _json({"token_ids": req.prompt_ids, "count": len(req.prompt_ids),
@@ -509,11 +511,9 @@ class SimInstance:
         """vLLM-style ``/tokenize`` (``prompt`` or ``messages``; vllm-router's fallback when
         render is missing): ``{"tokens", "count", "max_model_len"}``."""
         try:
-            data = orjson.loads(await request.read())
-        except orjson.JSONDecodeError as exc:
-            return _json(P.error_body(f"Invalid JSON format: {exc}"), 400)
-        if not isinstance(data, dict):
-            return _json(P.error_body("request body must be a JSON object"), 400)
+            data = _json_object(await request.read())
+        except _BadRequest as exc:
+            return _json(exc.body, exc.status)
         cfg = self.config
         if isinstance(data.get("messages"), list):
             ids = tokenize(render_chat(data["messages"]), cfg.chars_per_token)
@@ -580,29 +580,31 @@ class SimInstance:
 
     async def _abort(self, request: web.Request) -> web.Response:
         try:
-            data = orjson.loads(await request.read())
-        except orjson.JSONDecodeError as exc:
-            return _json(P.error_body(f"Invalid JSON format: {exc}"), 400)
-        if not isinstance(data, dict):
-            return _json(P.error_body("request body must be a JSON object"), 400)
+            data = _json_object(await request.read())
+        except _BadRequest as exc:
+            return _json(exc.body, exc.status)
         abort_all = data.get("abort_all") is True
         req_ids = data.get("req_ids")
-        if not abort_all and not (isinstance(req_ids, list) and req_ids
-                                  and all(isinstance(r, str) for r in req_ids)):
-            return _json(P.error_body("req_ids must be a non-empty list of strings or abort_all must be true",
-                                      code="missing_required_parameter", param="req_ids"), 400)
+        ids: list[str] = req_ids if isinstance(req_ids, list) \
+            and all(isinstance(r, str) for r in req_ids) else []
+        if not abort_all and not ids:
+            return _json(P.error_body("req_ids must be a non-empty list of strings or abort_all "
+                                      "must be true", code="missing_required_parameter",
+                                      param="req_ids"), 400)
         if abort_all:
             done = self.engine.abort_all()
             waiting = self.handoffs.abort_all()
             not_found: list[str] = []
         else:
             done, waiting, not_found = [], [], []
-            for given in req_ids:
+            for given in ids:
                 raw = given
                 for prefix in ("chatcmpl-", "cmpl-"):
                     if raw.startswith(prefix):
                         raw = raw[len(prefix):]
-                hit = self.engine.abort([given]) or (self.engine.abort([raw]) if raw != given else [])
+                hit = self.engine.abort([given])
+                if not hit and raw != given:
+                    hit = self.engine.abort([raw])
                 done.extend(hit)
                 if self.handoffs.abort(given) or (raw != given and self.handoffs.abort(raw)):
                     waiting.append(raw)
@@ -643,17 +645,16 @@ class SimInstance:
             body = k.reply_body
             if not isinstance(body, (bytes, str)):
                 body = P.dumps(body if body is not None else {})
-            return web.Response(status=k.reply_status, body=body if isinstance(body, bytes) else body.encode(),
+            return web.Response(status=k.reply_status,
+                                body=body if isinstance(body, bytes) else body.encode(),
                                 content_type=P.JSON_CONTENT_TYPE)
         if k.sse_script is not None:
             return await self._script(request, list(k.sse_script))
         raw = await request.read()
         try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            return _json(P.error_body(f"Invalid JSON format: {exc}"), 400)
-        if not isinstance(data, dict):
-            return _json(P.error_body("request body must be a JSON object"), 400)
+            data = _json_object(raw)
+        except _BadRequest as exc:
+            return _json(exc.body, exc.status)
         if self.in_flight >= self.config.max_concurrency:
             return _json(P.too_many_requests_body(self.config.max_concurrency), 429)
         self.in_flight += 1
@@ -672,7 +673,8 @@ class SimInstance:
         if model is not None and not isinstance(model, str):
             raise _BadRequest("model must be a string", param="model")
         if cfg.strict_model and model not in (None, "", "default", cfg.served_model_name):
-            raise _BadRequest(f"Unsupported model: {model}", code="model_not_support", param="model")
+            raise _BadRequest(f"Unsupported model: {model}", code="model_not_support",
+                              param="model")
         if _int_list(data.get("prompt_token_ids")) and data["prompt_token_ids"]:
             prompt_ids = list(data["prompt_token_ids"])
         elif kind == "chat":
@@ -695,30 +697,37 @@ class SimInstance:
             elif isinstance(prompt, str):
                 prompt_ids = tokenize(prompt, cfg.chars_per_token)
             else:
-                raise _BadRequest("prompt is required", code="missing_required_parameter", param="prompt")
+                raise _BadRequest("prompt is required", code="missing_required_parameter",
+                                  param="prompt")
         completion_ids = data.get("completion_token_ids")
         if completion_ids is None:
             completion_ids = []
         elif not _int_list(completion_ids):
-            raise _BadRequest("completion_token_ids must be a list of integers", param="completion_token_ids")
+            raise _BadRequest("completion_token_ids must be a list of integers",
+                              param="completion_token_ids")
         max_tokens = data.get("max_completion_tokens")
         if max_tokens is None:
             max_tokens = data.get("max_tokens")
-        if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
-                                       or max_tokens < 1):
+        if max_tokens is not None and (not isinstance(max_tokens, int)
+                                       or isinstance(max_tokens, bool) or max_tokens < 1):
             raise _BadRequest("max_tokens must be a positive integer", param="max_tokens")
         n_prompt = len(prompt_ids) + len(completion_ids)
         if n_prompt >= cfg.max_model_len:
-            raise _BadRequest(f"Input text is too long, input_ids_len ({n_prompt}) should be less than "
-                              f"max_model_len ({cfg.max_model_len})", code="context_length_exceeded")
-        if -(-(max(1, n_prompt) + 1) // cfg.block_size) > cfg.num_gpu_blocks:
-            raise _BadRequest("prompt needs more KV blocks than the instance has", code="context_length_exceeded")
+            raise _BadRequest(f"Input text is too long, input_ids_len ({n_prompt}) should be less "
+                              f"than max_model_len ({cfg.max_model_len})",
+                              code="context_length_exceeded")
+        block_size, num_blocks = cfg.block_size, cfg.num_gpu_blocks
+        assert block_size is not None and num_blocks is not None  # resolved by SimConfig
+        if -(-(max(1, n_prompt) + 1) // block_size) > num_blocks:
+            raise _BadRequest("prompt needs more KV blocks than the instance has",
+                              code="context_length_exceeded")
         opts = data.get("stream_options")
         opts = opts if isinstance(opts, dict) else {}
         return _Parsed(
-            request_id=rid if explicit else str(uuid.uuid4()), explicit_id=explicit,
-            model=model or cfg.served_model_name, prompt_ids=prompt_ids, completion_ids=list(completion_ids),
-            max_tokens=max_tokens, ignore_eos=data.get("ignore_eos") is True, stream=data.get("stream") is True,
+            request_id=rid or str(uuid.uuid4()), explicit_id=explicit,
+            model=model or cfg.served_model_name, prompt_ids=prompt_ids,
+            completion_ids=list(completion_ids), max_tokens=max_tokens,
+            ignore_eos=data.get("ignore_eos") is True, stream=data.get("stream") is True,
             include_usage=opts.get("include_usage") is True,
             continuous_usage=opts.get("continuous_usage_stats") is True,
             return_token_ids=data.get("return_token_ids") is True)
@@ -731,16 +740,18 @@ class SimInstance:
         except _BadRequest as exc:
             return _json(exc.body, exc.status)
         target: DisaggTarget | None = None
-        phase = "full"
+        phase: Phase = "full"
         info = data.get("disaggregate_info")
         if info is not None and cfg.role != "mixed":
             try:
                 target = parse_disaggregate_info(info)
             except DisaggError as exc:
-                return _json(P.error_body(f"invalid disaggregate_info: {exc}", param="disaggregate_info"), 400)
+                return _json(P.error_body(f"invalid disaggregate_info: {exc}",
+                                          param="disaggregate_info"), 400)
             if not req.explicit_id:
                 return _json(P.error_body("request_id is required with disaggregate_info",
-                                          code="missing_required_parameter", param="request_id"), 400)
+                                          code="missing_required_parameter",
+                                          param="request_id"), 400)
             phase = "prefill" if cfg.role == "prefill" else "decode"
         ctx = P.ResponseContext(
             kind=kind, id=("chatcmpl-" if kind == "chat" else "cmpl-") + req.request_id,
@@ -749,8 +760,9 @@ class SimInstance:
             continuous_usage=req.continuous_usage)
         gen = GenRequest(
             request_id=req.request_id, prompt_token_ids=req.prompt_ids + req.completion_ids,
-            max_tokens=req.max_tokens, ignore_eos=req.ignore_eos, start_index=len(req.completion_ids),
-            phase=phase, ttft_override=k.ttft, itl_override=k.itl)  # type: ignore[arg-type]
+            max_tokens=req.max_tokens, ignore_eos=req.ignore_eos,
+            start_index=len(req.completion_ids),
+            phase=phase, ttft_override=k.ttft, itl_override=k.itl)
         if ordinal in k.pd_reschedule_on:
             gen.reschedule_after = max(1, k.pd_reschedule_after)
 
@@ -764,13 +776,15 @@ class SimInstance:
             timeout = k.handoff_timeout if k.handoff_timeout is not None else cfg.handoff_timeout
             try:
                 handoff = await self.handoffs.wait(req.request_id, timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return await self._fail(request, resp, req.stream, 504, P.error_body(
-                    f"decode timed out after {timeout}s waiting for the prefill hand-off of {req.request_id}",
+                    f"decode timed out after {timeout}s waiting for the prefill hand-off of "
+                    f"{req.request_id}",
                     type_="timeout_error", code="timeout"))
             except HandoffAborted:
                 return await self._fail(request, resp, req.stream, 500, P.error_body(
-                    f"request {req.request_id} aborted", type_="internal_error", code="internal_error"))
+                    f"request {req.request_id} aborted", type_="internal_error",
+                    code="internal_error"))
             first = handoff.get("first_token")
             if isinstance(first, int) and not isinstance(first, bool):
                 gen.first_token_id = first
@@ -782,7 +796,8 @@ class SimInstance:
             return await self._stream(request, ctx, gen, target, resp)
         return await self._non_stream(request, ctx, gen, target, resp, raw)
 
-    async def _tokens(self, gen: GenRequest, target: DisaggTarget | None) -> AsyncIterator[TokenOut]:
+    async def _tokens(self, gen: GenRequest,
+                      target: DisaggTarget | None) -> AsyncGenerator[TokenOut, None]:
         """Engine tokens; a prefill hands the request to the decode before its first token."""
         async with contextlib.aclosing(self.engine.generate(gen)) as tokens:
             async for tok in tokens:
@@ -824,8 +839,9 @@ class SimInstance:
             return _json(body, status)
         with contextlib.suppress(ConnectionError):
             if stream:
-                await resp.write(P.ResponseContext.stream_error(body["error"]["message"],
-                                                                body["error"].get("code") or "internal_error"))
+                err = body["error"]
+                await resp.write(P.ResponseContext.stream_error(
+                    err["message"], err.get("code") or "internal_error"))
                 await resp.write(P.DONE)
             else:
                 await resp.write(P.dumps(body))
@@ -833,7 +849,8 @@ class SimInstance:
         return resp
 
     async def _stream(self, request: web.Request, ctx: P.ResponseContext, gen: GenRequest,
-                      target: DisaggTarget | None, resp: web.StreamResponse | None) -> web.StreamResponse:
+                      target: DisaggTarget | None,
+                      resp: web.StreamResponse | None) -> web.StreamResponse:
         k = self.knobs
         loop = asyncio.get_running_loop()
         t0 = loop.time()
@@ -873,7 +890,8 @@ class SimInstance:
                     await emit(first)
             if not final_sent:
                 await emit(ctx.token_chunk("", None, gen.finish_reason or "abort",
-                                           round(loop.time() - t0, 6), P.usage(n_prompt, n_out, gen.cached_tokens)))
+                                           round(loop.time() - t0, 6),
+                                           P.usage(n_prompt, n_out, gen.cached_tokens)))
             if ctx.include_usage:
                 await emit(ctx.usage_chunk(P.usage(n_prompt, n_out, gen.cached_tokens)))
             await emit(P.DONE)

@@ -50,14 +50,17 @@ COUNTERS: dict[str, str] = {
 
 HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
     "fastdeploy:time_to_first_token_seconds": ("Time to first token in seconds", LATENCY_BUCKETS),
-    "fastdeploy:time_per_output_token_seconds": ("Time per output token in seconds", LATENCY_BUCKETS),
-    "fastdeploy:e2e_request_latency_seconds": ("End-to-end request latency in seconds", LATENCY_BUCKETS),
+    "fastdeploy:time_per_output_token_seconds": ("Time per output token in seconds",
+                                                 LATENCY_BUCKETS),
+    "fastdeploy:e2e_request_latency_seconds": ("End-to-end request latency in seconds",
+                                               LATENCY_BUCKETS),
     "fastdeploy:request_queue_time_seconds": ("Time spent in the waiting queue", LATENCY_BUCKETS),
     "fastdeploy:request_inference_time_seconds": ("Time spent running", LATENCY_BUCKETS),
     "fastdeploy:request_prefill_time_seconds": ("Time spent in prefill", LATENCY_BUCKETS),
     "fastdeploy:request_decode_time_seconds": ("Time spent in decode", LATENCY_BUCKETS),
     "fastdeploy:request_prompt_tokens": ("Number of prefill tokens processed", TOKEN_BUCKETS),
-    "fastdeploy:request_generation_tokens": ("Number of generation tokens processed", TOKEN_BUCKETS),
+    "fastdeploy:request_generation_tokens": ("Number of generation tokens processed",
+                                             TOKEN_BUCKETS),
     "fastdeploy:request_params_max_tokens": ("Histogram of max_tokens parameter", TOKEN_BUCKETS),
 }
 
@@ -88,8 +91,9 @@ class Histogram:
 
     def samples(self, name: str, labels: str = "") -> list[tuple[str, str]]:
         sep = "," if labels else ""
-        out = [(f"{name}_bucket", f'{{{labels}{sep}le="{fmt_value(b)}"}}', self.counts[i])
-               for i, b in enumerate(self.buckets)]
+        out: list[tuple[str, str, float]] = [
+            (f"{name}_bucket", f'{{{labels}{sep}le="{fmt_value(b)}"}}', self.counts[i])
+            for i, b in enumerate(self.buckets)]
         out.append((f"{name}_bucket", f'{{{labels}{sep}le="+Inf"}}', self.count))
         lab = f"{{{labels}}}" if labels else ""
         out.append((f"{name}_count", lab, self.count))
@@ -142,13 +146,16 @@ def render(gauges: Mapping[str, float], stats: EngineStats, http: HttpStats,
         families.append((name, help_, "gauge", [(name, fmt_value(gauges.get(name, 0.0)))]))
     for name, help_ in COUNTERS.items():
         sample = name if name.endswith("_total") else f"{name}_total"
-        families.append((name, help_, "counter", [(sample, fmt_value(stats.counters.get(name, 0.0)))]))
+        value = fmt_value(stats.counters.get(name, 0.0))
+        families.append((name, help_, "counter", [(sample, value)]))
     for name, (help_, _) in HISTOGRAMS.items():
         families.append((name, help_, "histogram", stats.histograms[name].samples(name)))
     req_samples = [
-        (f'http_requests_total{{method="{_esc(m)}",path="{_esc(p)}",status_code="{s}"}}', fmt_value(n))
+        (f'http_requests_total{{method="{_esc(m)}",path="{_esc(p)}",status_code="{s}"}}',
+         fmt_value(n))
         for (m, p, s), n in sorted(http.requests.items())]
-    families.append(("http_requests_total", "Total number of requests by method, status and handler.",
+    families.append(("http_requests_total",
+                     "Total number of requests by method, status and handler.",
                      "counter", req_samples))
     dur_samples: list[tuple[str, str]] = []
     for (m, p), hist in sorted(http.durations.items()):

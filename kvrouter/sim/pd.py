@@ -36,7 +36,6 @@ class HandoffAborted(Exception):
 
 @dataclass(frozen=True)
 class DisaggTarget:
-    format: str             # "flat" | "nested"
     decode_ip: str
     decode_port: int
     transfer_protocol: str  # "ipc" | "rdma"
@@ -74,18 +73,19 @@ def parse_disaggregate_info(info: Any) -> DisaggTarget:
             raise DisaggError("cache_info must be an object")
         if isinstance(cache_info.get("rdma"), dict):
             rdma = cache_info["rdma"]
-            return DisaggTarget("nested", _ip(rdma.get("ip"), "cache_info.rdma.ip"),
+            return DisaggTarget(_ip(rdma.get("ip"), "cache_info.rdma.ip"),
                                 _port(rdma.get("port"), "cache_info.rdma.port"), proto)
         if isinstance(cache_info.get("ipc"), dict):
             decode = info.get("decode")
             if not isinstance(decode, dict):
                 raise DisaggError("nested disaggregate_info needs a decode object")
-            return DisaggTarget("nested", _ip(cache_info["ipc"].get("ip"), "cache_info.ipc.ip"),
+            return DisaggTarget(_ip(cache_info["ipc"].get("ip"), "cache_info.ipc.ip"),
                                 _port(decode.get("connector_port"), "decode.connector_port"), proto)
         raise DisaggError("cache_info needs an ipc or rdma object")
     if "decode_ip" in info:
-        return DisaggTarget("flat", _ip(info.get("decode_ip"), "decode_ip"),
-                            _port(info.get("decode_connector_port"), "decode_connector_port"), proto)
+        return DisaggTarget(_ip(info.get("decode_ip"), "decode_ip"),
+                            _port(info.get("decode_connector_port"), "decode_connector_port"),
+                            proto)
     raise DisaggError("disaggregate_info has neither decode_ip nor cache_info")
 
 
@@ -147,17 +147,8 @@ class HandoffStore:
             self.abort(rid)
         return ids
 
-    def pending(self) -> list[str]:
-        """Request ids of decode calls waiting for their hand-off."""
-        return list(self._waiters)
-
     def waiting(self) -> int:
         return len(self._waiters)
-
-    def buffered(self) -> int:
-        """Early hand-offs not yet claimed (within the TTL)."""
-        self._purge()
-        return len(self._early)
 
 
 def connector_url(ip: str, port: int) -> str:
@@ -165,14 +156,14 @@ def connector_url(ip: str, port: int) -> str:
     return f"http://{host}:{port}/handoff"
 
 
-async def send_handoff(session: aiohttp.ClientSession, target: DisaggTarget, payload: dict[str, Any],
-                       *, timeout: float) -> None:
+async def send_handoff(session: aiohttp.ClientSession, target: DisaggTarget,
+                       payload: dict[str, Any], *, timeout: float) -> None:
     url = connector_url(target.decode_ip, target.decode_port)
     try:
-        async with session.post(url, json=payload,
-                                timeout=aiohttp.ClientTimeout(total=timeout, connect=timeout)) as resp:
+        client_timeout = aiohttp.ClientTimeout(total=timeout, connect=timeout)
+        async with session.post(url, json=payload, timeout=client_timeout) as resp:
             await resp.read()
             if resp.status != 200:
                 raise HandoffError(f"decode connector {url} answered {resp.status}")
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise HandoffError(f"decode connector {url} unreachable: {exc!r}") from exc

@@ -25,8 +25,8 @@ def sse_event(obj: Any, *, extra_space: bool = False) -> bytes:
     return b"data: " + dumps(obj) + (b" \n\n" if extra_space else b"\n\n")
 
 
-def error_body(message: str, *, type_: str = "invalid_request_error", code: str | None = "invalid_value",
-               param: str | None = None) -> dict[str, Any]:
+def error_body(message: str, *, type_: str = "invalid_request_error",
+               code: str | None = "invalid_value", param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -39,7 +39,8 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
         "prompt_tokens": prompt_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "completion_tokens": completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens, "image_tokens": 0, "video_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": cached_tokens, "image_tokens": 0,
+                                  "video_tokens": 0},
         "completion_tokens_details": {"reasoning_tokens": 0, "image_tokens": 0},
     }
 
@@ -82,16 +83,17 @@ class ResponseContext:
             return sse_event(self._head(self.chunk_object) | {"choices": [choice]})
         return None
 
-    def token_chunk(self, text: str, token_id: int | None, finish_reason: str | None, arrival_time: float,
-                    cur_usage: dict[str, Any] | None) -> bytes:
+    def token_chunk(self, text: str, token_id: int | None, finish_reason: str | None,
+                    arrival_time: float, cur_usage: dict[str, Any] | None) -> bytes:
         choice: dict[str, Any]
         ids = [] if token_id is None else [token_id]
         if self.kind == "chat":
             choice = {"index": 0, "delta": {"content": text, "completion_token_ids": ids},
                       "logprobs": None}
         else:
-            choice = {"index": 0, "text": text, "prompt_token_ids": None, "completion_token_ids": ids,
-                      "tool_calls": None, "reasoning_content": None, "logprobs": None}
+            choice = {"index": 0, "text": text, "prompt_token_ids": None,
+                      "completion_token_ids": ids, "tool_calls": None, "reasoning_content": None,
+                      "logprobs": None}
         if finish_reason is not None:
             choice["finish_reason"] = finish_reason
         choice["arrival_time"] = arrival_time
@@ -105,7 +107,8 @@ class ResponseContext:
 
     @staticmethod
     def stream_error(message: str, code: str = "internal_error") -> bytes:
-        return sse_event({"error": {"message": message, "type": "internal_error", "param": None, "code": code}})
+        return sse_event({"error": {"message": message, "type": "internal_error", "param": None,
+                                    "code": code}})
 
     # -- non-stream ------------------------------------------------------------------------
     def full_response(self, text: str, token_ids: list[int], finish_reason: str | None,
@@ -113,10 +116,12 @@ class ResponseContext:
         prompt_ids = list(self.prompt_token_ids) if self.return_token_ids else None
         if self.kind == "chat":
             message = {"role": "assistant", "content": text, "multimodal_content": None,
-                       "reasoning_content": None, "tool_calls": None, "prompt_token_ids": prompt_ids,
-                       "completion_token_ids": list(token_ids), "text_after_process": None,
-                       "raw_prediction": None, "prompt_tokens": None, "completion_tokens": None}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+                       "reasoning_content": None, "tool_calls": None,
+                       "prompt_token_ids": prompt_ids, "completion_token_ids": list(token_ids),
+                       "text_after_process": None, "raw_prediction": None, "prompt_tokens": None,
+                       "completion_tokens": None}
+            choice = {"index": 0, "message": message, "logprobs": None,
+                      "finish_reason": finish_reason}
             obj = "chat.completion"
         else:
             choice = {"index": 0, "text": text, "prompt_token_ids": prompt_ids,

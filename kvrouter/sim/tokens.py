@@ -47,7 +47,8 @@ def render_chat(messages: list[Any]) -> str:
 
 def tokenize(text: str, chars_per_token: int = 4) -> list[int]:
     step = max(1, chars_per_token)
-    return [zlib.crc32(text[i:i + step].encode("utf-8")) & 0xFFFFF for i in range(0, len(text), step)]
+    return [zlib.crc32(text[i:i + step].encode("utf-8")) & 0xFFFFF
+            for i in range(0, len(text), step)]
 
 
 def output_token_id(index: int) -> int:

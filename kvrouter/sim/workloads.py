@@ -139,7 +139,7 @@ def b2b(*, rate: float, n: int, seed: int, groups: int = 150, context: int = 600
     arrivals = _poisson_arrivals(rng, rate, n)
     picks = rng.choices(range(groups), weights=weights, k=n)
     out: list[WorkloadRequest] = []
-    for t, g in zip(arrivals, picks):
+    for t, g in zip(arrivals, picks, strict=True):
         u = rng.randrange(users)
         out.append(WorkloadRequest(t, contexts[g] + _tokens(rng, question), output,
                                    f"b2b-g{g}-u{u}"))
@@ -163,7 +163,7 @@ def multigroup(*, rate: float, n: int, seed: int, groups: int = 8, prefix_min: i
     arrivals = _poisson_arrivals(rng, rate, n)
     picks = rng.choices(range(groups), weights=_zipf_weights(groups, zipf), k=n)
     return [WorkloadRequest(t, prefixes[g] + _tokens(rng, question), output)
-            for t, g in zip(arrivals, picks)]
+            for t, g in zip(arrivals, picks, strict=True)]
 
 
 def multiturn(*, rate: float, n: int, seed: int, system: int = 1024, turns: int = 8,

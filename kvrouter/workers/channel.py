@@ -111,7 +111,8 @@ class Link:
                 return
             self._out_bytes -= len(out.popleft())
         self._writing = False
-        self._loop.remove_writer(sock.fileno())
+        if self._loop is not None:
+            self._loop.remove_writer(sock.fileno())
 
     # -- receiving -------------------------------------------------------------------------
     def _readable(self) -> None:

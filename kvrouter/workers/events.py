@@ -1,9 +1,10 @@
 """The events worker processes exchange, as plain JSON objects (``"t"`` = the kind).
 
-They are written so that the roadmap's router *replicas* sharing state through Redis (contract
-§10) can reuse them unchanged: each shared kind is either an idempotent, versioned record
-(last writer wins on ``v``) or a per-sender snapshot that replaces the sender's previous one,
-and times are wall-clock seconds (``time.time()``), not a process's monotonic clock.
+They are written so that the roadmap's router *replicas* sharing state through Redis (the same
+:class:`~kvrouter.shared.SharedState` seam) can reuse them unchanged: each shared kind is
+either an idempotent, versioned record (last writer wins on ``v``) or a per-sender snapshot
+that replaces the sender's previous one, and times are wall-clock seconds (``time.time()``),
+not a process's monotonic clock.
 
 =========  ==================================================  ==================================
 kind       fields                                              Redis equivalent (roadmap)
@@ -36,12 +37,12 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from kvrouter.backends.snapshot import MetricsSnapshot
 from kvrouter.instance import InstanceInfo, Role
-from kvrouter.snapshot import MetricsSnapshot
+from kvrouter.load import LoadShare
 
-#: ``Load`` attributes shared by ``load`` events, in order
-LOAD_FIELDS = ("requests", "tokens", "prefill_tokens", "prefill_leases", "pending",
-               "pending_prefill", "pending_prefill_leases")
+#: the :class:`~kvrouter.load.LoadShare` fields of a ``load`` event's lists, in order
+LOAD_FIELDS = tuple(f.name for f in dataclasses.fields(LoadShare))
 
 _INFO_FIELDS = tuple(f.name for f in dataclasses.fields(InstanceInfo))
 _TUPLES = frozenset({"transfer_protocol", "rdma_ports", "device_ids", "connected_decodes"})
@@ -81,3 +82,13 @@ def snapshot_from_json(data: list) -> MetricsSnapshot:
     return MetricsSnapshot(running=running, waiting=waiting, taken_at=mono(taken),
                            available_gpu_block_num=blocks, max_batch_size=batch,
                            gpu_cache_usage_perc=usage)
+
+
+def shares_to_json(shares: dict[str, LoadShare]) -> dict[str, list[int]]:
+    """A ``load`` event's ``l``: each instance's share as a list in :data:`LOAD_FIELDS` order."""
+    return {ident: [getattr(share, name) for name in LOAD_FIELDS]
+            for ident, share in shares.items()}
+
+
+def shares_from_json(data: dict[str, list[int]]) -> dict[str, LoadShare]:
+    return {ident: LoadShare(*values) for ident, values in data.items()}

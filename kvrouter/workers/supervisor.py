@@ -81,7 +81,7 @@ def supervise(cfg: RouterConfig, static: list[InstanceInfo]) -> int:
     """Run ``server.workers`` worker processes until SIGTERM/SIGINT; returns the exit code."""
     s = cfg.server
     try:
-        reserved = reserve(s.host, s.port)
+        reserved = reserve(s.host, s.port or 0)
     except OSError as e:
         print(f"Failed to start server on {s.host}:{s.port}: {e}", file=sys.stderr)
         return 1
@@ -224,6 +224,8 @@ class Supervisor:
 
     def _control(self, slot: _Slot) -> None:
         sock = slot.control
+        if sock is None:
+            return
         try:
             msg = sock.recv(4096)
         except (BlockingIOError, InterruptedError):
@@ -315,6 +317,8 @@ class Supervisor:
             self._fork(slot, peers, others={-1: theirs})
             for number, sock in theirs.items():
                 ctrl = self.slots[number].control
+                if ctrl is None:        # that sibling just exited: it gets a new link later
+                    continue
                 try:
                     socket.send_fds(ctrl, [orjson.dumps({"t": "peer", "w": slot.number})],
                                     [sock.fileno()])
@@ -342,7 +346,7 @@ class Supervisor:
                 code = serve(self.cfg, self.static, worker=ctx)
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else 1
-            except BaseException:  # noqa: BLE001 - report and exit, never return to the loop
+            except BaseException:  # report and exit, never return to the loop
                 traceback.print_exc()
             finally:
                 try:

@@ -1,8 +1,9 @@
 """What a worker process gets from the supervisor, and its side of the control link.
 
 :func:`kvrouter.server.app.run_server` takes a :class:`WorkerContext` in worker mode: it
-builds the shared prefix index, binds the listening sockets with ``SO_REUSEPORT``, attaches
-:class:`~kvrouter.workers.sync.WorkerSync` and reports readiness to the supervisor.
+builds the router with the worker's shared state (``Router(cfg, shared=worker.shared)``, a
+:class:`~kvrouter.workers.sync.WorkerSync`), starts it (:meth:`WorkerContext.start`), binds
+the listening sockets with ``SO_REUSEPORT`` and reports readiness to the supervisor.
 """
 
 from __future__ import annotations
@@ -11,20 +12,14 @@ import asyncio
 import logging
 import os
 import socket
-from typing import TYPE_CHECKING
 
 import orjson
 
 from kvrouter.http.server import HttpServer, Listener, serve_sockets
 from kvrouter.http.sockets import Address, listening_sockets
-from kvrouter.workers.sync import SharedPrefixIndex, WorkerSync
-
-if TYPE_CHECKING:
-    from kvrouter.config import RouterConfig
-    from kvrouter.server.app import App
+from kvrouter.workers.sync import WorkerSync
 
 log = logging.getLogger("kvrouter.workers")
-
 
 
 class WorkerContext:
@@ -37,9 +32,9 @@ class WorkerContext:
         self.count = count
         self.addrs = addrs
         self.control = control
-        self.peers = peers
-        self.share_prefix = share_prefix
-        self.sync: WorkerSync | None = None
+        #: the routing state shared with the siblings: give it to the Router (``shared=``)
+        self.shared = WorkerSync(number, count, peers, share_prefix=share_prefix)
+        self._started = False
         self._stop: asyncio.Event | None = None
         self._orphaned = False
 
@@ -48,18 +43,13 @@ class WorkerContext:
         """Worker 0 runs health rounds, removals, metrics scrapes and the [stats] line."""
         return self.number == 0
 
-    def make_index(self, cfg: RouterConfig) -> SharedPrefixIndex:
-        sch = cfg.scheduler
-        return SharedPrefixIndex(sch.cache_max_blocks, sch.eviction_duration_mins * 60)
-
-    def attach(self, app: App) -> WorkerSync:
-        """Install the shared-state hooks and start the links (inside the worker's loop)."""
-        self.sync = WorkerSync(app, self.number, self.count, share_prefix=self.share_prefix)
-        self.sync.start(self.peers)
-        self.peers = {}
+    def start(self) -> None:
+        """Start the links to the siblings and the control link (inside the worker's loop,
+        once the Router is built with ``shared=self.shared``)."""
+        self.shared.start()
+        self._started = True
         self.control.setblocking(False)
         asyncio.get_running_loop().add_reader(self.control.fileno(), self._control_readable)
-        return self.sync
 
     async def listen(self, handler, max_body: int) -> tuple[Listener, HttpServer]:
         """Bind the supervisor's addresses with SO_REUSEPORT (same contract as start_server)."""
@@ -89,9 +79,9 @@ class WorkerContext:
                 self._supervisor_gone()
                 return
             data = orjson.loads(msg) if msg else {}
-            if data.get("t") == "peer" and self.sync is not None:
+            if data.get("t") == "peer" and self._started:
                 for fd in fds:
-                    self.sync.add_peer(int(data["w"]), socket.socket(fileno=fd))
+                    self.shared.add_peer(int(data["w"]), socket.socket(fileno=fd))
             else:
                 for fd in fds:
                     os.close(fd)
@@ -106,8 +96,7 @@ class WorkerContext:
             self._stop.set()
 
     def close(self) -> None:
-        if self.sync is not None:
-            self.sync.close()
+        self.shared.close()
         if self.control.fileno() >= 0:
             try:
                 asyncio.get_running_loop().remove_reader(self.control.fileno())

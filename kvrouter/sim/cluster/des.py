@@ -9,8 +9,9 @@ import heapq
 import math
 import random
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from kvrouter.backends.snapshot import MetricsSnapshot
 from kvrouter.config import SchedulerConfig
 from kvrouter.instance import InstanceInfo, Role
 from kvrouter.load import Load
@@ -30,20 +31,18 @@ from kvrouter.sim.cluster.nodes import (
 )
 from kvrouter.sim.cluster.oracle import OraclePolicy
 from kvrouter.sim.cluster.results import ClusterResult, CoreStats, RequestResult
-from kvrouter.sim.core.api import (
+from kvrouter.sim.core import (
     PHASE_DECODE,
     PHASE_FULL,
     PHASE_PREFILL,
     CoreRequest,
     EngineCoreAPI,
+    EngineParams,
     Step,
     TokenEvent,
+    make_engine_core,
 )
 from kvrouter.sim.workloads import WorkloadRequest
-from kvrouter.snapshot import MetricsSnapshot
-
-if TYPE_CHECKING:
-    from kvrouter.sim.core.params import EngineParams
 
 __all__ = ["Sim", "run_cluster"]
 
@@ -207,7 +206,7 @@ class Sim:
             elif kind == _SWEEP:
                 self.index.sweep(t)
                 self._push(t + self.cfg.eviction_interval_secs, _SWEEP)
-            elif kind == _SAMPLE:
+            elif kind == _SAMPLE and self.sample_interval:   # only queued when set
                 self._sample()
                 self._push(t + self.sample_interval, _SAMPLE)
         self._account_time()
@@ -422,10 +421,10 @@ class Sim:
         if self.pd is None:
             sel = self.policies[Role.MIXED].select(self.candidates[Role.MIXED], view)
             node = self.nodes_by_identity[sel.instance.identity]
-            lease = node.inst.load.acquire(len(prompt), now)
+            lease = node.inst.load.acquire(len(prompt), now, prefill=sel.prefill_estimate)
             res = RequestResult(i, rid, req.arrival, node.inst.url, len(prompt), req.max_tokens,
                                 req.session_id, strategy=sel.strategy)
-            fl = Flight(i, req, res, node, lease)
+            fl = Flight(req, res, node, lease)
             creq = CoreRequest(request_id=rid, prompt_tokens=prompt, max_tokens=req.max_tokens,
                                phase=PHASE_FULL, arrival=now)
             fl.creq = creq
@@ -437,12 +436,12 @@ class Sim:
             pnode = self.nodes_by_identity[sel.instance.identity]
             dsel = self.policies[Role.DECODE].select(self.candidates[Role.DECODE], view)
             dnode = self.nodes_by_identity[dsel.instance.identity]
-            p_lease = pnode.inst.load.acquire(len(prompt), now)
-            lease = dnode.inst.load.acquire(len(prompt), now)
+            p_lease = pnode.inst.load.acquire(len(prompt), now, prefill=sel.prefill_estimate)
+            lease = dnode.inst.load.acquire(len(prompt), now, prefill=dsel.prefill_estimate)
             res = RequestResult(i, rid, req.arrival, dnode.inst.url, len(prompt), req.max_tokens,
                                 req.session_id, prefill_instance=pnode.inst.url,
                                 strategy=sel.strategy)
-            fl = Flight(i, req, res, dnode, lease, pnode=pnode, p_lease=p_lease)
+            fl = Flight(req, res, dnode, lease, pnode=pnode, p_lease=p_lease)
             p_creq = CoreRequest(request_id=rid, prompt_tokens=prompt, max_tokens=1,
                                  phase=PHASE_PREFILL, arrival=now)
             fl.p_creq = p_creq
@@ -529,8 +528,6 @@ def run_cluster(workload: Sequence[WorkloadRequest], *, policy: str, instances: 
     """
     cfg = dataclasses.replace(SchedulerConfig(), **_normalise_overrides(scheduler_overrides))
     if core_factory is None:
-        from kvrouter.sim.core import make_engine_core  # the engine core package
-
         overrides = dict(core_overrides or {})
 
         def core_factory(i: int) -> EngineCoreAPI:

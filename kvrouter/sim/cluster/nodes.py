@@ -15,7 +15,7 @@ from kvrouter.load import Lease
 from kvrouter.prefix.hashing import block_hashes
 from kvrouter.registry import Instance
 from kvrouter.sim.cluster.results import CoreStats, RequestResult
-from kvrouter.sim.core.api import CoreRequest, EngineCoreAPI
+from kvrouter.sim.core import CoreRequest, EngineCoreAPI
 from kvrouter.sim.workloads import WorkloadRequest
 
 __all__ = [
@@ -110,7 +110,6 @@ class Node:
 
 @dataclass(eq=False)
 class Flight:
-    idx: int
     req: WorkloadRequest
     res: RequestResult
     node: Node                        # mixed or decode

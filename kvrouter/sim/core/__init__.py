@@ -6,7 +6,7 @@
     events = core.finish_step(step, 0.0 + step.duration)
 
 The core never reads a clock; a driver owns time (:mod:`.virtual` for virtual time, the HTTP
-simulator's :class:`kvrouter.sim.engine.CoreEngine` for real time).
+simulator's :class:`kvrouter.sim.engine.RealtimeEngine` for real time).
 """
 
 from __future__ import annotations

@@ -101,7 +101,8 @@ def _ceil_div(a: int, b: int) -> int:
 class EngineCore:
     """Implements :class:`kvrouter.sim.core.api.EngineCoreAPI`."""
 
-    def __init__(self, params: EngineParams, seed: int = 0, *, timing: TimingModel | None = None) -> None:
+    def __init__(self, params: EngineParams, seed: int = 0, *,
+                 timing: TimingModel | None = None) -> None:
         self.params = params
         self.seed = seed
         self.block_size = params.block_size
@@ -432,7 +433,8 @@ class EngineCore:
             "hit_requests_total": float(self.hit_requests_total),
             "hit_token_rate": (self.cached_tokens_total / self.prompt_tokens_total
                                if self.prompt_tokens_total else 0.0),
-            "hit_req_rate": (self.hit_requests_total / self.admitted_total if self.admitted_total else 0.0),
+            "hit_req_rate": (self.hit_requests_total / self.admitted_total
+                             if self.admitted_total else 0.0),
             "prefill_tokens_total": float(self.prefill_tokens_total),
             "recomputed_tokens_total": float(self.recomputed_tokens_total),
             "generation_tokens_total": float(self.generation_tokens_total),

@@ -158,10 +158,6 @@ class KVCache:
             if self.on_removed is not None:
                 self.on_removed(h)
 
-    def cached_hashes(self) -> set[int]:
-        """Every hash currently resident (active or cached-free)."""
-        return set(self.table)
-
     def check(self) -> None:
         """Internal consistency (tests): every block in exactly one state."""
         empty, lru = set(self.empty), set(self.lru)

@@ -31,12 +31,13 @@ public model cards / datasheets it cites:
 
 Derived with the ``roofline`` model (ms; jitter off) next to engine-model.md §5's table, which
 keeps only the linear term (prefill = 2·P·T / (F·TP·MFU)); attention, the 2 ms step overhead and
-the TP all-reduce latency put the full model above it, most for long prompts::
+the TP all-reduce latency put the full model above it, most for long prompts (tok/s: prefill
+throughput; KV/tok: KV bytes per token; KV cap: KV cache capacity in tokens)::
 
-    preset               KV/token  prefill tok/s  1k / 8k prompt        decode B=1 / 32 / 128 (ctx 2k)  KV tokens
-    llama3-8b-h100       128 KiB   27.7k          38.7 / 328 (36/289)   9.0 / 12.4 / 23.2 (8.9/12.4/23.2)   396,270
-    qwen3-32b-tp2-h100   256 KiB   13.6k          77.1 / 639 (74/590)   16.7 / 20.2 / 30.9 (16.0/19.6/30.3) 307,328
-    llama3-70b-tp4-h100  320 KiB   12.6k          82.9 / 685 (79/635)   17.9 / 20.1 / 26.8 (17.1/19.3/26.0) 399,169
+    preset               KV/tok   tok/s  1k/8k prompt       decode B=1/32/128 (ctx 2k)       KV cap
+    llama3-8b-h100       128 KiB  27.7k  38.7/328 (36/289)  9.0/12.4/23.2 (8.9/12.4/23.2)    396,270
+    qwen3-32b-tp2-h100   256 KiB  13.6k  77.1/639 (74/590)  16.7/20.2/30.9 (16.0/19.6/30.3)  307,328
+    llama3-70b-tp4-h100  320 KiB  12.6k  82.9/685 (79/635)  17.9/20.1/26.8 (17.1/19.3/26.0)  399,169
 
 ``make_params(preset, **overrides)`` or ``params.replace(**overrides)`` change any field.
 """
@@ -115,7 +116,8 @@ class EngineParams:
 
     def __post_init__(self) -> None:
         if self.timing not in TIMING_MODELS:
-            raise ValueError(f"unknown timing model {self.timing!r}; expected one of {TIMING_MODELS}")
+            raise ValueError(f"unknown timing model {self.timing!r}; "
+                             f"expected one of {TIMING_MODELS}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tp", "n_layers"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -202,5 +204,6 @@ def make_params(preset: str | EngineParams = DEFAULT_PRESET, **overrides: Any) -
         try:
             base = PRESETS[preset]
         except KeyError:
-            raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}") from None
+            raise ValueError(f"unknown preset {preset!r}; "
+                             f"expected one of {sorted(PRESETS)}") from None
     return base.replace(**overrides) if overrides else base

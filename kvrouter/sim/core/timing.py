@@ -11,7 +11,8 @@ seconds; :class:`Jitter` multiplies it by a seeded log-normal factor.
     FLOPs      = 2·P·n + 4·L·d_model·attn                 per side (prefill | decode)
     T_comp     = FLOPs_prefill / (F·TP·MFU_prefill) + FLOPs_decode / (F·TP·MFU_decode)
     T_mem      = (W_bytes + Σ (c_i + n_i)·kv_bytes_per_token) / (BW·TP·eta_mem)
-    T_tp       = 2·L·latency (+ 2·L·n·d_model·2 B·2(TP−1)/TP / NVLink BW if nvlink_bw is set), TP > 1
+    T_tp       = 2·L·latency, TP > 1 (+ 2·L·n·d_model·2 B·2(TP−1)/TP / NVLink BW
+                 if nvlink_bw is set)
     T_step     = max(T_comp, T_mem) + step_overhead + T_tp
 
 ``mocker-poly`` (Dynamo mocker's ``PerfModel::Polynomial`` as quoted in engine-model.md §5):
@@ -91,7 +92,8 @@ class RooflineModel:
         t_mem = (self._weights + kv_read * self._kv_tok) / self._mem_rate
         tokens = pre_tok + dec_tok
         t_tp = self._ar_fixed + self._ar_per_token * tokens if tokens else 0.0
-        return {"compute": t_comp, "memory": t_mem, "overhead": self.p.step_overhead, "tp_allreduce": t_tp}
+        return {"compute": t_comp, "memory": t_mem, "overhead": self.p.step_overhead,
+                "tp_allreduce": t_tp}
 
     def step_time(self, batch: Sequence[BatchEntry], kv_usage: float = 0.0) -> float:
         if not batch:

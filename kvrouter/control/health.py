@@ -1,4 +1,4 @@
-"""Health checking (contract §7.2): periodic non-overlapping probe rounds, the state machine,
+"""Health checking: periodic non-overlapping probe rounds, the state machine,
 out-of-cycle probes after connect failures, and timed removal of unhealthy instances."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import time
 from dataclasses import dataclass
 
 from kvrouter.config import ManagerConfig
+from kvrouter.control.transport import Transport
 from kvrouter.metrics import RouterMetrics
 from kvrouter.registry import HEALTHY, UNHEALTHY, Instance, Registry
-from kvrouter.server.transport import Transport
 
 log = logging.getLogger("kvrouter.health")
 
@@ -45,7 +45,7 @@ class HealthMonitor:
             err = None if status == 200 else f"status {status}"
         except TimeoutError:
             status, err = None, f"timeout after {timeout:g}s"
-        except Exception as e:  # noqa: BLE001 - any failure is an unhealthy probe
+        except Exception as e:  # any failure is an unhealthy probe
             status, err = None, str(e) or type(e).__name__
         return ProbeResult(status == 200, status, (time.perf_counter() - start) * 1e3, err)
 
@@ -93,7 +93,8 @@ class HealthMonitor:
             await asyncio.gather(*(self.probe(i) for i in instances))
 
     async def run(self) -> None:
-        """Rounds start every interval (start to start); a tick during a running round is skipped."""
+        """Rounds start every interval (start to start); a tick during a running round is
+        skipped."""
         interval = self.cfg.health_check_interval_secs
         loop = asyncio.get_running_loop()
         next_at = loop.time() + interval

@@ -16,11 +16,8 @@ import aiohttp
 class Transport:
     """Small request/response calls to instances over pooled keep-alive connections."""
 
-    def __init__(self, connect_timeout: float, first_byte_timeout: float = 0.0,
-                 idle_timeout: float = 0.0):
-        # The data-plane timeouts (``first_byte_timeout``, ``idle_timeout``) belong to the
-        # upstream pool; they are accepted here for the Router's constructor and not used:
-        # every control-plane call has its own total timeout.
+    def __init__(self, connect_timeout: float) -> None:
+        # Every call has its own total timeout; only the connect timeout is shared.
         self.connect_timeout = connect_timeout or None
         self._session: aiohttp.ClientSession | None = None
 

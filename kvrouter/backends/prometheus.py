@@ -1,27 +1,17 @@
-"""Parsing a FastDeploy ``/metrics`` page into a :class:`MetricsSnapshot` (contract §6.3).
+"""Reading gauges from a Prometheus text exposition page (an engine's ``/metrics``).
 
-Prometheus text exposition format. Only the few series the policies use are read; every other
-line is skipped after a cheap name check. All series of one name (any labels) are summed;
-values may be floats with exponents; ``NaN`` and infinities count as missing.
-``fastdeploy:num_requests_running`` and ``fastdeploy:num_requests_waiting`` are required.
+Only the wanted series are read; every other line is skipped after a cheap name check. All
+series of one name (any labels) are summed; values may be floats with exponents; ``NaN`` and
+infinities count as missing. Which names an engine serves is in :mod:`kvrouter.backends.engines`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Set
 
-from kvrouter.snapshot import MetricsSnapshot
+__all__ = ["sum_gauges"]
 
-__all__ = ["parse_fd_metrics"]
-
-RUNNING = "fastdeploy:num_requests_running"
-WAITING = "fastdeploy:num_requests_waiting"
-AVAILABLE_BLOCKS = "fastdeploy:available_gpu_block_num"
-AVAILABLE_BLOCKS_BARE = "available_gpu_block_num"
-MAX_BATCH = "fastdeploy:max_batch_size"
-CACHE_USAGE = "fastdeploy:gpu_cache_usage_perc"
-
-_WANTED = frozenset({RUNNING, WAITING, AVAILABLE_BLOCKS, AVAILABLE_BLOCKS_BARE, MAX_BATCH, CACHE_USAGE})
 _isfinite = math.isfinite
 
 
@@ -45,8 +35,9 @@ def _value_after_labels(line: str, start: int) -> str | None:
     return None
 
 
-def parse_fd_metrics(text: str, taken_at: float) -> MetricsSnapshot | None:
-    """The snapshot carried by a ``/metrics`` page, or ``None`` if a required series is missing."""
+def sum_gauges(text: str, wanted: Set[str]) -> dict[str, float]:
+    """The finite value of each ``wanted`` series on the page, all series of a name summed;
+    names the page does not carry (or only as NaN/±Inf) are absent."""
     sums: dict[str, float] = {}
     for raw in text.splitlines():
         line = raw.strip()
@@ -60,7 +51,7 @@ def parse_fd_metrics(text: str, taken_at: float) -> MetricsSnapshot | None:
             space = tab
         if brace != -1 and (space == -1 or brace < space):
             name = line[:brace].rstrip()
-            if name not in _WANTED:
+            if name not in wanted:
                 continue
             rest = _value_after_labels(line, brace)
             if rest is None:
@@ -69,7 +60,7 @@ def parse_fd_metrics(text: str, taken_at: float) -> MetricsSnapshot | None:
             if space == -1:
                 continue
             name = line[:space]
-            if name not in _WANTED:
+            if name not in wanted:
                 continue
             rest = line[space:]
         fields = rest.split()
@@ -82,19 +73,4 @@ def parse_fd_metrics(text: str, taken_at: float) -> MetricsSnapshot | None:
         if not _isfinite(value):
             continue  # NaN (and ±Inf) = missing
         sums[name] = sums.get(name, 0.0) + value
-
-    running = sums.get(RUNNING)
-    waiting = sums.get(WAITING)
-    if running is None or waiting is None:
-        return None
-    blocks = sums.get(AVAILABLE_BLOCKS)
-    if blocks is None:
-        blocks = sums.get(AVAILABLE_BLOCKS_BARE)
-    return MetricsSnapshot(
-        running=running,
-        waiting=waiting,
-        taken_at=taken_at,
-        available_gpu_block_num=blocks,
-        max_batch_size=sums.get(MAX_BATCH),
-        gpu_cache_usage_perc=sums.get(CACHE_USAGE),
-    )
+    return sums

@@ -1,5 +1,5 @@
-"""Background refresh of per-instance remote data: ``/metrics`` snapshots (contract §6.3) and
-the ``/v1/models`` cache (§4). Decisions only ever read what these tasks stored."""
+"""Background refresh of per-instance remote data: ``/metrics`` snapshots and the
+``/v1/models`` cache. Decisions only ever read what these tasks stored."""
 
 from __future__ import annotations
 
@@ -9,16 +9,17 @@ import time
 
 import orjson
 
+from kvrouter.backends.engines import DEFAULT_ENGINE, ENGINES, EngineControl, parse_metrics
+from kvrouter.control.transport import Transport
 from kvrouter.metrics import RouterMetrics
-from kvrouter.metrics_parse import parse_fd_metrics
 from kvrouter.registry import Instance, Registry
-from kvrouter.server.transport import Transport
 
 log = logging.getLogger("kvrouter.scraper")
 
 
 class MetricsScraper:
-    """Scrapes every known instance's ``/metrics`` each interval into an immutable snapshot."""
+    """Scrapes every known instance's ``/metrics`` each interval into an immutable snapshot,
+    reading the gauges its engine serves."""
 
     def __init__(self, registry: Registry, transport: Transport, interval: float, timeout: float,
                  metrics: RouterMetrics) -> None:
@@ -29,13 +30,20 @@ class MetricsScraper:
         self.metrics = metrics
         self._stale: set[str] = set()
 
+    def engine_for(self, inst: Instance) -> EngineControl:
+        """The engine ``inst`` runs: FastDeploy for every instance until instances name theirs."""
+        return ENGINES[DEFAULT_ENGINE]
+
     async def scrape(self, inst: Instance) -> None:
+        engine = self.engine_for(inst)
+        if engine.metrics is None:
+            return  # nothing to scrape: the policies use local counters
         taken_at = time.monotonic()
         try:
             status, body = await self.transport.get(inst.info.metrics_url, self.timeout)
-            snap = parse_fd_metrics(body.decode("utf-8", "replace"), taken_at) \
+            snap = parse_metrics(body.decode("utf-8", "replace"), taken_at, engine) \
                 if status == 200 else None
-        except Exception:  # noqa: BLE001 - a failed scrape keeps the previous snapshot
+        except Exception:  # a failed scrape keeps the previous snapshot
             snap = None
         if self.registry.get(inst.identity) is not inst:
             return  # removed while scraping: its series stay deleted
@@ -79,7 +87,7 @@ class ModelsCache:
         try:
             status, body = await self.transport.get(inst.url + "/v1/models", self.timeout)
             data = orjson.loads(body).get("data") if status == 200 else None
-        except Exception:  # noqa: BLE001 - keep the previous cards
+        except Exception:  # keep the previous cards
             return
         if isinstance(data, list):
             inst.models = [m for m in data if isinstance(m, dict) and "id" in m]

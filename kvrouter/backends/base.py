@@ -1,0 +1,89 @@
+"""The engine seam: what is specific to one engine family's wire protocol.
+
+The request path (``kvrouter.server``) speaks plain OpenAI-style HTTP to every instance and asks
+the instance's :class:`EngineAdapter` only where engines differ. For prefill/decode
+disaggregation that is: the request id the engine correlates the two legs with, the body each
+leg gets, whether the legs run at once (FastDeploy, SGLang: the decode waits for the KV cache
+the prefill pushes) or one after the other (vLLM: the decode gets what the prefill answered),
+which decode can pair with which prefill, and how an engine reports a failed prefill or asks
+for a decode to be rescheduled. The control-plane side (``/metrics`` names, tokenizer and abort
+endpoints) is in :mod:`kvrouter.backends.engines`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import orjson
+
+from kvrouter.instance import InstanceInfo
+
+
+def loads(raw: bytes) -> Any:
+    """Parse JSON exactly: orjson, or the stdlib for integers beyond 64 bits."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact UTF-8 JSON, key order kept, integers exact, no HTML escaping."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:  # an integer beyond 64 bits
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class PdAttempt:
+    """One try of a PD request on one (prefill, decode) pair."""
+
+    request_id: str        # the id both legs carry (a retry gets a new one)
+    prefill: InstanceInfo
+    decode: InstanceInfo
+
+
+class EngineAdapter:
+    """PD dispatch for one engine family. Subclasses override what their engine does
+    differently; the request path never names an engine."""
+
+    name: ClassVar[str]
+    #: both legs are sent at once (the decode pulls the KV cache the prefill pushes); else the
+    #: decode is sent once the prefill answered, with :meth:`decode_body` given that answer
+    concurrent_pd: ClassVar[bool] = True
+
+    def base_request_id(self, body: dict) -> str:
+        """The id of a request across its legs and retries (a client's own, if it sent one)."""
+        raise NotImplementedError
+
+    def attempt_request_id(self, base: str, attempt: int) -> str:
+        return base if attempt == 0 else f"{base}-retry{attempt}"
+
+    def can_pair(self, prefill: InstanceInfo, decode: InstanceInfo) -> bool:
+        """Whether ``decode`` can take the KV cache of ``prefill``."""
+        return True
+
+    def prefill_body(self, body: dict, attempt: PdAttempt) -> bytes:
+        """The prefill leg's request body."""
+        raise NotImplementedError
+
+    def decode_body(self, body: dict, attempt: PdAttempt, prefill_body: bytes,
+                    prefill_answer: bytes | None) -> bytes:
+        """The decode leg's request body, given the prefill's (``prefill_answer`` is ``None``
+        for concurrent PD)."""
+        raise NotImplementedError
+
+    def prefill_error(self, raw: bytes, sse: bool) -> str | None:
+        """The message of an error a prefill reported inside a 2xx body, if any."""
+        return None
+
+    def reschedule_tokens(self, answer: bytes) -> list[int] | None:
+        """Tokens generated so far if a whole non-stream decode answer asks for the request to
+        be sent to another pair, else ``None``."""
+        return None
+
+    def continue_with(self, body: dict, tokens: list[int]) -> None:
+        """Prepare ``body`` for the next attempt after a reschedule with ``tokens``."""
