@@ -21,12 +21,12 @@ def end_to_end(headers: Iterable[Header], drop: frozenset[bytes] = HOP_BY_HOP
     """``(lower-case name, name, value)`` of each header to pass on: all but ``drop`` (which
     must contain :data:`HOP_BY_HOP`) and the headers the ``Connection`` header names."""
     kept: list[tuple[bytes, bytes, bytes]] = []
-    named: set[bytes] | None = None
+    named: set[bytes] = set()
     for name, value in headers:
         n = name.lower()
         if n in drop:
             if n == b"connection":
-                named = {t.strip().lower() for t in value.split(b",") if t.strip()}
+                named.update(t.strip().lower() for t in value.split(b",") if t.strip())
             continue
         kept.append((n, name, value))
     if named:
