@@ -17,7 +17,6 @@ import socket
 from collections.abc import Callable
 
 import orjson
-import pytest
 from test_http_server import (
     CHAT,
     SSE_HEAD,
