@@ -1,5 +1,5 @@
-"""Command line (contract §2.1): ``kvrouter [--port P] [--splitwise] [--config_path F]
-[--workers N] [-V]``.
+"""Command line (docs/fastdeploy.md#command-line): ``kvrouter [--port P] [--splitwise]
+[--config_path F] [--workers N] [-V]``.
 
 Also dispatches subcommands (``kvrouter sim …``). Exit status: 0 ok, 1 config/startup error,
 2 usage error.
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                                        workers=args.workers)
         for warning in warnings:
             print(warning, file=sys.stderr)
-        static = (load_register_yaml(config.manager.register_path,  # §2.5: before serving
+        static = (load_register_yaml(config.manager.register_path,  # before serving
                                      splitwise=config.server.splitwise)
                   if config.manager.register_path else [])
     except ConfigError as exc:

@@ -4,7 +4,7 @@ Each key is declared once, as a field of its section's dataclass: the field name
 key with ``-`` replaced by ``_``, the field default is the key's default, and
 ``metadata["check"]`` validates and converts a YAML value (or raises ``_Invalid(reason)``).
 The schema :func:`load_config` validates against is derived from these fields. Defaults are
-fd-router's (contract §2.3) and kvrouter's (§2.4); validation follows §2.2.
+fd-router's and kvrouter's; validation follows docs/fastdeploy.md#configuration.
 
 The scheduler keys of one policy are grouped under its name. The policy reads them through its
 own config type (``kvrouter.policies``: ``from_config``), so they stay flat in the YAML
@@ -180,7 +180,8 @@ def _endpoint(value: object) -> str:
 
 
 def _url(value: object) -> str:
-    """An http(s) URL; a missing scheme means ``http://`` (contract §6.4)."""
+    """An http(s) URL; a missing scheme means ``http://``
+    (docs/fastdeploy.md#cache-aware-routing)."""
     url = _text(value)
     if url:
         parts = urlsplit(url if "://" in url else "http://" + url)
@@ -276,11 +277,23 @@ class LogConfig:
 
 
 @dataclass
+class AuthConfig:
+    """Who may call the router (off by default, as in fd-router)."""
+
+
+@dataclass
+class OutlierConfig:
+    """Ejection of instances that keep failing (Envoy's outlier detection is the model)."""
+
+
+@dataclass
 class RouterConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     manager: ManagerConfig = field(default_factory=ManagerConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    outlier: OutlierConfig = field(default_factory=OutlierConfig)
     config_path: str | None = None  # the file it was loaded from, for messages
 
 
@@ -303,7 +316,8 @@ def load_config(
     path: str | None, *, port: int | None = None, splitwise: bool = False,
     workers: int | None = None,
 ) -> tuple[RouterConfig, list[str]]:
-    """Load and validate ``config.yaml`` (contract §2.2–2.4), then apply the CLI flags.
+    """Load and validate ``config.yaml`` (docs/fastdeploy.md#configuration), then apply the
+    CLI flags.
 
     ``path`` None or ``""`` means defaults only. ``port`` (``--port``) overrides
     ``server.port``; ``splitwise`` (``--splitwise``) is OR-ed with ``server.splitwise``;

@@ -1,4 +1,5 @@
-"""Router-generated errors: OpenAI-style JSON bodies with the right status (contract §5.9)."""
+"""Router-generated errors: OpenAI-style JSON bodies with the right status
+(docs/fastdeploy.md#errors)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ class RouterError(Exception):
         self.type = type_
         self.code = code
         self.kind = kind  # label of kvrouter_errors_total, if counted
-        self.headers: dict[str, str] = {}  # router headers known when it happened (§5.2)
+        self.headers: dict[str, str] = {}  # router headers known when it happened
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code)

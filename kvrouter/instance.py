@@ -1,9 +1,10 @@
-"""The registration payload of an instance (contract §3): model, parsing and validation.
+"""The registration payload of an instance (docs/fastdeploy.md#registration-and-heartbeat):
+model, parsing and validation.
 
 ``parse_registration`` turns a ``POST /register`` JSON payload (or a ``register.yaml`` entry)
 into an immutable :class:`InstanceInfo`, or raises :class:`RegistrationError` with fd-router's
 exact status and message. ``load_register_yaml`` applies it to every entry of a register.yaml
-(§2.5).
+(docs/fastdeploy.md#static-instances).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class InstanceInfo:
 
     @property
     def tp(self) -> int:
-        """tp(x) of contract §3.1: ``tp_size`` if given, else ``len(device_ids)``, else 1."""
+        """tp(x) (docs/fastdeploy.md#registration-payload): ``tp_size`` if given, else
+        ``len(device_ids)``, else 1."""
         if self.tp_size:
             return self.tp_size
         return len(self.device_ids) or 1
@@ -120,7 +122,8 @@ def parse_registration_bytes(raw: bytes, *, splitwise: bool) -> InstanceInfo:
 
 
 def parse_registration(payload: object, *, splitwise: bool) -> InstanceInfo:
-    """Validate a decoded registration payload in the order of contract §3.2.
+    """Validate a decoded registration payload in the order of
+    docs/fastdeploy.md#registration-errors.
 
     Type mismatches are reported first (as fd-router's JSON decode does), then field
     checks, then the mode/role check; the first failure raises :class:`RegistrationError`.
@@ -138,7 +141,8 @@ def parse_registration(payload: object, *, splitwise: bool) -> InstanceInfo:
 
 
 def load_register_yaml(path: str, *, splitwise: bool) -> list[InstanceInfo]:
-    """Parse a register.yaml file (§2.5); any invalid entry is a :class:`ConfigError`."""
+    """Parse a register.yaml file (docs/fastdeploy.md#static-instances); any invalid entry is a
+    :class:`ConfigError`."""
     data = read_yaml_file(path)
     if data is None:
         return []
@@ -225,7 +229,8 @@ def _array(name: str, value: object) -> list:
 
 
 def _decode(payload: object) -> _Fields:
-    """Check JSON types field by field; values are validated later, in contract order."""
+    """Check JSON types field by field; values are validated later, in the order of
+    docs/fastdeploy.md#registration-errors."""
     if not isinstance(payload, dict):
         raise _TypeMismatch(f"expected a JSON object, got {_kind(payload)}")
     role = payload.get("role")
@@ -300,7 +305,8 @@ def _optional_port(name: str, value: int | str | None, check: bool) -> str | Non
 
 
 def normalise_host(raw: str) -> tuple[str, str] | None:
-    """Split ``host_ip`` into (scheme, host) per §3.1, or None if the host is invalid.
+    """Split ``host_ip`` into (scheme, host) (docs/fastdeploy.md#registration-payload), or None
+    if the host is invalid.
 
     Strips an ``http://``/``https://`` prefix, trailing ``/`` and IPv6 brackets; accepts IP
     literals (IPv6 compressed) and RFC 1123 host names; lower-cases the result.

@@ -1,9 +1,9 @@
-"""Router-side in-flight accounting per instance (contract §6.1).
+"""Router-side in-flight accounting per instance (docs/fastdeploy.md#in-flight-accounting).
 
 Each dispatched leg takes a :class:`Lease`; the lease releases its tokens and its request once
 each (idempotent, never below zero). ``pending`` counts in-flight legs dispatched after the
 instance's latest metrics snapshot was taken, so snapshot-based policies do not herd between
-scrapes (§6.2).
+scrapes.
 
 Besides ``T`` (the token estimate), a lease carries its estimated **uncached prefill work**
 (``prefill``: prompt tokens the instance is expected to compute, i.e. not served from its

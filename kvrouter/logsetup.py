@@ -1,4 +1,5 @@
-"""Logging setup (contract §2.3 ``log.*``, §9.3): level, stdout or a daily-rotated file."""
+"""Logging setup (``log.*`` in docs/fastdeploy.md#configuration, docs/fastdeploy.md#logs): level,
+stdout or a daily-rotated file."""
 
 from __future__ import annotations
 

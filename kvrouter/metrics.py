@@ -1,4 +1,5 @@
-"""Prometheus metrics of the router (contract §9): fd-router's names kept, kvrouter's added.
+"""Prometheus metrics of the router: fd-router's names kept, kvrouter's added
+(docs/fastdeploy.md#metrics).
 
 Counters and histograms are updated as events happen; gauges of per-instance state are read
 from the registry at scrape time by :class:`StateCollector`, so a removed instance's series

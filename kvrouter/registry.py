@@ -1,6 +1,6 @@
 """The instance registry: who is registered, in which role and health state, and their load.
 
-Instances are keyed by identity (normalised ``host:port``, contract §3.3). In-flight counters
+Instances are keyed by identity (normalised ``host:port``). In-flight counters
 live in a separate map keyed by identity, so they survive re-registration and role moves, and
 are dropped only once an instance is removed *and* idle.
 """
@@ -160,7 +160,7 @@ class Registry:
             del self._loads[k]
         return len(stale)
 
-    # -- health state machine (contract §7.2) -----------------------------------------------
+    # -- health state machine (docs/fastdeploy.md#health-checking) ---------------------------
     def observe_health(self, inst: Instance, ok: bool, *, failure_threshold: int,
                        success_threshold: int) -> str | None:
         """Count one probe round; returns ``"unhealthy"``/``"healthy"`` on a transition."""

@@ -191,9 +191,9 @@ class Router:
             log.info(self.stats_line())
 
     def stats_line(self) -> str:
-        """The periodic ``[stats]`` line (contract §9.3); hits and totals are per interval.
+        """The periodic ``[stats]`` line (docs/fastdeploy.md#logs), per interval.
 
-        After the contract's ``prefix_hit_rate`` (hit rate *predicted* by the router's prefix
+        After fd-router's ``prefix_hit_rate`` (hit rate *predicted* by the router's prefix
         index) kvrouter appends ``measured_hit_rate``: cached / prompt tokens reported by the
         instances (``kvrouter_backend_cached_tokens_total`` / ``_prompt_tokens_total``) in the
         same interval, ``0.00%`` when no usage was seen.

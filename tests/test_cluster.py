@@ -1,4 +1,4 @@
-"""Fidelity tests of the virtual-time cluster (engine-model.md §8 gates 3, 4 and 6).
+"""Fidelity tests of the virtual-time cluster (fidelity gates 3, 4 and 6).
 
 They run against the real engine core (``kvrouter.sim.core.make_engine_core``) when it is
 importable, else against the small FIFO stand-in core below.

@@ -1,4 +1,5 @@
-"""CLI/config failure paths (contract §2, §11 items 1, 5–8, 23) and registration parsing (§3)."""
+"""CLI/config failure paths (docs/fastdeploy.md#configuration) and registration parsing
+(docs/fastdeploy.md#registration-and-heartbeat)."""
 
 from __future__ import annotations
 

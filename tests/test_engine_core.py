@@ -38,7 +38,7 @@ def run_one(core: EngineCore, req: CoreRequest, t0: float) -> float:
 
 
 # ------------------------------------------------------------------------------ presets / timing
-# engine-model.md §5 table: (KV KiB/token, prefill tok/s, 1k ms, 8k ms, decode B=1/32/128 ms)
+# reference table: (KV KiB/token, prefill tok/s, 1k ms, 8k ms, decode B=1/32/128 ms)
 TABLE = {
     "llama3-8b-h100": (128, 27.7e3, 36, 289, (8.9, 12.4, 23.2)),
     "qwen3-32b-tp2-h100": (256, 13.6e3, 74, 590, (16.0, 19.6, 30.3)),
@@ -106,7 +106,7 @@ def test_mocker_poly_and_linear_models() -> None:
 
 # ------------------------------------------------------------------------------ fidelity gate 1
 def test_fidelity_cached_vs_uncached_ttft_10k() -> None:
-    """engine-model.md §8 gate 1 on qwen3-32b-tp2-h100, in model time: a 10k-token prompt whose
+    """Fidelity gate 1 on qwen3-32b-tp2-h100, in model time: a 10k-token prompt whose
     first 9k tokens are already cached (the llm-d long-context case: shared document, new
     question) reaches its first token 5-10x sooner than cold. A fully repeated prompt is even
     faster (one memory-bound step), which bounds the ratio from above."""

@@ -1,6 +1,6 @@
 """Black-box acceptance tests: cache-aware and metrics policies through HTTP, health checking,
-the admin endpoints, ``/metrics`` and the ``[stats]`` line (contract §4, §6, §7, §9; §11 items
-9 and 45–57).
+the admin endpoints, ``/metrics`` and the ``[stats]`` line (docs/fastdeploy.md#http-api, #policies,
+#health-checking, #metrics).
 
 Every test runs a real ``python -m kvrouter`` process (tests/harness.py) and simulated
 FastDeploy instances (kvrouter.sim) on 127.0.0.1. "Slow requests in flight" are made with the
@@ -111,11 +111,11 @@ async def _true(value: bool) -> bool:
     return value
 
 
-# --- item 9: load-balance-weight 0 is honoured (PD, cache_aware prefill) --------------------------
+# --- load-balance-weight 0 is honoured (PD, cache_aware prefill) ----------------------------------
 
 
 @bounded(25)
-async def test_item09_load_balance_weight_zero(fleet: Fleet) -> None:
+async def test_load_balance_weight_zero(fleet: Fleet) -> None:
     r = await fleet.router({"scheduler": {"prefill-policy": "cache_aware", "cache-block-size": 4,
                                           "load-balance-weight": 0}}, "--splitwise")
     p1, p2 = await fleet.sims_sorted(2, role="prefill")
@@ -138,7 +138,7 @@ async def test_item09_load_balance_weight_zero(fleet: Fleet) -> None:
     assert status == 200, body
 
 
-# --- items 45, 46: cache-aware routing (mixed) ----------------------------------------------------
+# --- cache-aware routing, mixed (docs/fastdeploy.md#cache-aware-routing) --------------------------
 
 
 CACHE_AWARE = {"scheduler": {"policy": "cache_aware", "cache-block-size": 4,
@@ -146,7 +146,7 @@ CACHE_AWARE = {"scheduler": {"policy": "cache_aware", "cache-block-size": 4,
 
 
 @bounded(25)
-async def test_item45_roles_are_part_of_the_key(fleet: Fleet) -> None:
+async def test_roles_are_part_of_the_key(fleet: Fleet) -> None:
     r = await fleet.router(CACHE_AWARE)
     p1, p2 = await fleet.sims_sorted(2)
     for inst in (p1, p2):
@@ -167,7 +167,7 @@ async def test_item45_roles_are_part_of_the_key(fleet: Fleet) -> None:
 
 
 @bounded(25)
-async def test_item46_fallback_records_and_partial_hits(fleet: Fleet) -> None:
+async def test_fallback_records_and_partial_hits(fleet: Fleet) -> None:
     r = await fleet.router(CACHE_AWARE)
     p1, p2 = await fleet.sims_sorted(2)
     for inst in (p1, p2):
@@ -205,11 +205,11 @@ async def test_item46_fallback_records_and_partial_hits(fleet: Fleet) -> None:
     assert status == 200, body
 
 
-# --- item 47: a failing remote tokenizer never fails a request -----------------------------------
+# --- a failing remote tokenizer never fails a request (docs/fastdeploy.md#cache-aware-routing) ---
 
 
 @bounded(20)
-async def test_item47_tokenizer_failure_is_tolerated(fleet: Fleet) -> None:
+async def test_tokenizer_failure_is_tolerated(fleet: Fleet) -> None:
     seen: list[tuple[str, object]] = []
 
     async def tokenize(request: web.Request) -> web.Response:
@@ -233,11 +233,11 @@ async def test_item47_tokenizer_failure_is_tolerated(fleet: Fleet) -> None:
         assert payload == {"text": rendered, "prompt": rendered, "message": rendered}
 
 
-# --- item 48: fd_remote_metrics_score -------------------------------------------------------------
+# --- fd_remote_metrics_score (docs/fastdeploy.md#policies) ----------------------------------------
 
 
 @bounded(30)
-async def test_item48_remote_metrics_score(fleet: Fleet) -> None:
+async def test_remote_metrics_score(fleet: Fleet) -> None:
     r = await fleet.router({"scheduler": {"policy": "fd_remote_metrics_score",
                                           "metrics-scrape-interval-secs": 1,
                                           "metrics-scrape-timeout-secs": 1}})
@@ -317,11 +317,11 @@ async def _both_grew(scrapes, a, b, want_a: float, want_b: float) -> bool:
     return await scrapes(a) >= want_a and await scrapes(b) >= want_b
 
 
-# --- item 49: the prefix index is capped ----------------------------------------------------------
+# --- the prefix index is capped (docs/fastdeploy.md#cache-aware-routing) --------------------------
 
 
 @bounded(40)
-async def test_item49_prefix_index_capacity(fleet: Fleet) -> None:
+async def test_prefix_index_capacity(fleet: Fleet) -> None:
     r = await fleet.router({"scheduler": {"policy": "cache_aware", "cache-block-size": 4,
                                           "cache-max-blocks": 1000}})
     inst = await fleet.sim(time_scale=0.0)
@@ -346,11 +346,11 @@ async def test_item49_prefix_index_capacity(fleet: Fleet) -> None:
     assert (sample(text, "kvrouter_prefix_evictions_total", reason="capacity") or 0) > 0
 
 
-# --- item 50: thresholds count rounds; in-flight streams survive -------------------------------
+# --- thresholds count rounds; in-flight streams survive (docs/fastdeploy.md#health-checking) ---
 
 
 @bounded(30)
-async def test_item50_failure_and_success_thresholds(fleet: Fleet) -> None:
+async def test_failure_and_success_thresholds(fleet: Fleet) -> None:
     r = await fleet.router({"manager": {"health-check-interval-secs": 1,
                                         "health-failure-threshold": 3,
                                         "health-success-threshold": 2}})
@@ -432,11 +432,11 @@ async def test_item50_failure_and_success_thresholds(fleet: Fleet) -> None:
     assert status == 200, body
 
 
-# --- item 51: timed removal of unhealthy instances ------------------------------------------------
+# --- timed removal of unhealthy instances (docs/fastdeploy.md#health-checking) --------------------
 
 
 @bounded(20)
-async def test_item51_unhealthy_removal(fleet: Fleet) -> None:
+async def test_unhealthy_removal(fleet: Fleet) -> None:
     # a remote-metrics policy, so a scrape of the dying instance is in flight when it is removed
     r = await fleet.router({"manager": {"health-check-interval-secs": 1,
                                         "unhealthy-removal-secs": 2},
@@ -480,11 +480,11 @@ async def test_item51_unhealthy_removal(fleet: Fleet) -> None:
     assert await number(r) == {"mixed": 2, "prefill": 0, "decode": 0}
 
 
-# --- item 52: /health_generate --------------------------------------------------------------------
+# --- /health_generate (docs/fastdeploy.md#http-api) -----------------------------------------------
 
 
 @bounded(20)
-async def test_item52_health_generate_is_observational(fleet: Fleet) -> None:
+async def test_health_generate_is_observational(fleet: Fleet) -> None:
     r = await fleet.router()
     ok, sick, gone = await fleet.sims_sorted(3)
     for inst in (ok, sick, gone):
@@ -510,11 +510,11 @@ async def test_item52_health_generate_is_observational(fleet: Fleet) -> None:
     assert all(w["state"] == "healthy" for w in (await registered(r))["mixed"])
 
 
-# --- item 53: /health and an empty /registered ----------------------------------------------------
+# --- /health and an empty /registered (docs/fastdeploy.md#http-api) -------------------------------
 
 
 @bounded(20)
-async def test_item53_health_and_empty_registered(fleet: Fleet) -> None:
+async def test_health_and_empty_registered(fleet: Fleet) -> None:
     r = await fleet.router()
     status, body = await get_json(r.url + "/health")
     assert status == 200
@@ -539,11 +539,11 @@ async def test_item53_health_and_empty_registered(fleet: Fleet) -> None:
     assert body["ready"] is True
 
 
-# --- item 54: /v1/models ------------------------------------------------------------------------
+# --- /v1/models (docs/fastdeploy.md#http-api) ---------------------------------------------------
 
 
 @bounded(20)
-async def test_item54_models_union(fleet: Fleet) -> None:
+async def test_models_union(fleet: Fleet) -> None:
     r = await fleet.router()
     status, body = await get_json(r.url + "/v1/models")
     assert (status, body) == (200, {"object": "list", "data": []})
@@ -573,11 +573,11 @@ async def test_item54_models_union(fleet: Fleet) -> None:
     await wait_for(both, timeout=5)
 
 
-# --- item 55: /decode_instances -------------------------------------------------------------------
+# --- /decode_instances (docs/fastdeploy.md#http-api) ----------------------------------------------
 
 
 @bounded(20)
-async def test_item55_decode_instances(fleet: Fleet) -> None:
+async def test_decode_instances(fleet: Fleet) -> None:
     r = await fleet.router({}, "--splitwise")
     d_v2a = await fleet.sim(role="decode", version="v2", rdma_ports=[7100, 7101])
     d_v1 = await fleet.sim(role="decode", version="v1")
@@ -609,11 +609,11 @@ async def test_item55_decode_instances(fleet: Fleet) -> None:
     assert (status, body) == (200, [])
 
 
-# --- item 56: /v1/abort_requests fan-out ----------------------------------------------------------
+# --- /v1/abort_requests fan-out (docs/fastdeploy.md#http-api) -------------------------------------
 
 
 @bounded(20)
-async def test_item56_abort_fan_out(fleet: Fleet) -> None:
+async def test_abort_fan_out(fleet: Fleet) -> None:
     broken_seen: list[bytes] = []
 
     async def health(_: web.Request) -> web.Response:
@@ -669,11 +669,11 @@ async def test_item56_abort_fan_out(fleet: Fleet) -> None:
     assert len(a.requests_to("/v1/abort_requests")) == 1
 
 
-# --- item 57: 404 / 405 ---------------------------------------------------------------------------
+# --- 404 / 405 (docs/fastdeploy.md#http-api) ------------------------------------------------------
 
 
 @bounded(20)
-async def test_item57_not_found_and_method_not_allowed(fleet: Fleet) -> None:
+async def test_not_found_and_method_not_allowed(fleet: Fleet) -> None:
     r = await fleet.router()
     async with aiohttp.ClientSession() as s:
         for method, path, want in (("GET", "/nope", 404), ("GET", CHAT_PATH, 405),
@@ -686,7 +686,7 @@ async def test_item57_not_found_and_method_not_allowed(fleet: Fleet) -> None:
                 assert "type" in body["error"] and "code" in body["error"]
 
 
-# --- §9.3: the [stats] line -----------------------------------------------------------------------
+# --- the [stats] line (docs/fastdeploy.md#logs) ---------------------------------------------------
 
 
 STATS_RE = re.compile(
@@ -744,7 +744,7 @@ async def test_stats_line_format(fleet: Fleet) -> None:
     assert after.group(4, 5, 3, 6, 7) == ("0", "0", "0.00", "0.00", "0.00")
 
 
-# --- §9.2: kvrouter_* families on /metrics --------------------------------------------------------
+# --- kvrouter_* families on /metrics (docs/fastdeploy.md#metrics) ---------------------------------
 
 
 KVROUTER_FAMILIES = {

@@ -1,5 +1,5 @@
 """The ``kv_cost`` policy: estimated-TTFT decisions, its accounting, its configuration, and a
-virtual-time comparison with the contract's ``cache_aware``."""
+virtual-time comparison with ``cache_aware`` (docs/fastdeploy.md#cache-aware-routing)."""
 
 from __future__ import annotations
 
@@ -357,10 +357,10 @@ def test_config_validation(tmp_path, key, value, reason):
 
 
 # ------------------------------------------------------------------------------ virtual time
-def test_kv_cost_beats_contract_cache_aware_on_shared_contexts():
-    """b2b-like shared contexts on 4 simulated Qwen3-32B instances near the contract
-    cache_aware's saturation: kv_cost keeps each context on few instances (higher hit rate at
-    the instances) and cuts the TTFT tail."""
+def test_kv_cost_beats_cache_aware_on_shared_contexts():
+    """b2b-like shared contexts on 4 simulated Qwen3-32B instances near cache_aware's saturation
+    (docs/fastdeploy.md#cache-aware-routing): kv_cost keeps each context on few instances (higher
+    hit rate at the instances) and cuts the TTFT tail."""
     from kvrouter.sim.cluster import run_cluster
     from kvrouter.sim.workloads import make_workload
 

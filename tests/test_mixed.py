@@ -1,4 +1,4 @@
-"""Mixed-mode inference through a real router process (contract §11 items 24–34, §5)."""
+"""Mixed-mode inference through a real router process (docs/fastdeploy.md#mixed-dispatch)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ async def in_flight(router) -> float:
     return sum(float(v) for v in values)
 
 
-async def test_invalid_json_is_400_json(router_factory, sims):  # item 24
+async def test_invalid_json_is_400_json(router_factory, sims):  # docs/fastdeploy.md#errors
     router = await router_factory()
     (a,) = await sims(1)
     await registered(router, a)
@@ -45,7 +45,7 @@ async def test_invalid_json_is_400_json(router_factory, sims):  # item 24
     assert a.inference_requests == []
 
 
-async def test_no_instance_is_503(router_factory):  # item 25
+async def test_no_instance_is_503(router_factory):  # docs/fastdeploy.md#errors
     router = await router_factory()
     status, body, _ = await post_json(router.url + "/v1/chat/completions", CHAT)
     assert status == 503
@@ -53,7 +53,8 @@ async def test_no_instance_is_503(router_factory):  # item 25
     assert body["error"]["message"] == "No available mixed workers"
 
 
-async def test_body_headers_and_path_pass_through_byte_exact(router_factory, sims):  # item 26
+# docs/fastdeploy.md#mixed-dispatch
+async def test_body_headers_and_path_pass_through_byte_exact(router_factory, sims):
     router = await router_factory()
     (a,) = await sims(1)
     await registered(router, a)
@@ -73,8 +74,9 @@ async def test_body_headers_and_path_pass_through_byte_exact(router_factory, sim
     assert req.headers["X-Test"] == "1"
 
 
+# docs/fastdeploy.md#mixed-dispatch
 @pytest.mark.parametrize("status", [400, 429, 500])
-async def test_backend_error_status_is_not_masked(router_factory, sims, status):  # item 27
+async def test_backend_error_status_is_not_masked(router_factory, sims, status):
     router = await router_factory()
     (a,) = await sims(1)
     await registered(router, a)
@@ -85,7 +87,7 @@ async def test_backend_error_status_is_not_masked(router_factory, sims, status):
     assert body == {"error": {"message": "nope", "type": "invalid_request_error"}}
 
 
-async def test_sse_relayed_byte_for_byte(router_factory, sims):  # item 28
+async def test_sse_relayed_byte_for_byte(router_factory, sims):  # docs/fastdeploy.md#relay
     router = await router_factory()
     (a,) = await sims(1)
     await registered(router, a)
@@ -115,7 +117,8 @@ async def test_real_stream_from_simulator(router_factory, sims):
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 4
 
 
-async def test_connect_failure_retries_elsewhere_and_probes(router_factory, sims):  # item 29
+# docs/fastdeploy.md#retries-and-timeouts
+async def test_connect_failure_retries_elsewhere_and_probes(router_factory, sims):
     router = await router_factory()
     a, b = await sims(2)
     await registered(router, a, b)
@@ -132,7 +135,8 @@ async def test_connect_failure_retries_elsewhere_and_probes(router_factory, sims
     await wait_for(a_probed, 5)
 
 
-async def test_connect_failure_with_no_alternative_is_502(router_factory, sims):  # item 29
+# docs/fastdeploy.md#retries-and-timeouts
+async def test_connect_failure_with_no_alternative_is_502(router_factory, sims):
     router = await router_factory()
     (a,) = await sims(1)
     await registered(router, a)
@@ -144,7 +148,8 @@ async def test_connect_failure_with_no_alternative_is_502(router_factory, sims):
     assert headers["X-Router-Mixed-URL"] == a.url
 
 
-async def test_mid_stream_reset_appends_error_event(router_factory, sims):  # item 30
+# docs/fastdeploy.md#relay
+async def test_mid_stream_reset_appends_error_event(router_factory, sims):
     router = await router_factory()
     (a,) = await sims(1)
     await registered(router, a)
@@ -178,7 +183,8 @@ async def _zero(router) -> bool:
     return await in_flight(router) == 0
 
 
-async def test_first_byte_timeout_is_504(router_factory, sims):  # item 31
+# docs/fastdeploy.md#retries-and-timeouts
+async def test_first_byte_timeout_is_504(router_factory, sims):
     router = await router_factory({"server": {"first-byte-timeout-secs": 0.5}})
     (a,) = await sims(1)
     await registered(router, a)
@@ -189,7 +195,7 @@ async def test_first_byte_timeout_is_504(router_factory, sims):  # item 31
     assert await in_flight(router) == 0
 
 
-async def test_request_num_balances_in_flight(router_factory, sims):  # item 32
+async def test_request_num_balances_in_flight(router_factory, sims):  # docs/fastdeploy.md#policies
     router = await router_factory({"scheduler": {"policy": "request_num"}})
     a, b = await sims(2)
     await registered(router, a, b)
@@ -214,7 +220,7 @@ async def _count(inst, n: int) -> bool:
     return len(inst.inference_requests) >= n
 
 
-async def test_round_robin_sorted_order(router_factory, sims):  # item 33
+async def test_round_robin_sorted_order(router_factory, sims):  # docs/fastdeploy.md#policies
     router = await router_factory({"scheduler": {"policy": "round_robin"}})
     insts = await sims(3)
     await registered(router, *reversed(insts))
@@ -226,7 +232,7 @@ async def test_round_robin_sorted_order(router_factory, sims):  # item 33
     assert seen == urls + urls
 
 
-async def test_inference_metrics(router_factory, sims):  # item 34
+async def test_inference_metrics(router_factory, sims):  # docs/fastdeploy.md#metrics
     router = await router_factory()
     (a,) = await sims(1)
     await registered(router, a)
@@ -303,7 +309,8 @@ async def test_openai_client(router_factory, sims):
         await client.close()
 
 
-async def test_stream_idle_timeout_interrupts(router_factory, sims):  # §5.7, §5.8
+# docs/fastdeploy.md#relay, #retries-and-timeouts
+async def test_stream_idle_timeout_interrupts(router_factory, sims):
     router = await router_factory({"server": {"stream-idle-timeout-secs": 0.3}})
     (a,) = await sims(1)
     await registered(router, a)
@@ -317,7 +324,7 @@ async def test_stream_idle_timeout_interrupts(router_factory, sims):  # §5.7, �
     await wait_for(lambda: _zero(router), 5)
 
 
-async def test_body_over_limit_is_413(router_factory, sims):  # §5.9
+async def test_body_over_limit_is_413(router_factory, sims):  # docs/fastdeploy.md#errors
     router = await router_factory({"server": {"max-body-mb": 0.01}})
     (a,) = await sims(1)
     await registered(router, a)

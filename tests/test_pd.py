@@ -1,4 +1,4 @@
-"""PD (splitwise) inference through a real router process (contract §11 items 35–44, §5.4–5.6)."""
+"""PD (splitwise) inference through a real router process (docs/fastdeploy.md#pd-dispatch)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ async def registered(router, *instances) -> None:
         assert await inst.register_once(router.url) == 200
 
 
-async def test_only_prefill_is_503(router_factory, sims):  # item 35
+async def test_only_prefill_is_503(router_factory, sims):  # docs/fastdeploy.md#errors
     router = await pd_router(router_factory)
     (p,) = await sims(1, role="prefill")
     await registered(router, p)
@@ -35,7 +35,8 @@ async def test_only_prefill_is_503(router_factory, sims):  # item 35
     assert body["error"]["message"] == "No available prefill/decode workers"
 
 
-async def test_bodies_request_id_and_flat_info(router_factory, sims):  # items 36, 40
+# docs/fastdeploy.md#pd-dispatch
+async def test_bodies_request_id_and_flat_info(router_factory, sims):
     router = await pd_router(router_factory)
     (p,) = await sims(1, role="prefill")
     (d,) = await sims(1, role="decode")
@@ -61,7 +62,8 @@ async def test_bodies_request_id_and_flat_info(router_factory, sims):  # items 3
     assert len(body["choices"][0]["message"]["completion_token_ids"]) == 4
 
 
-async def test_stream_relays_decode(router_factory, sims):  # item 40, stream
+# docs/fastdeploy.md#commit-point, stream
+async def test_stream_relays_decode(router_factory, sims):
     router = await pd_router(router_factory)
     (p,) = await sims(1, role="prefill")
     (d,) = await sims(1, role="decode")
@@ -76,7 +78,8 @@ async def test_stream_relays_decode(router_factory, sims):  # item 40, stream
     assert len(tokens) == 4
 
 
-async def test_request_id_rules_and_exact_json(router_factory, sims):  # item 37
+# docs/fastdeploy.md#request-ids
+async def test_request_id_rules_and_exact_json(router_factory, sims):
     router = await pd_router(router_factory)
     (p,) = await sims(1, role="prefill")
     (d,) = await sims(1, role="decode")
@@ -117,7 +120,7 @@ async def test_transfer_protocol_choice(router_factory, sims, p_cfg, d_cfg, prot
     assert info["decode_tp_size"] == tp
 
 
-async def test_nested_format(router_factory, sims):  # item 39
+async def test_nested_format(router_factory, sims):  # docs/fastdeploy.md#disaggregate_info-formats
     router = await pd_router(router_factory,
                              {"server": {"disaggregate-info-format": "nested"}})
     (p,) = await sims(1, role="prefill")
@@ -132,8 +135,9 @@ async def test_nested_format(router_factory, sims):  # item 39
     assert info["cache_info"]["ipc"]["ip"] == "127.0.0.1"
 
 
+# docs/fastdeploy.md#commit-point
 @pytest.mark.parametrize("stream", [False, True])
-async def test_decode_not_held_back_by_prefill_headers(router_factory, sims, stream):  # item 41
+async def test_decode_not_held_back_by_prefill_headers(router_factory, sims, stream):
     router = await pd_router(router_factory)
     (p,) = await sims(1, role="prefill")
     (d,) = await sims(1, role="decode")
@@ -150,7 +154,8 @@ async def test_decode_not_held_back_by_prefill_headers(router_factory, sims, str
             await r.read()
 
 
-async def test_prefill_client_error_is_relayed(router_factory, sims):  # §5.5 step 3
+# docs/fastdeploy.md#prefill-failures
+async def test_prefill_client_error_is_relayed(router_factory, sims):
     router = await pd_router(router_factory)
     (p,) = await sims(1, role="prefill")
     (d,) = await sims(1, role="decode")
@@ -164,7 +169,8 @@ async def test_prefill_client_error_is_relayed(router_factory, sims):  # §5.5 s
     await wait_for(lambda: _idle(d), 5)  # the orphaned decode leg was closed
 
 
-async def test_prefill_429_retries_other_prefill(router_factory, sims):  # §5.5 step 3
+# docs/fastdeploy.md#prefill-failures
+async def test_prefill_429_retries_other_prefill(router_factory, sims):
     router = await pd_router(router_factory)
     p1, p2 = await sims(2, role="prefill")
     (d,) = await sims(1, role="decode")
@@ -176,7 +182,8 @@ async def test_prefill_429_retries_other_prefill(router_factory, sims):  # §5.5
     assert headers["X-Router-Prefill-URL"] == p2.url
 
 
-async def test_prefill_in_body_error_is_502(router_factory, sims):  # §5.5 step 3
+# docs/fastdeploy.md#prefill-failures
+async def test_prefill_in_body_error_is_502(router_factory, sims):
     router = await pd_router(router_factory)
     (p,) = await sims(1, role="prefill")
     (d,) = await sims(1, role="decode")
@@ -189,7 +196,8 @@ async def test_prefill_in_body_error_is_502(router_factory, sims):  # §5.5 step
     assert "engine exploded" in body["error"]["message"]
 
 
-async def test_decode_connect_failure_retries_other_decode(router_factory, sims):  # §5.8
+# docs/fastdeploy.md#retries-and-timeouts
+async def test_decode_connect_failure_retries_other_decode(router_factory, sims):
     router = await pd_router(router_factory)
     (p,) = await sims(1, role="prefill")
     d1, d2 = await sims(2, role="decode")
@@ -200,7 +208,8 @@ async def test_decode_connect_failure_retries_other_decode(router_factory, sims)
     assert headers["X-Router-Decode-URL"] == d2.url
 
 
-async def test_client_disconnect_closes_both_legs(router_factory, sims):  # §5.5 step 6
+# docs/fastdeploy.md#commit-point
+async def test_client_disconnect_closes_both_legs(router_factory, sims):
     router = await pd_router(router_factory)
     (p,) = await sims(1, role="prefill")
     (d,) = await sims(1, role="decode")
@@ -223,7 +232,8 @@ async def test_client_disconnect_closes_both_legs(router_factory, sims):  # §5.
     await wait_for(router_idle, 5)
 
 
-async def test_prefill_reset_retries_other_prefill(router_factory, sims):  # item 42
+# docs/fastdeploy.md#prefill-failures
+async def test_prefill_reset_retries_other_prefill(router_factory, sims):
     router = await pd_router(router_factory)
     p1, p2 = await sims(2, role="prefill")
     (d,) = await sims(1, role="decode")
@@ -246,7 +256,8 @@ async def _idle(inst) -> bool:
         g.get("fastdeploy:num_requests_waiting", 0) == 0
 
 
-async def test_prefill_reset_with_one_prefill_is_502(router_factory, sims):  # item 42
+# docs/fastdeploy.md#prefill-failures
+async def test_prefill_reset_with_one_prefill_is_502(router_factory, sims):
     router = await pd_router(router_factory)
     (p,) = await sims(1, role="prefill")
     (d,) = await sims(1, role="decode")
@@ -261,7 +272,8 @@ async def test_prefill_reset_with_one_prefill_is_502(router_factory, sims):  # i
     assert d.handoffs.waiting() == 0
 
 
-async def test_prefill_load_released_at_first_byte(router_factory, sims):  # item 43
+# docs/fastdeploy.md#in-flight-accounting
+async def test_prefill_load_released_at_first_byte(router_factory, sims):
     router = await pd_router(router_factory, {"scheduler": {"prefill-policy": "process_tokens"}})
     p1, p2 = await sims(2, role="prefill")
     (d,) = await sims(1, role="decode")
@@ -285,7 +297,8 @@ async def _count(inst, n: int) -> bool:
     return len(inst.inference_requests) >= n
 
 
-async def test_pd_reschedule_retries_non_stream(router_factory, sims):  # item 44
+# docs/fastdeploy.md#reschedule-retries
+async def test_pd_reschedule_retries_non_stream(router_factory, sims):
     router = await pd_router(router_factory)
     (p,) = await sims(1, role="prefill")
     d1, d2 = await sims(2, role="decode")
@@ -307,7 +320,8 @@ async def test_pd_reschedule_retries_non_stream(router_factory, sims):  # item 4
     assert orjson.loads(first.body).get("completion_token_ids") is generated
 
 
-async def test_pd_reschedule_stream_not_retried(router_factory, sims):  # item 44
+# docs/fastdeploy.md#reschedule-retries
+async def test_pd_reschedule_stream_not_retried(router_factory, sims):
     router = await pd_router(router_factory)
     (p,) = await sims(1, role="prefill")
     d1, d2 = await sims(2, role="decode")

@@ -1,4 +1,5 @@
-"""Scheduling policies (contract §6.2, §6.4, §6.5) and /metrics parsing (§6.3)."""
+"""Scheduling policies (docs/fastdeploy.md#policies, #cache-aware-routing, #session-affinity) and
+/metrics parsing (docs/fastdeploy.md#remote-metrics-snapshots)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def make_instances(n: int, role: Role = Role.MIXED, base_port: int = 8001) -> li
 
 
 def view(body: dict | None = None, block_size: int = 4) -> RequestView:
-    """What the proxy builds without a tokenizer: code points as tokens (§6.4)."""
+    """What the proxy builds without a tokenizer: code points as tokens
+    (docs/fastdeploy.md#cache-aware-routing)."""
     body = body or {"prompt": "hi"}
     prompt = render_prompt(body, CHAT if "messages" in body else "/v1/completions")
     tokens = prompt if isinstance(prompt, list) else [ord(c) for c in prompt]
@@ -144,7 +146,7 @@ def test_random_uniform_over_candidates():
     assert p.select(cands, view()).strategy == STRATEGY_POLICY
 
 
-def test_round_robin_sorted_order_twice():  # §11 item 33
+def test_round_robin_sorted_order_twice():  # docs/fastdeploy.md#policies
     cands = make_instances(3)
     p = policy("round_robin")
     picks = [p.select(cands, view()).instance.url for _ in range(6)]
@@ -187,7 +189,7 @@ def test_power_of_two():
 
 
 # --------------------------------------------------------------------------- local load
-def test_request_num_sequence():  # §11 item 32
+def test_request_num_sequence():  # docs/fastdeploy.md#policies
     a, b = make_instances(2)
     p = policy("request_num")
     _, slow = dispatch(p, [a, b], view())
@@ -205,7 +207,7 @@ def test_request_num_min_and_ties():
     assert policy("request_num").select(cands, view()).instance is cands[1]
 
 
-def test_process_tokens_sequence():  # §11 item 43
+def test_process_tokens_sequence():  # docs/fastdeploy.md#in-flight-accounting
     p1, p2 = make_instances(2, Role.PREFILL)
     p = policy("process_tokens", role="prefill")
     req = view({"prompt": "x" * 50})
@@ -246,7 +248,7 @@ def test_fd_metrics_score_with_cap():
     assert p.select([a, b], view()).instance is a
 
 
-def test_fd_remote_metrics_score_prefers_lower_remote_load():  # §11 item 48
+def test_fd_remote_metrics_score_prefers_lower_remote_load():  # docs/fastdeploy.md#policies
     a, b = make_instances(2)
     now = 100.0
     for inst in (a, b):
@@ -278,7 +280,7 @@ def test_fd_remote_metrics_score_stale_uses_local_requests():
     assert p.select([a, b], view()).strategy == STRATEGY_STALE
 
 
-def test_fd_remote_metrics_score_pending_prevents_herding():  # §11 item 48
+def test_fd_remote_metrics_score_pending_prevents_herding():  # docs/fastdeploy.md#policies
     a, b = make_instances(2)
     taken = time.monotonic()
     for inst in (a, b):
@@ -354,7 +356,8 @@ def test_cache_aware_score_formula():
     assert ca(index=PrefixIndex(10, 0), hit_ratio_weight=0).select([a, b], req).instance is a
 
 
-def test_cache_aware_load_balance_weight_zero_is_honoured():  # §11 item 9
+# docs/fastdeploy.md#cache-aware-routing
+def test_cache_aware_load_balance_weight_zero_is_honoured():
     idx = PrefixIndex(1000, 0)
     p1, p2 = make_instances(2, Role.PREFILL)
     p = ca("prefill", idx, load_balance_weight=0)
@@ -372,7 +375,7 @@ def test_cache_aware_load_balance_weight_zero_is_honoured():  # §11 item 9
     assert q.select([p1, p2], req).instance is p2
 
 
-def test_cache_aware_roles_are_part_of_the_key():  # §11 item 45
+def test_cache_aware_roles_are_part_of_the_key():  # docs/fastdeploy.md#cache-aware-routing
     idx = PrefixIndex(1000, 0)
     p1, p2 = make_instances(2, Role.PREFILL)
     p = ca("prefill", idx, cache_block_size=4, load_balance_weight=0.05)
@@ -387,7 +390,7 @@ def test_cache_aware_roles_are_part_of_the_key():  # §11 item 45
     slow.release()
 
 
-def test_cache_aware_conversations_a_b():  # §11 item 46
+def test_cache_aware_conversations_a_b():  # docs/fastdeploy.md#cache-aware-routing
     idx = PrefixIndex(1000, 0)
     p1, p2 = make_instances(2, Role.PREFILL)
     p = ca("prefill", idx, load_balance_weight=0.05)
@@ -453,7 +456,7 @@ def test_cache_aware_session_stats():
     assert d.select([a, b], req).session_hit is None
 
 
-def test_cache_aware_index_cap():  # §11 item 49 at the policy level
+def test_cache_aware_index_cap():  # docs/fastdeploy.md#cache-aware-routing, at the policy level
     idx = PrefixIndex(1000, 0)
     cands = make_instances(3)
     p = ca(index=idx)

@@ -1,4 +1,5 @@
-"""Prefix machinery: rendering, tokenizers, block hashes, the prefix index (contract §6.4)."""
+"""Prefix machinery: rendering, tokenizers, block hashes, the prefix index
+(docs/fastdeploy.md#cache-aware-routing)."""
 
 from __future__ import annotations
 
@@ -125,8 +126,9 @@ def test_extract_session_id():
 
 # --------------------------------------------------------------------------- hashing
 def _reference_hashes(tokens, block_size):
-    """Direct transcription of §6.4: h_i = H64(le64(h_{i-1}) ‖ le64(tokens of block i)), with
-    H64 = XXH3-64 byte-swapped (its big-endian digest read little-endian)."""
+    """Direct transcription of the block hash (docs/fastdeploy.md#cache-aware-routing):
+    h_i = H64(le64(h_{i-1}) ‖ le64(tokens of block i)), with H64 = XXH3-64 byte-swapped (its
+    big-endian digest read little-endian)."""
     h = H0
     out = []
     for b in range(len(tokens) // block_size):
@@ -462,8 +464,9 @@ async def test_build_request_view_code_points_skip_the_token_list():
 
 # --------------------------------------------------------------------------- index vs a model
 class _ModelIndex:
-    """The contract's index, spelled out: an OrderedDict of (instance, hash) → time in record
-    order (deepest first), with PrefixIndex's eviction batch (``max_entries // 256``)."""
+    """The prefix index of docs/fastdeploy.md#cache-aware-routing, spelled out: an OrderedDict
+    of (instance, hash) → time in record order (deepest first), with PrefixIndex's eviction
+    batch (``max_entries // 256``)."""
 
     def __init__(self, cap, ttl):
         self.cap, self.ttl, self.slack = cap, ttl, min(cap // 256, 4096)

@@ -1,5 +1,5 @@
-"""Black-box acceptance tests: listening, registration and heartbeats (contract §2–§3, §11
-items 2, 3, 4, 8, 10–23).
+"""Black-box acceptance tests: listening, registration and heartbeats
+(docs/fastdeploy.md#registration-and-heartbeat).
 
 Every test runs a real ``python -m kvrouter`` process (tests/harness.py) and simulated
 FastDeploy instances (kvrouter.sim) on 127.0.0.1.
@@ -82,11 +82,11 @@ def assert_json_error(status: int, body: object, headers: dict, want_status: int
         assert contains in body["msg"], body
 
 
-# --- CLI / listening (items 2, 3, 4, 8) --------------------------------------------------------
+# --- CLI / listening (docs/fastdeploy.md#command-line) -----------------------------------------
 
 
 @bounded(20)
-async def test_item02_port_flag_overrides_config(fleet: Fleet) -> None:
+async def test_port_flag_overrides_config(fleet: Fleet) -> None:
     flag_port, cfg_port = free_ports(2)
     r = await fleet.router({"server": {"port": str(cfg_port)}}, "--port", str(flag_port))
     assert r.port == flag_port
@@ -97,7 +97,7 @@ async def test_item02_port_flag_overrides_config(fleet: Fleet) -> None:
 
 
 @bounded(20)
-async def test_item03_host_binds_loopback_only(fleet: Fleet) -> None:
+async def test_host_binds_loopback_only(fleet: Fleet) -> None:
     r = await fleet.router({"server": {"host": "127.0.0.1"}})
     assert r.host == "127.0.0.1"
     assert f"Starting server on 127.0.0.1:{r.port}" in r.log()
@@ -117,7 +117,7 @@ async def test_item03_host_binds_loopback_only(fleet: Fleet) -> None:
 
 
 @bounded(20)
-async def test_item04_splitwise_flag_ors_config(fleet: Fleet) -> None:
+async def test_splitwise_flag_ors_config(fleet: Fleet) -> None:
     r = await fleet.router({"server": {"splitwise": False}}, "--splitwise")
     inst = await fleet.sim(role="mixed")
     status, body, headers = await register(r, inst.registration_payload())
@@ -129,7 +129,7 @@ async def test_item04_splitwise_flag_ors_config(fleet: Fleet) -> None:
 
 
 @bounded(20)
-async def test_item08_unknown_key_warns_and_starts(fleet: Fleet) -> None:
+async def test_unknown_key_warns_and_starts(fleet: Fleet) -> None:
     r = await fleet.router({"scheduler": {"interval-cleanup-secs": 30}})
     status, _ = await get_json(r.url + "/health")
     assert status == 200
@@ -138,11 +138,11 @@ async def test_item08_unknown_key_warns_and_starts(fleet: Fleet) -> None:
     assert want in r.log(), r.log()
 
 
-# --- registration (items 10–19, 22) ------------------------------------------------------------
+# --- registration (docs/fastdeploy.md#registration-and-heartbeat) ------------------------------
 
 
 @bounded(20)
-async def test_item10_register_mixed(fleet: Fleet) -> None:
+async def test_register_mixed(fleet: Fleet) -> None:
     r = await fleet.router()
     inst = await fleet.sim()
     status, body, headers = await register(r, inst.registration_payload())
@@ -158,7 +158,7 @@ async def test_item10_register_mixed(fleet: Fleet) -> None:
 
 
 @bounded(20)
-async def test_item11_string_port_uppercase_role(fleet: Fleet) -> None:
+async def test_string_port_uppercase_role(fleet: Fleet) -> None:
     r = await fleet.router()
     inst = await fleet.sim()
     payload = dict(inst.registration_payload(), port=str(inst.port), role="MIXED")
@@ -168,7 +168,7 @@ async def test_item11_string_port_uppercase_role(fleet: Fleet) -> None:
 
 
 @bounded(20)
-async def test_item11_15_pd_role_int_and_lists(fleet: Fleet) -> None:
+async def test_pd_role_int_and_lists(fleet: Fleet) -> None:
     r = await fleet.router({}, "--splitwise")
     pre = await fleet.sim(role="prefill")
     dec = await fleet.sim(role="decode")
@@ -189,14 +189,14 @@ async def test_item11_15_pd_role_int_and_lists(fleet: Fleet) -> None:
     assert w["connector_port"] == str(pre.connector_port)
     assert await number(r) == {"mixed": 0, "prefill": 1, "decode": 1}
 
-    # item 15, second half: format errors
+    # format errors (docs/fastdeploy.md#registration-payload)
     for bad in ({"rdma_ports": [1.5]}, {"device_ids": "0,1"}):
         status, body, headers = await register(r, dict(dec.registration_payload(), **bad))
         assert_json_error(status, body, headers, 400, prefix=FORMAT)
-    # item 13, PD part: rdma port range
+    # PD part of the field errors: rdma port range (docs/fastdeploy.md#registration-errors)
     status, body, headers = await register(r, dict(dec.registration_payload(), rdma_ports=[99999]))
     assert_json_error(status, body, headers, 400, FIELD + "rdma_ports[0] invalid port: 99999")
-    # item 22's mirror: PD router refuses a mixed instance
+    # mirror of test_mixed_router_refuses_prefill: PD router refuses a mixed instance
     status, body, headers = await register(r, dict(dec.registration_payload(), role="mixed"))
     assert_json_error(status, body, headers, 400,
                       "splitwise mode only supports PREFILL/DECODE instances")
@@ -205,7 +205,7 @@ async def test_item11_15_pd_role_int_and_lists(fleet: Fleet) -> None:
 
 
 @bounded(20)
-async def test_item12_role_errors(fleet: Fleet) -> None:
+async def test_role_errors(fleet: Fleet) -> None:
     r = await fleet.router()
     inst = await fleet.sim()
     base = inst.registration_payload()
@@ -227,7 +227,7 @@ async def test_item12_role_errors(fleet: Fleet) -> None:
 
 
 @bounded(20)
-async def test_item13_field_errors(fleet: Fleet) -> None:
+async def test_field_errors(fleet: Fleet) -> None:
     r = await fleet.router()
     inst = await fleet.sim()
     base = inst.registration_payload()
@@ -244,7 +244,7 @@ async def test_item13_field_errors(fleet: Fleet) -> None:
 
 
 @bounded(20)
-async def test_item14_localhost(fleet: Fleet) -> None:
+async def test_localhost(fleet: Fleet) -> None:
     r = await fleet.router()
     inst = await fleet.sim()
     status, body, _ = await register(r, dict(inst.registration_payload(), host_ip="localhost"))
@@ -268,7 +268,7 @@ def _ipv6_available() -> bool:
 
 @pytest.mark.skipif(not _ipv6_available(), reason="cannot bind ::1")
 @bounded(20)
-async def test_item14_ipv6(fleet: Fleet) -> None:
+async def test_ipv6(fleet: Fleet) -> None:
     r = await fleet.router()
     inst = await fleet.sim(host="::1")
     payload = inst.registration_payload()
@@ -289,7 +289,7 @@ async def test_item14_ipv6(fleet: Fleet) -> None:
 
 
 @bounded(20)
-async def test_item16_metrics_port_defaults_to_port(fleet: Fleet) -> None:
+async def test_metrics_port_defaults_to_port(fleet: Fleet) -> None:
     r = await fleet.router()
     inst = await fleet.sim()
     payload = {k: v for k, v in inst.registration_payload().items() if k != "metrics_port"}
@@ -300,7 +300,7 @@ async def test_item16_metrics_port_defaults_to_port(fleet: Fleet) -> None:
 
 
 @bounded(20)
-async def test_item17_unhealthy_instance_refused(fleet: Fleet) -> None:
+async def test_unhealthy_instance_refused(fleet: Fleet) -> None:
     r = await fleet.router()
     inst = await fleet.sim()
     inst.knobs.health_status = 500
@@ -313,7 +313,7 @@ async def test_item17_unhealthy_instance_refused(fleet: Fleet) -> None:
 
 
 @bounded(20)
-async def test_item18_invalid_bodies(fleet: Fleet) -> None:
+async def test_invalid_bodies(fleet: Fleet) -> None:
     r = await fleet.router()
     for raw in (b"invalid json", b""):
         status, body, headers = await register(r, data=raw)
@@ -326,7 +326,7 @@ async def test_item18_invalid_bodies(fleet: Fleet) -> None:
 
 
 @bounded(20)
-async def test_item19_reregistration_is_idempotent(fleet: Fleet) -> None:
+async def test_reregistration_is_idempotent(fleet: Fleet) -> None:
     r = await fleet.router()
     inst = await fleet.sim()
     base = inst.registration_payload()
@@ -342,7 +342,7 @@ async def test_item19_reregistration_is_idempotent(fleet: Fleet) -> None:
 
 
 @bounded(20)
-async def test_item20_heartbeat_of_healthy_instance_never_probes(fleet: Fleet) -> None:
+async def test_heartbeat_of_healthy_instance_never_probes(fleet: Fleet) -> None:
     r = await fleet.router()   # health interval 60 s: no periodic round during the test
     inst = await fleet.sim()
     payload = inst.registration_payload()
@@ -363,8 +363,9 @@ async def test_item20_heartbeat_of_healthy_instance_never_probes(fleet: Fleet) -
 
 @bounded(20)
 async def test_heartbeat_of_unhealthy_instance_probes_inline(fleet: Fleet) -> None:
-    """§3.3: a heartbeat from an unhealthy instance updates its fields and probes once; with
-    the default success threshold 1 a passing probe restores it at once."""
+    """A heartbeat from an unhealthy instance updates its fields and probes once; with the
+    default success threshold 1 a passing probe restores it at once
+    (docs/fastdeploy.md#identity-and-re-registration)."""
     r = await fleet.router({"manager": {"health-check-interval-secs": 1}})
     inst = await fleet.sim()
     payload = inst.registration_payload()
@@ -387,7 +388,7 @@ async def test_heartbeat_of_unhealthy_instance_probes_inline(fleet: Fleet) -> No
 
 
 @bounded(20)
-async def test_item21_paused_instances(fleet: Fleet) -> None:
+async def test_paused_instances(fleet: Fleet) -> None:
     r = await fleet.router()
     a = await fleet.sim()
     b = await fleet.sim()
@@ -422,7 +423,7 @@ async def test_item21_paused_instances(fleet: Fleet) -> None:
 
 
 @bounded(20)
-async def test_item22_mixed_router_refuses_prefill(fleet: Fleet) -> None:
+async def test_mixed_router_refuses_prefill(fleet: Fleet) -> None:
     r = await fleet.router()
     inst = await fleet.sim(role="prefill")
     status, body, headers = await register(r, inst.registration_payload())
@@ -431,11 +432,11 @@ async def test_item22_mixed_router_refuses_prefill(fleet: Fleet) -> None:
     assert inst.requests_to("/health") == []
 
 
-# --- register.yaml (item 23, first half) ---------------------------------------------------------
+# --- register.yaml (docs/fastdeploy.md#static-instances) -----------------------------------------
 
 
 @bounded(25)
-async def test_item23_register_yaml_static_entries(fleet: Fleet, tmp_path: Path) -> None:
+async def test_register_yaml_static_entries(fleet: Fleet, tmp_path: Path) -> None:
     good = await fleet.sim()
     late = await fleet.sim()
     await late.close_port()                 # keeps its port number; unreachable for now

@@ -36,7 +36,8 @@ def nested_protocol(p: InstanceInfo, d: InstanceInfo) -> str:
 
 
 def can_pair(p: InstanceInfo, d: InstanceInfo) -> bool:
-    """D can reach P: ipc possible, or both list rdma (the pair filter of §5.4)."""
+    """D can reach P: ipc possible, or both list rdma (the pair filter of
+    docs/fastdeploy.md#pd-dispatch)."""
     return flat_protocol(p, d) == "ipc" or (
         "rdma" in p.transfer_protocol and "rdma" in d.transfer_protocol)
 

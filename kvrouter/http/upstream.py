@@ -6,7 +6,7 @@ The rest of the body is then either pulled (:meth:`Upstream.read_chunk`, used wh
 inspects a body) or pushed straight into a sink as it arrives (:meth:`Upstream.relay`, the
 pass-through hot path: no task wake-up per chunk).
 
-Failures are classified for the retry rules (contract §5.8):
+Failures are classified for the retry rules (docs/fastdeploy.md#retries-and-timeouts):
 
 * :class:`ConnectFailed` – no response status: refused, unreachable, DNS, connect timeout, reset
   or EOF before the status line. A pooled connection that the instance closed while idle (the

@@ -1,4 +1,5 @@
-"""Scheduling policies (contract §6): one object per role, built by :func:`make_policy`.
+"""Scheduling policies (docs/fastdeploy.md#policies): one object per role, built by
+:func:`make_policy`.
 
 A policy is added by decorating its class with :func:`~kvrouter.policies.base.register` (and,
 for a new module, adding the module to ``_MODULES``); its settings are keys of
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
 __all__ = ["POLICY_NAMES", "make_policy", "policy_class", "policy_names", "register"]
 
 #: The modules defining policies. Importing one registers its policies, so this order is the
-#: order of :func:`policy_names`: the contract's policies in its order, then kvrouter's own.
+#: order of :func:`policy_names`: fd-router's policies in the order of
+#: docs/fastdeploy.md#policies, then kvrouter's own.
 _MODULES = ("simple", "load", "metrics_score", "cache_aware", "sglang", "kv_cost")
 for _module in _MODULES:
     importlib.import_module(f"{__name__}.{_module}")

@@ -1,4 +1,4 @@
-"""The scheduling-policy interface (contract §6).
+"""The scheduling-policy interface (docs/fastdeploy.md#policies).
 
 A policy picks one instance among non-empty candidates (the routable instances of a role,
 sorted by URL). Decisions are synchronous and pure apart from the policy's own state (a
@@ -64,8 +64,9 @@ class RequestView:
 
     ``tokens`` holds model tokens when the prompt was tokenized (or was a token-id prompt),
     else ``None``. ``token_estimate`` is the token count when tokenized, else 2 × the code
-    points of the rendered prompt (§6.1). ``hashes`` are the prefix block hashes, computed only
-    when some policy needs them (a :class:`~kvrouter.prefix.hashing.HashList` when built by
+    points of the rendered prompt (docs/fastdeploy.md#in-flight-accounting). ``hashes`` are the
+    prefix block hashes, computed only when some policy needs them (a
+    :class:`~kvrouter.prefix.hashing.HashList` when built by
     :func:`~kvrouter.prefix.view.build_request_view`; any list of ints works).
     """
 
@@ -82,11 +83,12 @@ class Selection:
 
     ``lookup_blocks``/``hit_blocks`` feed ``kvrouter_prefix_lookup_blocks_total`` /
     ``_hit_blocks_total`` (cache-aware policies only). ``session_hit`` is ``None`` when the
-    decision does not count for session-affinity statistics (§6.5), else whether the request
-    went to the same instance as its session's previous one. ``prefill_estimate`` is the
-    policy's estimate of the prompt tokens ``instance`` will compute (its uncached prefill),
-    for the lease the dispatcher acquires there (``Load.acquire(prefill=...)``); ``None``
-    when the policy makes none (the lease then counts the token estimate).
+    decision does not count for session-affinity statistics (docs/fastdeploy.md#session-affinity),
+    else whether the request went to the same instance as its session's previous one.
+    ``prefill_estimate`` is the policy's estimate of the prompt tokens ``instance`` will compute
+    (its uncached prefill), for the lease the dispatcher acquires there
+    (``Load.acquire(prefill=...)``); ``None`` when the policy makes none (the lease then counts
+    the token estimate).
     """
 
     instance: Instance

@@ -1,4 +1,5 @@
-"""Cache-aware policies: ``cache_aware`` and ``remote_cache_aware`` (contract §6.4).
+"""Cache-aware policies: ``cache_aware`` and ``remote_cache_aware``
+(docs/fastdeploy.md#cache-aware-routing).
 
 Decision, with ``loads`` = local ``R`` (``cache_aware``) or snapshot running + pending, local
 ``R`` when stale (``remote_cache_aware``):
@@ -13,7 +14,8 @@ Decision, with ``loads`` = local ``R`` (``cache_aware``) or snapshot running + p
    so cold prefixes spread over idle instances instead of all landing on the first one;
 3. the chosen instance is recorded for all block hashes in both cases.
 
-Session-affinity statistics (§6.5) are kept for the prefill and mixed roles.
+Session-affinity statistics (docs/fastdeploy.md#session-affinity) are kept for the prefill and
+mixed roles.
 """
 
 from __future__ import annotations

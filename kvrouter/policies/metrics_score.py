@@ -1,6 +1,8 @@
-"""Metrics-scored policies: ``fd_metrics_score`` and ``fd_remote_metrics_score`` (§6.2).
+"""Metrics-scored policies: ``fd_metrics_score`` and ``fd_remote_metrics_score``
+(docs/fastdeploy.md#policies).
 
-Both read only stored snapshots (§6.3); the background scraper keeps them current.
+Both read only stored snapshots (docs/fastdeploy.md#remote-metrics-snapshots); the background
+scraper keeps them current.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """``sglang_cache_aware``: SGLang's two-state cache-aware rule over kvrouter's prefix index.
 
 A re-implementation of the SGLang router's ``cache_aware`` policy (sglang-router 0.3.2,
-``src/policies/cache_aware.rs``; research/peer-routers.md §3.1), used as the
-"approximate prefix + load" baseline (routing-anchors.md G3). SGLang's per-worker approximate
+``src/policies/cache_aware.rs``), used as the
+"approximate prefix + load" baseline. SGLang's per-worker approximate
 radix tree is replaced by the router's block index (the tree's "match" = the number of leading
 prompt blocks recorded for a worker); everything else follows SGLang:
 

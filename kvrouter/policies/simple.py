@@ -1,4 +1,5 @@
-"""Load-blind policies: ``random``, ``round_robin``, ``power_of_two`` (contract §6.2)."""
+"""Load-blind policies: ``random``, ``round_robin``, ``power_of_two``
+(docs/fastdeploy.md#policies)."""
 
 from __future__ import annotations
 

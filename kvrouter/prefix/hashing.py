@@ -1,4 +1,4 @@
-"""Chained block hashes of a token sequence (contract §6.4).
+"""Chained block hashes of a token sequence (docs/fastdeploy.md#cache-aware-routing).
 
 Only full blocks of ``block_size`` tokens are hashed; the tail is ignored. With ``h_0`` a fixed
 64-bit constant, ``h_i = H64(le64(h_{i-1}) ‖ le64(t) for every token t of block i)`` where
@@ -7,9 +7,10 @@ therefore identifies the whole prefix up to block *i*.
 
 ``H64`` is XXH3-64 (the ``xxhash`` package, seed 0) with its canonical big-endian digest read as
 a little-endian integer, i.e. ``H64(x) = bswap64(XXH3_64(x))``: the digest bytes are then
-``le64(h_i)`` as they are, ready to chain. The contract only requires H64 to be stable across
-processes, restarts and replicas; XXH3 is, and costs about a tenth of the former
-``blake2b(digest_size=8)`` per 64-token block (the hashes of kvrouter ≤ 0.1 differ).
+``le64(h_i)`` as they are, ready to chain. Routing only requires H64 to be stable across
+processes, restarts and replicas (docs/fastdeploy.md#cache-aware-routing); XXH3 is, and costs
+about a tenth of the former ``blake2b(digest_size=8)`` per 64-token block (the hashes of
+kvrouter ≤ 0.1 differ).
 
 Block hashes are returned as a :class:`HashList`: a plain ``list`` of ints that also carries
 the same values as a ``uint64`` numpy array (``.array``), which the prefix index uses without

@@ -1,4 +1,5 @@
-"""The prefix index: which instance recently received which prefix block (contract §6.4).
+"""The prefix index: which instance recently received which prefix block
+(docs/fastdeploy.md#cache-aware-routing).
 
 Logically a map ``block hash → {instance identity: last recorded time}``, bounded to
 ``max_entries`` (block, instance) *entries*, with a TTL. It is stored in a few flat numpy arrays
@@ -22,7 +23,7 @@ the number of candidates:
 * **calls**: per record call its first stamp, time and instance (for the TTL sweep and the
   per-instance purge).
 
-Semantics (the contract's, with one change, batched capacity eviction):
+Semantics (docs/fastdeploy.md#cache-aware-routing, with one change, batched capacity eviction):
 
 * capacity: at most ``max_entries`` entries; on overflow the least recently recorded go first
   and, within one record call, the deepest block first, so shared prefixes (re-recorded by every

@@ -1,4 +1,5 @@
-"""Rendering a request body into the cache key used for prefix routing (contract §6.4).
+"""Rendering a request body into the cache key used for prefix routing
+(docs/fastdeploy.md#cache-aware-routing).
 
 The rendered prompt is what the engine's KV prefix cache effectively sees: identical leading
 messages (roles, tool definitions and attachments included) give identical leading text.

@@ -45,8 +45,9 @@ async def build_request_view(
     * ``need_prefix``: some policy in use is cache-aware → compute the block hashes (from model
       tokens if a tokenizer works, else from code points);
     * ``tokenize_for_estimate``: with a real tokenizer configured, tokenize even when no policy
-      needs the prefix, so the token estimate is a real count (§6.1). Set it ``False`` to skip
-      the tokenizer (e.g. a remote one) when only load counts matter.
+      needs the prefix, so the token estimate is a real count
+      (docs/fastdeploy.md#in-flight-accounting). Set it ``False`` to skip the tokenizer (e.g. a
+      remote one) when only load counts matter.
 
     Token-id prompts are used as tokens without calling the tokenizer.
     """

@@ -1,5 +1,5 @@
-"""The access log (contract §9.3): ``[METHOD] <path> <proto> <status> <latency> <client_ip>`` at
-INFO on the ``kvrouter.access`` logger, written in batches.
+"""The access log (docs/fastdeploy.md#logs): ``[METHOD] <path> <proto> <status> <latency>
+<client_ip>`` at INFO on the ``kvrouter.access`` logger, written in batches.
 
 A ``logging`` call per request costs ~15-25 µs here (record, caller lookup, formatting, one
 ``write`` + ``flush`` per line). Instead each finished request appends its line (with its own

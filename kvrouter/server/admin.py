@@ -42,7 +42,8 @@ async def register(ctx: Context, req: Request) -> Response:
 
 
 async def apply_registration(router: Router, info) -> Response:
-    """Store a registration per §3.3: probe new and unhealthy instances, never healthy ones."""
+    """Store a registration (docs/fastdeploy.md#identity-and-re-registration): probe new and
+    unhealthy instances, never healthy ones."""
     timeout = min(router.cfg.manager.health_check_timeout_secs, 3.0)
     inst = router.registry.get(info.identity)
     if inst is None:

@@ -1,4 +1,5 @@
-"""Simulated FastDeploy instances for tests and local clusters (contract §8).
+"""Simulated FastDeploy instances for tests and local clusters
+(docs/fastdeploy.md#instance-surface).
 
 ``SimInstance(SimConfig(...))`` runs in the caller's event loop; ``kvrouter sim`` (see
 :mod:`kvrouter.sim.cli`) starts several of them in one process.

@@ -8,7 +8,7 @@ Time values in :class:`SimConfig` are *model* seconds: the simulator multiplies 
 ``time_scale``. Time values in :class:`Knobs` are real (wall-clock) seconds.
 
 The engine model is the core of :mod:`kvrouter.sim.core`: ``preset`` picks the model/GPU
-parameters (engine-model.md §5 presets), and the scheduler fields below override it.
+parameters, and the scheduler fields below override it.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class SimConfig:
     # KV transfer to a decode: base + prompt tokens × KV bytes per token / bandwidth (model s)
     transfer_ipc_base: float = 0.002         # model seconds (setup)
     transfer_rdma_base: float = 0.01
-    transfer_ipc_bw: float = 300e9           # bytes/s intra-node (engine-model.md §6)
+    transfer_ipc_bw: float = 300e9           # bytes/s intra-node (IPC/NVLink)
     transfer_rdma_bw: float = 50e9           # bytes/s, a 400 Gb/s NIC
     # set: fixed seconds per token instead of KV bytes / bw
     transfer_ipc_per_token: float | None = None

@@ -6,7 +6,8 @@ The HTTP layer (:mod:`kvrouter.sim.instance`) only uses :class:`Engine`:
   the engine has filled ``req.cached_tokens``. Closing the iterator early (client gone,
   handler cancelled) frees the request's slot and blocks.
 * ``abort(ids)`` / ``abort_all()`` — finish running or waiting requests with ``"abort"``.
-* ``gauges()`` — the §8.2 gauge values; ``stats`` — counters and histograms.
+* ``gauges()`` — the gauge values of docs/fastdeploy.md#instance-surface; ``stats`` — counters
+  and histograms.
 
 :class:`RealtimeEngine` runs the engine core of :mod:`kvrouter.sim.core` in real
 time: one asyncio task per instance plans a step (``next_step``), sleeps ``duration ×
@@ -381,9 +382,10 @@ class RealtimeEngine:
         return self._abort_uids(list(self._streams))
 
     def gauges(self) -> dict[str, float]:
-        """§8.2 gauges from the core. Free/available blocks both count empty *and* cached-free
-        blocks (an allocation can take either); ``running`` includes requests waiting for their
-        KV transfer or a pacing hold; held prefill blocks are used but not running."""
+        """The gauges of docs/fastdeploy.md#instance-surface, from the core. Free/available blocks
+        both count empty *and* cached-free blocks (an allocation can take either); ``running``
+        includes requests waiting for their KV transfer or a pacing hold; held prefill blocks
+        are used but not running."""
         g = self.core.gauges()
         running = g["running"]
         total = g["num_gpu_blocks"]

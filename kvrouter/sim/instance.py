@@ -1,5 +1,6 @@
-"""A simulated FastDeploy instance: the aiohttp HTTP surface of contract §8 over an
-:class:`~kvrouter.sim.engine.Engine`, plus the PD connector and the registration heartbeat.
+"""A simulated FastDeploy instance: the aiohttp HTTP surface of an instance
+(docs/fastdeploy.md#instance-surface) over an :class:`~kvrouter.sim.engine.Engine`, plus the PD
+connector and the registration heartbeat.
 
 Designed to run inside a test's event loop::
 
@@ -290,9 +291,10 @@ class SimInstance:
         return self._session
 
     async def register_once(self, router_url: str) -> int:
-        """One heartbeat (§1.2): GET the own ``/health`` (3 s timeout); if 200, POST the
-        payload to ``{router}/register`` (5 s timeout). Returns the POST status, or 0 when
-        the probe failed (nothing POSTed) or the POST did not get a status."""
+        """One heartbeat (docs/fastdeploy.md#registration-and-heartbeat): GET the own ``/health``
+        (3 s timeout); if 200, POST the payload to ``{router}/register`` (5 s timeout).
+        Returns the POST status, or 0 when the probe failed (nothing POSTed) or the POST did
+        not get a status."""
         cfg = self.config
         session = self._client()
         rec = HeartbeatRecord(time=time.time(), health_status=None, register_status=None)
@@ -360,8 +362,8 @@ class SimInstance:
         return [r for r in self.received if r.path in ("/v1/chat/completions", "/v1/completions")]
 
     def gauges(self) -> dict[str, float]:
-        """The §8.2 gauges as served on /metrics. Decode calls waiting for their hand-off
-        count as waiting requests."""
+        """The gauges of docs/fastdeploy.md#instance-surface as served on /metrics. Decode calls
+        waiting for their hand-off count as waiting requests."""
         g = self.engine.gauges()
         pending = self.handoffs.waiting()
         if pending:
@@ -384,7 +386,7 @@ class SimInstance:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/abort_requests", self._abort)
-        # probes of peer routers (peer-routers.md §5.1), so sglang-router / vllm-router can
+        # probes of peer routers, so sglang-router / vllm-router can
         # sit in front of the same instances
         for path in ("/server_info", "/get_server_info"):
             app.router.add_get(path, self._server_info)

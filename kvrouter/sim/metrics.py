@@ -103,7 +103,8 @@ class Histogram:
 
 @dataclass
 class EngineStats:
-    """Counters and histograms an engine model keeps (names of §8.2)."""
+    """Counters and histograms an engine model keeps (gauge names of
+    docs/fastdeploy.md#instance-surface)."""
 
     counters: dict[str, float] = field(default_factory=lambda: {name: 0.0 for name in COUNTERS})
     histograms: dict[str, Histogram] = field(

@@ -1,4 +1,4 @@
-"""The simulated P→D hand-off (contract §5.4, §8.5, §8.6).
+"""The simulated P→D hand-off (docs/fastdeploy.md#pd-dispatch and #instance-surface).
 
 * :func:`parse_disaggregate_info` validates the flat or nested ``disaggregate_info`` and finds
   the decode's connector address (flat: ``decode_ip``/``decode_connector_port``; nested:

@@ -1,4 +1,4 @@
-"""FastDeploy-format response bodies and SSE events (contract §8.3, §8.4).
+"""FastDeploy-format response bodies and SSE events (docs/fastdeploy.md#instance-surface).
 
 JSON is compact UTF-8 (as FastDeploy's pydantic ``model_dump_json``). Stream framing:
 ``data: <json>\\n\\n`` per event, except the first chat event (the role chunk), which is

@@ -1,4 +1,4 @@
-"""Seeded workload generators for the virtual-time cluster (W1-W5 of routing-anchors.md).
+"""Seeded workload generators for the virtual-time cluster (W1-W5).
 
 Every generator returns a list of :class:`WorkloadRequest` sorted by arrival time, with
 token-id prompts, and is a pure function of its arguments: the same ``seed`` always gives the

@@ -1,4 +1,4 @@
-"""Virtual-time discrete-event simulation of a routed cluster (engine-model.md §2).
+"""Virtual-time discrete-event simulation of a routed cluster.
 
 One process, one event heap, no wall clock: a load generator replays a workload's arrivals;
 each arrival is routed by the *real* kvrouter policy objects (``make_policy``, the same code

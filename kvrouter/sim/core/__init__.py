@@ -1,4 +1,4 @@
-"""The simulated inference engine core (engine-model.md): scheduler, KV cache, timing.
+"""The simulated inference engine core: scheduler, KV cache, timing.
 
     core = make_engine_core("qwen3-32b-tp2-h100", seed=1, block_size=16)
     core.add_request(CoreRequest("r1", prompt_tokens=[...], max_tokens=64), now=0.0)

@@ -1,6 +1,6 @@
 """The engine core: vLLM-V1 / FastDeploy-like continuous batching over a block KV cache.
 
-Scheduling (engine-model.md §3), once per :meth:`EngineCore.next_step`:
+Scheduling, once per :meth:`EngineCore.next_step`:
 
 1. **Running requests**, oldest admission first. Each gets ``total − computed`` new tokens
    (a decode: exactly one; a chunked or recomputed prefill: the rest of it), capped by what is

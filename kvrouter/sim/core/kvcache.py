@@ -1,4 +1,4 @@
-"""Block-based KV cache with prefix caching (engine-model.md §3-§4, vLLM V1 block pool).
+"""Block-based KV cache with prefix caching (vLLM V1 block pool).
 
 A block is in exactly one of three states:
 

@@ -1,7 +1,7 @@
 """Parameters of the simulated engine: model shape, GPU, efficiencies, scheduler, timing.
 
-Every number below comes from ``/work/shared/research/engine-model.md`` (§3-§6) or from the
-public model cards / datasheets it cites:
+Every number below comes from public model cards, datasheets and the published simulators
+named next to it:
 
 * **GPU (H100 SXM)**: 989 TFLOPS dense BF16, 3.35 TB/s HBM3, 80 GB (NVIDIA H100 datasheet).
   With TP > 1 every layer adds two all-reduces of 5 µs each (NCCL small-message latency, an
@@ -9,7 +9,7 @@ public model cards / datasheets it cites:
   way) is off by default: the MFU values are end-to-end figures that already include it.
 * **Efficiencies**: ``mfu_prefill`` 0.45 and ``mfu_decode`` 0.30 are the "from published
   benchmarks" values BLIS's roofline mode uses; ``eta_mem`` 0.7 and ``step_overhead`` 2 ms
-  are engine-model.md's assumptions to calibrate (Dynamo mocker's decode floor is 5.74 ms).
+  are assumptions to calibrate (Dynamo mocker's decode floor is 5.74 ms).
 * **Models**: Llama-3.1-8B (8.03 B params, 32 layers, d_model 4096, 8 KV heads × 128),
   Qwen3-32B (32.8 B, 64 layers, d_model 5120, 8 KV heads × 128), Llama-3.1-70B (70.6 B,
   80 layers, d_model 8192, 8 KV heads × 128) — the Hugging Face ``config.json`` of each model.
@@ -22,17 +22,18 @@ public model cards / datasheets it cites:
   ``TP × (gpu_mem × gpu_mem_util − activation_reserve) − weights``, divided by the KV bytes
   per token (2 × layers × kv_heads × head_dim × dtype_bytes). ``activation_reserve`` (4 GB per
   GPU: the profiling run's activation peak + CUDA graphs) is our assumption; with it the 8B
-  preset lands on engine-model.md's "~400k tokens (0.9 util)".
-* **Timing models** (engine-model.md §5): ``roofline`` (default), ``mocker-poly`` (Dynamo
+  preset lands near the "~400k tokens (0.9 util)" vLLM reports for it.
+* **Timing models**: ``roofline`` (default), ``mocker-poly`` (Dynamo
   mocker's built-in polynomials: prefill ms = 16.50142 + 1.518344e-2·T + 4.209989e-7·T²,
   decode ms = 5.74 + 54.01·u − 25.74·u²), ``linear`` (llm-d-inference-sim style: prefill
   overhead + per-token time, fixed ITL, optional load factor).
-* **PD link** (§6): 50 GB/s for a 400 Gb/s RDMA NIC, 300 GB/s intra-node (IPC/NVLink).
+* **PD link**: 50 GB/s for a 400 Gb/s RDMA NIC, 300 GB/s intra-node (IPC/NVLink).
 
-Derived with the ``roofline`` model (ms; jitter off) next to engine-model.md §5's table, which
-keeps only the linear term (prefill = 2·P·T / (F·TP·MFU)); attention, the 2 ms step overhead and
-the TP all-reduce latency put the full model above it, most for long prompts (tok/s: prefill
-throughput; KV/tok: KV bytes per token; KV cap: KV cache capacity in tokens)::
+Derived with the ``roofline`` model (ms; jitter off) next to the reference table (in
+parentheses), which keeps only the linear term (prefill = 2·P·T / (F·TP·MFU)); attention, the
+2 ms step overhead and the TP all-reduce latency put the full model above it, most for long
+prompts (tok/s: prefill throughput; KV/tok: KV bytes per token; KV cap: KV cache capacity in
+tokens)::
 
     preset               KV/tok   tok/s  1k/8k prompt       decode B=1/32/128 (ctx 2k)       KV cap
     llama3-8b-h100       128 KiB  27.7k  38.7/328 (36/289)  9.0/12.4/23.2 (8.9/12.4/23.2)    396,270
@@ -79,7 +80,7 @@ class EngineParams:
     nvlink_bw: float | None = None    # one-way bytes/s for an all-reduce volume term (None: off,
                                       # the end-to-end MFU already pays for it; H100: ~450e9)
 
-    # --- efficiencies (BLIS roofline mode / engine-model.md §5) -----------------------------
+    # --- efficiencies (BLIS roofline mode) --------------------------------------------------
     mfu_prefill: float = 0.45
     mfu_decode: float = 0.30
     eta_mem: float = 0.7
@@ -97,7 +98,7 @@ class EngineParams:
 
     # --- timing ------------------------------------------------------------------------------
     timing: str = "roofline"
-    jitter_sigma: float = 0.03        # log-normal step-time noise (engine-model.md: 0.03-0.05)
+    jitter_sigma: float = 0.03        # log-normal step-time noise (published range: 0.03-0.05)
     # mocker-poly: milliseconds, coefficients (c0, c1, c2) of c0 + c1·x + c2·x²
     poly_prefill_ms: tuple[float, float, float] = (16.50142, 1.518344e-2, 4.209989e-7)
     poly_decode_ms: tuple[float, float, float] = (5.74, 54.01, -25.74)
@@ -108,7 +109,7 @@ class EngineParams:
     linear_itl: float = 0.02
     linear_load_factor: float = 1.0   # step-time multiplier at max_num_seqs running (1 = none)
 
-    # --- PD KV transfer (engine-model.md §6) ---------------------------------------------------
+    # --- PD KV transfer ------------------------------------------------------------------------
     pd_rdma_bw: float = 50 * GB       # 400 Gb/s NIC
     pd_ipc_bw: float = 300 * GB       # intra-node
     pd_rdma_setup: float = 0.01       # seconds per transfer (assumption)

@@ -1,4 +1,4 @@
-"""Step-time models of the engine core (engine-model.md §5).
+"""Step-time models of the engine core.
 
 A step processes a batch of :class:`BatchEntry` (new tokens of one request on top of the
 tokens already in its KV cache). Each model maps a batch to a deterministic duration in
@@ -15,7 +15,7 @@ seconds; :class:`Jitter` multiplies it by a seeded log-normal factor.
                  if nvlink_bw is set)
     T_step     = max(T_comp, T_mem) + step_overhead + T_tp
 
-``mocker-poly`` (Dynamo mocker's ``PerfModel::Polynomial`` as quoted in engine-model.md §5):
+``mocker-poly`` (Dynamo mocker's ``PerfModel::Polynomial``):
 prefill ms = 16.50142 + 1.518344e-2·T + 4.209989e-7·T² over the new prefill tokens T of the
 step, decode ms = max(1, 5.74 + 54.01·u − 25.74·u²) with u the KV usage; a step that has both
 lasts prefill + decode.
