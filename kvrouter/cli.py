@@ -1,5 +1,5 @@
 """Command line (docs/fastdeploy.md#command-line): ``kvrouter [--port P] [--splitwise]
-[--config_path F] [--workers N] [-V]``.
+[--config_path F] [--workers N] [--redis-url URL] [-V]``.
 
 Also dispatches subcommands (``kvrouter sim …``). Exit status: 0 ok, 1 config/startup error,
 2 usage error.
@@ -14,7 +14,7 @@ import platform
 import sys
 
 from kvrouter import __version__
-from kvrouter.config import ConfigError, load_config
+from kvrouter.config import PORT_MISSING, ConfigError, load_config
 from kvrouter.instance import load_register_yaml
 from kvrouter.logsetup import setup_logging
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config, warnings = load_config(args.config_path, port=args.port, splitwise=args.splitwise,
-                                       workers=args.workers)
+                                       workers=args.workers, redis_url=args.redis_url)
         for warning in warnings:
             print(warning, file=sys.stderr)
         static = (load_register_yaml(config.manager.register_path,  # before serving
@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
                   if config.manager.register_path else [])
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        if str(exc) == PORT_MISSING:    # fd-router's words, then how to set it
+            print("kvrouter: set the listen port with --port P (0: any free port) or "
+                  "server.port in the file given to --config_path", file=sys.stderr)
         return 1
 
     setup_logging(config.log)
@@ -88,11 +91,18 @@ def _parser() -> argparse.ArgumentParser:
         epilog="subcommands: " + ", ".join(SUBCOMMANDS) + " (run 'kvrouter <subcommand> --help')",
         allow_abbrev=False,
     )
-    parser.add_argument("--port", type=int, metavar="P", help="listen port; overrides server.port")
+    parser.add_argument("--port", type=int, metavar="P",
+                        help="listen port, 0 = any free one; overrides server.port (one of the "
+                             "two is required)")
     parser.add_argument("--splitwise", action="store_true", help="PD (prefill/decode) mode")
-    parser.add_argument("--config_path", default="", metavar="F", help="YAML config file")
+    parser.add_argument("--config_path", default="", metavar="F",
+                        help="YAML config file (default: none, every key at its default)")
     parser.add_argument("--workers", type=int, metavar="N",
                         help="worker processes sharing the port and the routing state; "
                              "overrides server.workers (default 1)")
+    parser.add_argument("--redis-url", metavar="URL",
+                        help="redis[s]://[:password@]host:port/db: share the routing state "
+                             "with the other router replicas using it; overrides "
+                             "state.redis-url")
     parser.add_argument("--version", "-V", action="store_true", help="print the version and exit")
     return parser

@@ -162,6 +162,14 @@ def _policy(value: object) -> str:
     return name
 
 
+def _tokenizer_engine(value: object) -> str:
+    """An engine with a tokenize endpoint (``kvrouter.backends.engines``), any case."""
+    from kvrouter.backends.engines import ENGINES
+
+    names = [name for name, engine in ENGINES.items() if engine.tokenize is not None]
+    return str(_choice(*names, fold=True)(value))
+
+
 def _bind_host(value: object) -> str:
     host = _text(value)
     try:
@@ -190,6 +198,155 @@ def _url(value: object) -> str:
     return url
 
 
+MAX_KEYS = 1024      # every request compares its credential with each key (auth.py)
+MAX_CIDRS = 256
+SECRET_RE = re.compile(r"[\x21-\x7e]{1,512}")
+
+
+def _secret(value: object) -> str:
+    """A key or token: 1..512 visible ASCII characters. The reason never shows the value."""
+    if not isinstance(value, str):
+        raise _Invalid("must be a string")
+    if value and not SECRET_RE.fullmatch(value):
+        raise _Invalid("must be 1 to 512 visible ASCII characters (no spaces)")
+    return value
+
+
+def _secrets(value: object) -> list[str]:
+    """A list of keys (:func:`_secret`, none empty), at most :data:`MAX_KEYS`."""
+    if not isinstance(value, list):
+        raise _Invalid("must be a list of strings")
+    if len(value) > MAX_KEYS:
+        raise _Invalid(f"at most {MAX_KEYS} keys")
+    for i, item in enumerate(value, 1):
+        try:
+            if not _secret(item):
+                raise _Invalid("must not be empty")
+        except _Invalid as exc:
+            raise _Invalid(f"item {i} {exc}") from None
+    return list(value)
+
+
+def _cidrs(value: object) -> list[str]:
+    """A list of IPv4/IPv6 networks (``10.0.0.0/8``; a bare address is a /32 or /128)."""
+    if not isinstance(value, list):
+        raise _Invalid("must be a list of CIDR strings")
+    if len(value) > MAX_CIDRS:
+        raise _Invalid(f"at most {MAX_CIDRS} networks")
+    out = []
+    for item in value:
+        try:
+            out.append(str(ipaddress.ip_network(_text(item))))
+        except ValueError as exc:
+            raise _Invalid(f"invalid network {_show(item)}: {exc}") from None
+    return out
+
+
+MAX_ALIASES = 1024
+MAX_MODEL_NAME = 256
+_MODEL_NAME_RE = re.compile(rf"[^\x00-\x1f\x7f]{{1,{MAX_MODEL_NAME}}}")
+
+
+def is_model_name(name: object) -> bool:
+    """A model name: a string of 1..256 characters without control characters (alias keys and
+    targets, the ``models`` of a registration)."""
+    return isinstance(name, str) and _MODEL_NAME_RE.fullmatch(name) is not None
+
+
+def _aliases(value: object) -> dict[str, str]:
+    """A mapping alias → model name (each 1..256 characters, no control characters), at most
+    :data:`MAX_ALIASES`; an alias never maps to another alias (one lookup resolves it)."""
+    if not isinstance(value, dict):
+        raise _Invalid(f"must be a mapping of alias: model name, got {_show(value)}")
+    if len(value) > MAX_ALIASES:
+        raise _Invalid(f"at most {MAX_ALIASES} aliases")
+    for alias, model in value.items():
+        for what, name in (("alias", alias), (f"alias {_show(alias)}: model", model)):
+            if not is_model_name(name):
+                raise _Invalid(f"{what} must be a string of 1 to {MAX_MODEL_NAME} characters "
+                               f"without control characters, got {_show(name)}")
+        if model in value:
+            raise _Invalid(f"alias {_show(alias)} maps to {_show(model)}, which is an alias too")
+    return dict(value)
+
+
+MAX_REDIS_URL = 2048
+_KEY_PREFIX_RE = re.compile(r"[A-Za-z0-9_.:{}-]{1,64}")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password shown as ``***`` (for messages and logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    return parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{hostport}").geturl()
+
+
+def _redis_url(value: object) -> str:
+    """``redis://[[user]:password@]host[:port][/db]`` or ``rediss://`` (TLS); "" = off. The
+    reason never shows the password."""
+    if not isinstance(value, str):
+        raise _Invalid("must be a string")
+    if not value:
+        return value
+    shown = redact_url(value) if len(value) <= MAX_REDIS_URL else "(too long)"
+    if len(value) > MAX_REDIS_URL or any(c.isspace() or ord(c) < 0x20 for c in value):
+        raise _Invalid(f"must be a redis:// or rediss:// URL, got {shown}")
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise _Invalid(f"invalid URL {shown}: {exc}") from None
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise _Invalid(f"must be a redis:// or rediss:// URL with a host, got {shown}")
+    if port == 0:
+        raise _Invalid(f"port must be between 1 and 65535, got {shown}")
+    if parts.path not in ("", "/") and not re.fullmatch(r"/[0-9]{1,5}", parts.path):
+        raise _Invalid(f"the path must be a database number (/0), got {shown}")
+    return value
+
+
+def _key_prefix(value: object) -> str:
+    """What every Redis key of the shared state starts with (replica groups sharing one Redis
+    use different ones): 1..64 of ``A-Z a-z 0-9 _ . : { } -``."""
+    text = _text(value)
+    if not _KEY_PREFIX_RE.fullmatch(text):
+        raise _Invalid(f"must be 1 to 64 of A-Z a-z 0-9 _ . : {{ }} -, got {_show(value)}")
+    return text
+
+
+_SERVICE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}")
+
+
+def _tracing_enabled(value: object) -> bool:
+    """A boolean; ``true`` needs the ``otel`` extra installed (checked, not imported)."""
+    import importlib.util
+
+    from kvrouter.tracing import OTEL_MODULES
+
+    enabled = _bool(value)
+    if enabled:
+        for module in OTEL_MODULES:
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except ModuleNotFoundError:
+                found = False
+            if not found:
+                raise _Invalid(f"needs OpenTelemetry ({module} is not installed): "
+                               "pip install 'kvrouter[otel]'")
+    return enabled
+
+
+def _service_name(value: object) -> str:
+    """An OpenTelemetry ``service.name``: 1..128 of ``A-Z a-z 0-9 _ . : / -``."""
+    text = _text(value)
+    if not _SERVICE_NAME_RE.fullmatch(text):
+        raise _Invalid(f"must be 1 to 128 of A-Z a-z 0-9 _ . : / - (starting with a letter "
+                       f"or digit), got {_show(value)}")
+    return text
+
+
 # --- the sections: one field per key (default and check side by side) ----------------------
 
 
@@ -204,11 +361,25 @@ class ServerConfig:
     first_byte_timeout_secs: float = field(default=600.0, metadata={"check": _num(0)})
     stream_idle_timeout_secs: float = field(default=300.0, metadata={"check": _num(0)})
     connect_retries: int = field(default=2, metadata={"check": _int(0)})
+    status_retries: int = field(default=1, metadata={"check": _int(0)})
+    retry_budget_percent: float = field(default=20.0, metadata={"check": _num(0, 100)})
     max_body_mb: float = field(default=100.0, metadata={"check": _num(0, strict=True)})
     disaggregate_info_format: str = field(
         default="flat", metadata={"check": _choice("flat", "nested")})
     # worker processes (kvrouter.workers); 1 = one process
     workers: int = field(default=1, metadata={"check": _int(1, MAX_WORKERS)})
+    # client connections (kvrouter.http.server.Limits): what one client may send or hold
+    max_url_bytes: int = field(default=8 << 10, metadata={"check": _int(256, 1 << 20)})
+    max_header_bytes: int = field(default=32 << 10, metadata={"check": _int(1 << 10, 1 << 22)})
+    max_headers: int = field(default=100, metadata={"check": _int(8, 10_000)})
+    header_timeout_secs: float = field(default=20.0, metadata={"check": _num(0, strict=True)})
+    keepalive_timeout_secs: float = field(default=75.0, metadata={"check": _num(0, strict=True)})
+    max_connections: int = field(default=10_000, metadata={"check": _int(1)})
+    # SIGTERM: in-flight requests finish within this, then the rest are cut (0 = at once)
+    shutdown_grace_secs: float = field(default=30.0, metadata={"check": _num(0)})
+    # HTTPS on the listening sockets (kvrouter.http.tls): both or neither, PEM files
+    tls_cert_path: str = field(default="", metadata={"check": _text})
+    tls_key_path: str = field(default="", metadata={"check": _text})
 
 
 @dataclass
@@ -222,14 +393,23 @@ class SchedulerConfig:
     tokenizer_url: str = field(default="", metadata={"check": _url})
     tokenizer_timeout_secs: float = field(default=2.0, metadata={"check": _num(0, strict=True)})
     tokenizer_path: str = field(default="", metadata={"check": _text})
+    # how tokenizer-url is called: that engine's tokenize endpoint (backends.engines)
+    tokenizer_engine: str = field(default="fastdeploy", metadata={"check": _tokenizer_engine})
     stats_interval_secs: float = field(default=5.0, metadata={"check": _num(0)})
     pd_retry_count: int = field(default=3, metadata={"check": _int(0)})
     pd_retry_exclude_decode: bool = field(default=True, metadata={"check": _bool})
+    # the admission queue (kvrouter.admission): limits per instance, 0 = none
+    max_inflight_per_instance: int = field(default=0, metadata={"check": _int(0)})
+    max_queued_prefill_tokens_per_instance: int = field(default=0, metadata={"check": _int(0)})
+    queue_size: int = field(default=1024, metadata={"check": _int(0)})
+    queue_timeout_secs: float = field(default=30.0, metadata={"check": _num(0, strict=True)})
     metrics_scrape_interval_secs: float = field(
         default=2.0, metadata={"check": _num(0, strict=True)})
     metrics_scrape_timeout_secs: float = field(
         default=1.0, metadata={"check": _num(0, strict=True)})
     cache_max_blocks: int = field(default=200_000, metadata={"check": _int(1)})
+    # alias → model name (Router.select); README "Models"
+    model_aliases: dict[str, str] = field(default_factory=dict, metadata={"check": _aliases})
     # cache_aware, remote_cache_aware (policies.cache_aware.CacheAwareConfig)
     balance_abs_threshold: float = field(default=1.0, metadata={"check": _num(0)})
     balance_rel_threshold: float = field(default=0.2, metadata={"check": _num(0, 1)})
@@ -265,6 +445,11 @@ class ManagerConfig:
     health_check_endpoint: str = field(default="/health", metadata={"check": _endpoint})
     unhealthy_removal_secs: float = field(default=300.0, metadata={"check": _num(0)})
     models_refresh_secs: float = field(default=60.0, metadata={"check": _num(0, strict=True)})
+    # https:// instances (kvrouter.http.tls): CA bundle (default: the system CAs), and the
+    # client certificate presented to them (mutual TLS; both or neither), PEM files
+    tls_ca: str = field(default="", metadata={"check": _text})
+    tls_client_cert: str = field(default="", metadata={"check": _text})
+    tls_client_key: str = field(default="", metadata={"check": _text})
 
 
 @dataclass
@@ -274,16 +459,78 @@ class LogConfig:
     max_age_days: float = field(default=7.0, metadata={"check": _num(0)})
     max_total_size_mb: float = field(default=500.0, metadata={"check": _num(0)})
     cleanup_interval_secs: float = field(default=3600.0, metadata={"check": _num(0, strict=True)})
+    # text: "<date> <time>.<ms> LEVEL logger: message"; json: one JSON object per line
+    format: str = field(default="text", metadata={"check": _choice("text", "json")})
+
+
+@dataclass
+class TracingConfig:
+    """OpenTelemetry tracing of inference requests (``pip install kvrouter[otel]``;
+    :mod:`kvrouter.tracing`). Off by default: then nothing of OpenTelemetry is imported."""
+
+    enabled: bool = field(default=False, metadata={"check": _tracing_enabled})
+    # OTLP over HTTP/protobuf; "" = OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT or localhost:4318
+    endpoint: str = field(default="", metadata={"check": _url})
+    service_name: str = field(default="kvrouter", metadata={"check": _service_name})
+    # share of new traces recorded; a request carrying a traceparent follows its sampled flag
+    sample_ratio: float = field(default=1.0, metadata={"check": _num(0, 1)})
 
 
 @dataclass
 class AuthConfig:
-    """Who may call the router (off by default, as in fd-router)."""
+    """Who may call the router (off by default, as in fd-router; README "Authentication").
+    The secrets are left out of ``repr``, so a logged config never shows them."""
+
+    api_keys: list[str] = field(default_factory=list, repr=False,
+                                metadata={"check": _secrets})
+    api_keys_file: str = field(default="", metadata={"check": _text})
+    admin_token: str = field(default="", repr=False, metadata={"check": _secret})
+    register_allow_cidrs: list[str] = field(default_factory=list, metadata={"check": _cidrs})
+    register_source_must_match: bool = field(default=True, metadata={"check": _bool})
+    forward_client_key: bool = field(default=False, metadata={"check": _bool})
 
 
 @dataclass
 class OutlierConfig:
-    """Ejection of instances that keep failing (Envoy's outlier detection is the model)."""
+    """Ejection of instances that keep failing (Envoy's outlier detection is the model;
+    :mod:`kvrouter.control.outlier`). On by default: it only ever leaves out an instance whose
+    answers are mostly failures, for a bounded time, and never more than
+    ``max-ejection-percent`` of a role. ``0`` turns a detection rule off."""
+
+    enabled: bool = field(default=True, metadata={"check": _bool})
+    consecutive_failures: int = field(default=5, metadata={"check": _int(0)})
+    failure_rate_percent: float = field(default=50.0, metadata={"check": _num(0, 100)})
+    min_requests: int = field(default=20, metadata={"check": _int(1)})
+    interval_secs: float = field(default=10.0, metadata={"check": _num(0, strict=True)})
+    base_ejection_secs: float = field(default=30.0, metadata={"check": _num(0, strict=True)})
+    max_ejection_secs: float = field(default=300.0, metadata={"check": _num(0, strict=True)})
+    max_ejection_percent: float = field(default=50.0, metadata={"check": _num(0, 100)})
+    consecutive_successes: int = field(default=10, metadata={"check": _int(1)})
+
+
+@dataclass
+class StateConfig:
+    """Routing state shared by router replicas through Redis (README "Router replicas
+    (Redis)", :mod:`kvrouter.shared.redis`). The URL stays out of ``repr``: it may hold a
+    password."""
+
+    redis_url: str = field(default="", repr=False, metadata={"check": _redis_url})
+    # Redis unreachable at startup: start on local state and keep reconnecting (else exit 1)
+    redis_optional: bool = field(default=False, metadata={"check": _bool})
+    key_prefix: str = field(default="kvrouter", metadata={"check": _key_prefix})
+    # connect and command timeout; a Redis slower than this counts as lost
+    redis_timeout_secs: float = field(default=2.0, metadata={"check": _num(0.1, 60)})
+    # registrations kept in Redis this long after the last heartbeat or leader refresh
+    registry_ttl_secs: float = field(default=60.0, metadata={"check": _num(5, 86400)})
+    # the health-round lease: renewed every third of it; a killed leader is replaced after it
+    leader_ttl_secs: float = field(default=3.0, metadata={"check": _num(0.5, 60)})
+    # each replica stores its in-flight counters in its load key and reads the others' this
+    # often (changes also travel on the event stream at once); a killed replica's counters
+    # stop counting after load-ttl-secs
+    load_interval_secs: float = field(default=0.25, metadata={"check": _num(0.01, 10)})
+    load_ttl_secs: float = field(default=2.0, metadata={"check": _num(0.1, 600)})
+    # recent batches of prefix records kept in Redis for a replica that starts (0 = none)
+    prefix_history: int = field(default=10_000, metadata={"check": _int(0, 1_000_000)})
 
 
 @dataclass
@@ -294,6 +541,8 @@ class RouterConfig:
     log: LogConfig = field(default_factory=LogConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     outlier: OutlierConfig = field(default_factory=OutlierConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     config_path: str | None = None  # the file it was loaded from, for messages
 
 
@@ -314,14 +563,15 @@ _SCHEMA: dict[str, dict[str, Checker]] = {
 
 def load_config(
     path: str | None, *, port: int | None = None, splitwise: bool = False,
-    workers: int | None = None,
+    workers: int | None = None, redis_url: str | None = None,
 ) -> tuple[RouterConfig, list[str]]:
     """Load and validate ``config.yaml`` (docs/fastdeploy.md#configuration), then apply the
     CLI flags.
 
     ``path`` None or ``""`` means defaults only. ``port`` (``--port``) overrides
     ``server.port``; ``splitwise`` (``--splitwise``) is OR-ed with ``server.splitwise``;
-    ``workers`` (``--workers``) overrides ``server.workers``.
+    ``workers`` (``--workers``) overrides ``server.workers``; ``redis_url`` (``--redis-url``)
+    overrides ``state.redis-url``.
     A key whose value is YAML null counts as unset. Returns the config and the warnings
     (unknown keys); raises :class:`ConfigError` on any invalid value.
     """
@@ -331,6 +581,8 @@ def load_config(
         _apply(config, read_yaml_file(path), path, warnings)
         _check_consistency(config, path)
         _resolve_paths(config, path)
+        _check_keys_file(config.auth, path)
+    _auth_from_env(config.auth)
     if port is not None:
         if not 0 <= port <= 65535:
             raise ConfigError(f"config error: --port: must be between 0 and 65535, got {port}")
@@ -340,6 +592,16 @@ def load_config(
             raise ConfigError(f"config error: --workers: must be between 1 and {MAX_WORKERS}, "
                               f"got {workers}")
         config.server.workers = workers
+    if redis_url is not None:
+        try:
+            config.state.redis_url = _redis_url(redis_url)
+        except _Invalid as exc:
+            raise ConfigError(f"config error: --redis-url: {exc}") from None
+    if config.state.redis_url and config.server.workers > 1:
+        # each replica is one process: its worker siblings would share state twice over
+        raise _error(path or "--redis-url", "state.redis-url",
+                     f"cannot be combined with server.workers > 1 (got "
+                     f"{config.server.workers}): run one router process per replica")
     if config.server.port is None:
         raise ConfigError(PORT_MISSING)
     config.server.splitwise = config.server.splitwise or splitwise
@@ -407,12 +669,25 @@ def _check_consistency(config: RouterConfig, path: str) -> None:
             f"must not exceed scheduler.metrics-scrape-interval-secs "
             f"({sched.metrics_scrape_interval_secs:g}), got {sched.metrics_scrape_timeout_secs:g}",
         )
+    state = config.state
+    if state.load_ttl_secs < 3 * state.load_interval_secs:
+        raise _error(path, "state.load-ttl-secs",
+                     f"must be at least 3 × state.load-interval-secs "
+                     f"({3 * state.load_interval_secs:g}), got {state.load_ttl_secs:g}")
+
+
+#: file keys that come in pairs (both or neither), and every TLS file key
+TLS_PAIRS = (("server", "tls-cert-path", "tls-key-path"),
+             ("manager", "tls-client-cert", "tls-client-key"))
+TLS_FILES = (*((sec, key) for sec, a, b in TLS_PAIRS for key in (a, b)), ("manager", "tls-ca"))
 
 
 def _resolve_paths(config: RouterConfig, path: str) -> None:
-    """Resolve relative file keys against the CWD, then the config file's directory."""
+    """Resolve relative file keys against the CWD, then the config file's directory. The TLS
+    files come in pairs and must load (kvrouter.http.tls.check), or startup stops."""
     base = os.path.dirname(os.path.abspath(path))
-    for section, key in (("manager", "register-path"), ("scheduler", "tokenizer-path")):
+    for section, key in (("manager", "register-path"), ("scheduler", "tokenizer-path"),
+                         ("auth", "api-keys-file"), *TLS_FILES):
         target = getattr(config, section)
         attr = key.replace("-", "_")
         value: str = getattr(target, attr)
@@ -426,3 +701,50 @@ def _resolve_paths(config: RouterConfig, path: str) -> None:
         if found is None:
             raise _error(path, f"{section}.{key}", f"file not found: {value}")
         setattr(target, attr, found)
+    for section, first, second in TLS_PAIRS:
+        target = getattr(config, section)
+        given = [k for k in (first, second) if getattr(target, k.replace("-", "_"))]
+        if len(given) == 1:
+            missing = second if given[0] == first else first
+            raise _error(path, f"{section}.{missing}", f"required with {section}.{given[0]}")
+    # imported here: kvrouter.http.tls depends on this module (RouterConfig, ConfigError)
+    from kvrouter.http.tls import check
+
+    check(config)
+
+
+ENV_API_KEYS = "KVROUTER_API_KEYS"
+ENV_ADMIN_TOKEN = "KVROUTER_ADMIN_TOKEN"
+
+
+def _auth_from_env(auth: AuthConfig) -> None:
+    """Secrets from the environment, so they need not sit in a config file:
+    ``KVROUTER_API_KEYS`` (comma-separated) are added to ``auth.api-keys``,
+    ``KVROUTER_ADMIN_TOKEN`` replaces ``auth.admin-token``. Errors never show a value."""
+    keys = [k.strip() for k in os.environ.get(ENV_API_KEYS, "").split(",") if k.strip()]
+    token = os.environ.get(ENV_ADMIN_TOKEN, "").strip()
+    try:
+        if keys:
+            _secrets(keys)                      # an item number counts in the variable
+            auth.api_keys = _secrets(auth.api_keys + keys)
+    except _Invalid as exc:
+        raise _error("$" + ENV_API_KEYS, "auth.api-keys", exc) from None
+    try:
+        if token:
+            auth.admin_token = _secret(token)
+    except _Invalid as exc:
+        raise _error("$" + ENV_ADMIN_TOKEN, "auth.admin-token", exc) from None
+
+
+def _check_keys_file(auth: AuthConfig, path: str) -> None:
+    """Read ``auth.api-keys-file`` once at startup, so a broken one stops the start (later
+    changes are re-read by kvrouter.server.auth, which keeps the previous keys on an error)."""
+    if not auth.api_keys_file:
+        return
+    # imported here: kvrouter.server.auth depends on this module (AuthConfig)
+    from kvrouter.server.auth import KeysFileError, read_keys_file
+
+    try:
+        read_keys_file(auth.api_keys_file)
+    except KeysFileError as exc:
+        raise _error(path, "auth.api-keys-file", exc) from None

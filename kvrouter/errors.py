@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import orjson
 
 from kvrouter.http.response import Response
@@ -24,8 +26,16 @@ class RouterError(Exception):
         return error_body(self.message, self.type, self.code)
 
 
+#: the request field an error code is about: OpenAI's ``param``, added to the error object
+_PARAMS = {"model_not_found": "model"}
+
+
 def error_body(message: str, type_: str, code: str) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": type_, "code": code}})
+    param = _PARAMS.get(code)
+    if param is None:
+        return orjson.dumps({"error": {"message": message, "type": type_, "code": code}})
+    return orjson.dumps({"error": {"message": message, "type": type_, "param": param,
+                                   "code": code}})
 
 
 def error_response(status: int, message: str, type_: str, code: str,
@@ -47,6 +57,18 @@ def invalid_value(message: str) -> RouterError:
     return RouterError(400, message, "invalid_request_error", "invalid_value", "invalid_request")
 
 
+REQUEST_ID_MAX = 256
+REQUEST_ID_RE = re.compile(rf"[\x21-\x7e]{{1,{REQUEST_ID_MAX}}}")
+"""A client's request id as the router passes it on: it reaches the instances, the
+``X-Router-Request-ID`` header and the logs, so visible ASCII only (no space, no control
+character) and bounded."""
+
+
+def invalid_request_id() -> RouterError:
+    return invalid_value(f"request_id must be 1 to {REQUEST_ID_MAX} visible ASCII characters "
+                         "(0x21-0x7E)")
+
+
 def too_large(max_mb: float) -> RouterError:
     return RouterError(413, f"Request body exceeds {max_mb:g} MB", "invalid_request_error",
                        "request_too_large", "invalid_request")
@@ -54,6 +76,16 @@ def too_large(max_mb: float) -> RouterError:
 
 def no_instance(message: str) -> RouterError:
     return RouterError(503, message, "service_unavailable", "no_available_instance", "no_instance")
+
+
+MAX_SHOWN_MODEL = 256   # characters of a requested model name echoed in the 404
+
+
+def model_not_found(model: str) -> RouterError:
+    """No instance serves ``model`` (OpenAI's 404 for an unknown model, ``param: "model"``)."""
+    shown = model if len(model) <= MAX_SHOWN_MODEL else model[:MAX_SHOWN_MODEL] + "..."
+    return RouterError(404, f"The model '{shown}' does not exist", "invalid_request_error",
+                       "model_not_found", "model_not_found")
 
 
 def connect_failed(url: str, err: str) -> RouterError:

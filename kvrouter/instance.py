@@ -15,7 +15,9 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from kvrouter.config import ConfigError, is_hostname, read_yaml_file
+from kvrouter.backends.engines import DEFAULT_ENGINE, ENGINES
+from kvrouter.config import ConfigError, is_hostname, is_model_name, read_yaml_file
+from kvrouter.jsondepth import check_depth
 
 
 class Role(str, enum.Enum):  # noqa: UP042 - str() must stay "Role.MIXED", not "mixed"
@@ -40,6 +42,10 @@ class InstanceInfo:
     is_paused: bool = False
     version: str | None = None
     connected_decodes: tuple = field(default=())
+    bootstrap_port: str | None = None   # SGLang PD: the prefill's KV bootstrap server
+    # a name in kvrouter.backends.engines.ENGINES; None: recognised from its /metrics
+    engine: str | None = DEFAULT_ENGINE
+    models: tuple[str, ...] = ()   # the models it serves, as registered (README "Models")
 
     @property
     def identity(self) -> str:
@@ -75,6 +81,8 @@ MIXED_ROLE_ERROR = "only MIXED instances are allowed"
 _ROLE_CODES = {0: Role.MIXED, 1: Role.PREFILL, 2: Role.DECODE}
 _PROTOCOLS = ("ipc", "rdma")
 _DIGITS_RE = re.compile(r"[0-9]+")
+_SCOPE_RE = re.compile(r"[0-9A-Za-z_.-]{1,64}")   # an IPv6 zone: an interface name or index
+MAX_SHOWN = 256   # characters of a refused value echoed in the reply and the log
 
 
 class RegistrationError(Exception):
@@ -108,6 +116,9 @@ class _Fields:
     is_paused: object
     version: str | None
     connected_decodes: tuple
+    engine: str | None
+    models: list[str]
+    bootstrap_port: int | str | None = None
 
 
 def parse_registration_bytes(raw: bytes, *, splitwise: bool) -> InstanceInfo:
@@ -115,24 +126,28 @@ def parse_registration_bytes(raw: bytes, *, splitwise: bool) -> InstanceInfo:
     if not raw.strip():
         raise RegistrationError(FORMAT_ERROR + "unexpected end of JSON input")
     try:
+        check_depth(raw)   # the stdlib parser recurses once per level
         payload = json.loads(raw, parse_constant=_reject_constant)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise RegistrationError(FORMAT_ERROR + str(exc)) from None
     return parse_registration(payload, splitwise=splitwise)
 
 
-def parse_registration(payload: object, *, splitwise: bool) -> InstanceInfo:
+def parse_registration(payload: object, *, splitwise: bool,
+                       default_engine: str | None = DEFAULT_ENGINE) -> InstanceInfo:
     """Validate a decoded registration payload in the order of
     docs/fastdeploy.md#registration-errors.
 
     Type mismatches are reported first (as fd-router's JSON decode does), then field
     checks, then the mode/role check; the first failure raises :class:`RegistrationError`.
+    ``default_engine`` is the engine of a payload that names none (``None``: recognise it
+    from the instance's ``/metrics``).
     """
     try:
         fields = _decode(payload)
     except _TypeMismatch as exc:
         raise RegistrationError(FORMAT_ERROR + str(exc)) from None
-    info = _validate(fields, splitwise)
+    info = _validate(fields, splitwise, default_engine)
     if splitwise and info.role is Role.MIXED:
         raise RegistrationError(PD_ROLE_ERROR)
     if not splitwise and info.role is not Role.MIXED:
@@ -142,7 +157,8 @@ def parse_registration(payload: object, *, splitwise: bool) -> InstanceInfo:
 
 def load_register_yaml(path: str, *, splitwise: bool) -> list[InstanceInfo]:
     """Parse a register.yaml file (docs/fastdeploy.md#static-instances); any invalid entry is a
-    :class:`ConfigError`."""
+    :class:`ConfigError`. An entry without ``engine`` gets the one its ``/metrics`` shows
+    (these instances never heartbeat, so they need not be FastDeploy)."""
     data = read_yaml_file(path)
     if data is None:
         return []
@@ -156,7 +172,8 @@ def load_register_yaml(path: str, *, splitwise: bool) -> list[InstanceInfo]:
     instances = []
     for index, entry in enumerate(entries):
         try:
-            instances.append(parse_registration(entry, splitwise=splitwise))
+            instances.append(parse_registration(entry, splitwise=splitwise,
+                                                default_engine=None))
         except RegistrationError as exc:
             raise ConfigError(f"config error: {path}: instances[{index}]: {exc.msg}") from None
     return instances
@@ -249,6 +266,9 @@ def _decode(payload: object) -> _Fields:
     connected = payload.get("connected_decodes")
     if connected is not None and not isinstance(connected, list):
         raise _mismatch("connected_decodes", "an array", connected)
+    engine = payload.get("engine")
+    if engine is not None and not isinstance(engine, str):
+        raise _mismatch("engine", "a string", engine)
     return _Fields(
         role=role,
         host_ip=host_ip,
@@ -265,6 +285,9 @@ def _decode(payload: object) -> _Fields:
         is_paused=payload.get("is_paused"),
         version=version,
         connected_decodes=tuple(connected or ()),
+        engine=engine,
+        models=_string_list("models", payload.get("models")),
+        bootstrap_port=_port_like("bootstrap_port", payload.get("bootstrap_port")),
     )
 
 
@@ -272,10 +295,14 @@ def _decode(payload: object) -> _Fields:
 
 
 def _show(value: object) -> str:
-    """Render a value the way fd-router prints it in messages (strings unquoted, JSON otherwise)."""
+    """Render a value the way fd-router prints it in messages (strings unquoted, JSON otherwise).
+    The message is logged too, so a string that is not printable ASCII, or is long, is shown
+    clipped and escaped instead (no forged log lines)."""
     if isinstance(value, str):
-        return value
-    return json.dumps(value, separators=(",", ":"), default=str)
+        if value.isascii() and value.isprintable() and len(value) <= MAX_SHOWN:
+            return value
+        return ascii(value[:MAX_SHOWN])
+    return json.dumps(value, separators=(",", ":"), default=str)[:MAX_SHOWN]
 
 
 def _field_error(inner: str) -> RegistrationError:
@@ -309,9 +336,13 @@ def normalise_host(raw: str) -> tuple[str, str] | None:
     if the host is invalid.
 
     Strips an ``http://``/``https://`` prefix, trailing ``/`` and IPv6 brackets; accepts IP
-    literals (IPv6 compressed) and RFC 1123 host names; lower-cases the result.
+    literals (IPv6 compressed, a zone only of :data:`_SCOPE_RE`) and ASCII RFC 1123 host names;
+    lower-cases the result. The host ends up in the instance URL, which the router sends in
+    ``Host`` and ``X-Router-*-URL`` headers, so nothing else gets through.
     """
     text = raw.strip()
+    if not text.isascii():
+        return None
     scheme = "http"
     for prefix in ("http://", "https://"):
         if text[: len(prefix)].lower() == prefix:
@@ -327,6 +358,9 @@ def normalise_host(raw: str) -> tuple[str, str] | None:
         return None if bracketed or not is_hostname(text) else (scheme, text.lower())
     if bracketed and address.version != 6:
         return None
+    zone = getattr(address, "scope_id", None)
+    if zone is not None and not _SCOPE_RE.fullmatch(zone):
+        return None
     return scheme, str(address).lower()
 
 
@@ -339,7 +373,35 @@ def _tp_size(value: object) -> int | None:
     raise _field_error(f"invalid tp_size: {_show(value)}")
 
 
-def _validate(fields: _Fields, splitwise: bool) -> InstanceInfo:
+def _engine(value: str | None, default: str | None) -> str | None:
+    """A name of :data:`ENGINES` (any case); absent or empty → ``default``. The value may be
+    logged and listed, so a wrong one is echoed clipped and escaped."""
+    if value is None or value == "":
+        return default
+    name = value.lower()
+    if name not in ENGINES:
+        raise _field_error(f"invalid engine: {value[:64]!a} "
+                           f"(one of {', '.join(ENGINES)})")
+    return name
+
+
+MAX_MODELS = 64   # models one registration may list
+
+
+def _models(names: list[str]) -> tuple[str, ...]:
+    """The registered model names (:func:`kvrouter.config.is_model_name`), duplicates dropped;
+    a wrong one is echoed clipped and escaped, as it may be logged."""
+    if len(names) > MAX_MODELS:
+        raise _field_error(f"invalid models: at most {MAX_MODELS} names")
+    for i, name in enumerate(names):
+        if not is_model_name(name):
+            raise _field_error(f"invalid models[{i}]: {name[:64]!a} (1 to 256 characters, "
+                               f"no control characters)")
+    return tuple(dict.fromkeys(names))
+
+
+def _validate(fields: _Fields, splitwise: bool,
+              default_engine: str | None = DEFAULT_ENGINE) -> InstanceInfo:
     role = fields.role
     if role is None or role == "":
         raise _field_error("role is required")
@@ -347,14 +409,14 @@ def _validate(fields: _Fields, splitwise: bool) -> InstanceInfo:
         try:
             role = Role(role.lower())
         except ValueError:
-            raise _field_error(f"invalid role: {role}") from None
+            raise _field_error(f"invalid role: {_show(role)}") from None
 
     host_ip = fields.host_ip
     if not host_ip:
         raise _field_error("host_ip is required")
     parsed_host = normalise_host(host_ip)
     if parsed_host is None:
-        raise _field_error(f"invalid host_ip: {host_ip}")
+        raise _field_error(f"invalid host_ip: {_show(host_ip)}")
     scheme, host = parsed_host
 
     port = fields.port
@@ -371,7 +433,7 @@ def _validate(fields: _Fields, splitwise: bool) -> InstanceInfo:
 
     for protocol in fields.transfer_protocol:
         if protocol not in _PROTOCOLS:
-            raise _field_error(f"invalid protocol: {protocol}")
+            raise _field_error(f"invalid protocol: {_show(protocol)}")
 
     if splitwise:
         for i, value in enumerate(fields.rdma_ports):
@@ -384,6 +446,9 @@ def _validate(fields: _Fields, splitwise: bool) -> InstanceInfo:
     is_paused = fields.is_paused if fields.is_paused is not None else False
     if not isinstance(is_paused, bool):
         raise _field_error(f"invalid is_paused: {_show(is_paused)}")
+    engine = _engine(fields.engine, default_engine)
+    models = _models(fields.models)
+    bootstrap_port = _optional_port("bootstrap_port", fields.bootstrap_port, True)
 
     return InstanceInfo(
         role=role,
@@ -400,4 +465,7 @@ def _validate(fields: _Fields, splitwise: bool) -> InstanceInfo:
         is_paused=is_paused,
         version=fields.version,
         connected_decodes=fields.connected_decodes,
+        engine=engine,
+        models=models,
+        bootstrap_port=bootstrap_port,
     )

@@ -1,15 +1,18 @@
 """Logging setup (``log.*`` in docs/fastdeploy.md#configuration, docs/fastdeploy.md#logs): level,
-stdout or a daily-rotated file."""
+stdout or a daily-rotated file, text or JSON lines (``log.format``)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 import time
 from logging.handlers import TimedRotatingFileHandler
 from pathlib import Path
+
+import orjson
 
 from kvrouter.config import LogConfig
 
@@ -25,6 +28,46 @@ LEVELS = {
 
 _cleanup_stop: threading.Event | None = None
 
+#: ``[request_id:<id>]`` / ``[session_id:<id>]`` at the start of a message
+_TAG_RE = re.compile(r"\[(request_id|session_id):([^\]\s]{1,256})\] ?")
+
+
+def utc_stamp(created: float) -> str:
+    """``2026-11-21T19:20:00.123Z``: a record's time for machines (UTC, milliseconds)."""
+    sec = int(created)
+    return (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+            + f".{int((created - sec) * 1000):03d}Z")
+
+
+def split_tags(message: str) -> tuple[str, dict[str, str]]:
+    """The message without its leading request tags, and the tags as fields."""
+    tags: dict[str, str] = {}
+    while (m := _TAG_RE.match(message)) is not None:
+        tags[m.group(1)] = m.group(2)
+        message = message[m.end():]
+    return message, tags
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time``, ``level``, ``logger``, ``message``, the request
+    tags as ``request_id`` / ``session_id``, the ``fields`` a record carries (the access log's
+    ``method``, ``path``, ``status``, …) and ``exception``. Log shippers parse it without a
+    pattern, and a message can never break a line (newlines are escaped)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message, tags = split_tags(record.getMessage())
+        out: dict[str, object] = {"time": utc_stamp(record.created),
+                                  "level": record.levelname.lower(), "logger": record.name,
+                                  "message": message, **tags}
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            out["exception"] = record.exc_text
+        return orjson.dumps(out, default=str).decode()
+
 
 def log_file_path() -> Path:
     """``$FD_LOG_DIR/router.log`` if that variable is set, else ``logs/router.log`` (CWD)."""
@@ -34,8 +77,9 @@ def log_file_path() -> Path:
 def setup_logging(cfg: LogConfig) -> None:
     """Configure the ``kvrouter`` logger tree; with ``output: file`` also start log retention.
 
-    Lines look like ``2026-11-21 19:20:00.123 INFO kvrouter.x: message``. Calling it again
-    replaces the previous handler (and retention thread).
+    Lines look like ``2026-11-21 19:20:00.123 INFO kvrouter.x: message``, or with
+    ``format: json`` like :class:`JsonFormatter`'s. Calling it again replaces the previous
+    handler (and retention thread).
     """
     global _cleanup_stop
     logger = logging.getLogger(LOGGER_NAME)
@@ -54,7 +98,8 @@ def setup_logging(cfg: LogConfig) -> None:
         _cleanup_stop = _start_cleanup(cfg)
     else:
         handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT, DATE_FORMAT))
+    handler.setFormatter(JsonFormatter() if cfg.format == "json"
+                         else logging.Formatter(LOG_FORMAT, DATE_FORMAT))
     logger.addHandler(handler)
     logger.setLevel(LEVELS[cfg.level])
     logger.propagate = False

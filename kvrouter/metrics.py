@@ -4,18 +4,22 @@
 Counters and histograms are updated as events happen; gauges of per-instance state are read
 from the registry at scrape time by :class:`StateCollector`, so a removed instance's series
 disappear with it and nothing is updated on the hot path that a scrape can compute.
+
+The per-instance label of the ``kvrouter_*`` families is ``url`` (the instance's URL): a label
+named ``instance`` would clash with the target label Prometheus adds to every series.
 """
 
 from __future__ import annotations
 
 import math
+import platform
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import astuple, dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -24,6 +28,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
+from kvrouter import __version__
 from kvrouter.registry import HEALTHY, UNHEALTHY
 
 if TYPE_CHECKING:
@@ -188,6 +193,8 @@ class FastHistogram(Family[_HistogramValue]):
 Counter = FastCounter
 Histogram = FastHistogram
 
+#: the routes whose requests the ``[stats]`` line counts
+INFERENCE_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions"})
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.05, 0.25)
 
@@ -212,42 +219,81 @@ class RouterMetrics:
         self.cache_request = Counter("router_cache_request", "Cache-aware session requests.",
                                      registry=r)
         # kvrouter additions
-        self.ttft = Histogram("kvrouter_request_ttft_seconds", "Receipt to first body byte.",
-                              ["endpoint", "mode"], buckets=LATENCY_BUCKETS, registry=r)
-        self.duration = Histogram("kvrouter_request_duration_seconds", "Receipt to end of relay.",
-                                  ["endpoint", "mode", "stream"], buckets=LATENCY_BUCKETS,
-                                  registry=r)
-        self.decision = Histogram("kvrouter_schedule_decision_seconds", "Time spent choosing.",
-                                  ["role", "policy"], buckets=DECISION_BUCKETS, registry=r)
-        self.selections = Counter("kvrouter_selections", "Instance selections.",
-                                  ["role", "policy", "instance", "strategy"], registry=r)
-        self.errors = Counter("kvrouter_errors", "Errors by kind.", ["kind"], registry=r)
-        self.retries = Counter("kvrouter_retries", "Retries by reason.", ["reason"], registry=r)
-        self.lookup_blocks = Counter("kvrouter_prefix_lookup_blocks", "Prefix blocks looked up.",
-                                     ["role"], registry=r)
-        self.hit_blocks = Counter("kvrouter_prefix_hit_blocks",
-                                  "Prefix blocks predicted to hit.", ["role"], registry=r)
+        self.ttft = Histogram(
+            "kvrouter_request_ttft_seconds", "Seconds from receiving an inference request to "
+            "sending the first byte of the instance's answer body to the client.",
+            ["endpoint", "mode"], buckets=LATENCY_BUCKETS, registry=r)
+        self.duration = Histogram(
+            "kvrouter_request_duration_seconds", "Seconds from receiving an inference request "
+            "to the end of its answer.", ["endpoint", "mode", "stream"],
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.decision = Histogram(
+            "kvrouter_schedule_decision_seconds", "Seconds a routing policy took to choose an "
+            "instance.", ["role", "policy"], buckets=DECISION_BUCKETS, registry=r)
+        self.selections = Counter(
+            "kvrouter_selections", "Instances chosen by the routing policy, by how the choice "
+            "was made (strategy).", ["role", "policy", "url", "strategy"], registry=r)
+        self.errors = Counter("kvrouter_errors", "Failures by kind: error answers, failed "
+                              "connections to instances (also those retried elsewhere), broken "
+                              "or abandoned streams.", ["kind"], registry=r)
+        self.retries = Counter("kvrouter_retries", "Requests sent again to another instance, "
+                               "by reason.", ["reason"], registry=r)
+        self.lookup_blocks = Counter(
+            "kvrouter_prefix_lookup_blocks", "Prompt blocks the cache-aware policies looked up "
+            "in the prefix index.", ["role"], registry=r)
+        self.hit_blocks = Counter(
+            "kvrouter_prefix_hit_blocks", "Prompt blocks the prefix index predicted to be "
+            "cached on the chosen instance.", ["role"], registry=r)
         self.backend_prompt_tokens = Counter(
-            "kvrouter_backend_prompt_tokens", "Prompt tokens reported by instances.",
-            ["instance"], registry=r)
+            "kvrouter_backend_prompt_tokens", "Prompt tokens the instances reported in their "
+            "answers' usage.", ["url"], registry=r)
         self.backend_cached_tokens = Counter(
-            "kvrouter_backend_cached_tokens", "Cached prompt tokens reported by instances.",
-            ["instance"], registry=r)
-        self.scrapes = Counter("kvrouter_metrics_scrape", "Metrics scrapes.",
-                               ["instance", "result"], registry=r)
-        self.health_checks = Counter("kvrouter_health_checks", "Health probes.",
-                                     ["instance", "result"], registry=r)
+            "kvrouter_backend_cached_tokens", "Prompt tokens the instances reported as served "
+            "from their prefix cache.", ["url"], registry=r)
+        self.scrapes = Counter("kvrouter_metrics_scrape", "Scrapes of the instances' /metrics "
+                               "pages, by result.", ["url", "result"], registry=r)
+        self.health_checks = Counter("kvrouter_health_checks", "Health probes of the "
+                                     "instances, by result.", ["url", "result"], registry=r)
+        self.client_requests = Counter(
+            "kvrouter_client_requests", "Requests by the name of the client key that "
+            "authenticated them (auth.*; never the key itself).", ["key"], registry=r)
+        self.outlier_ejections = Counter(
+            "kvrouter_outlier_ejections", "Instances ejected by outlier detection.",
+            ["url", "reason"], registry=r)
+        self.queue_wait = Histogram(
+            "kvrouter_queue_wait_seconds", "Time requests waited in the admission queue for "
+            "an instance with headroom.", ["priority"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_rejections = Counter(
+            "kvrouter_queue_rejections", "Requests the admission queue answered without an "
+            "instance, by reason.", ["reason"], registry=r)
+        self.connections_refused = Counter(
+            "kvrouter_http_connections_refused", "Client connections closed at once because "
+            "server.max-connections were open (per process).", registry=r)
         self._per_instance = (self.selections, self.backend_prompt_tokens,
-                              self.backend_cached_tokens, self.scrapes, self.health_checks)
+                              self.backend_cached_tokens, self.scrapes, self.health_checks,
+                              self.outlier_ejections)
+        # neither is summed over worker processes (not a Family: see summed_families)
+        r.register(_BuildInfo())
+        ProcessCollector(registry=r)
 
     def attach_state(self, registry: Registry, index: PrefixIndex) -> None:
         self.registry.register(StateCollector(registry, index))
 
+    def attach_queue(self, depth: Callable[[str], int], names: list[str]) -> None:
+        """``kvrouter_queue_depth{priority}``: requests waiting now, read at scrape time."""
+        self.registry.register(_LabelledGauge(
+            "kvrouter_queue_depth", "Requests waiting in the admission queue.", "priority",
+            names, depth))
+
+    def attach_outliers(self, ejected: Callable[[], int]) -> None:
+        """``kvrouter_outlier_ejected_instances``: ``ejected()`` at scrape time."""
+        self.registry.register(_Gauge("kvrouter_outlier_ejected_instances",
+                                      "Instances ejected by outlier detection now.", ejected))
+
     def forget_instance(self, url: str) -> None:
         """Delete every labelled series of a removed instance."""
         for metric in self._per_instance:
-            names = metric._labelnames
-            pos = names.index("instance")
+            pos = metric._labelnames.index("url")
             for key in list(metric._metrics):
                 if key[pos] == url:
                     metric.remove(*key)
@@ -258,15 +304,20 @@ class RouterMetrics:
     # -- several routers' counters (kvrouter.shared) ---------------------------------------------
     def stats_totals(self) -> StatsTotals:
         """This router's running totals of the counters the ``[stats]`` line reports."""
+        ended = sum(c.value for key, c in self.http_requests._metrics.items()
+                    if key[0] in INFERENCE_ENDPOINTS)
         return StatsTotals(
             counter_total(self.cache_hit), counter_total(self.cache_request),
             counter_total(self.hit_blocks), counter_total(self.lookup_blocks),
-            counter_total(self.backend_cached_tokens), counter_total(self.backend_prompt_tokens))
+            counter_total(self.backend_cached_tokens), counter_total(self.backend_prompt_tokens),
+            ended)
 
     def summed_families(self) -> list[Family]:
         """The counter and histogram families updated by events, which several routers'
-        answers sum. (The gauges computed from the registry already show shared values, and
-        the prefix-index series describe one router's copy of the index.)"""
+        answers sum. (The gauges computed from the registry already show shared values, the
+        prefix-index series describe one router's copy of the index, and ``process_*`` and
+        ``kvrouter_build_info`` the process that answers: a sum of start times or memory
+        sizes would mean nothing.)"""
         return [v for v in vars(self).values() if isinstance(v, Family)]
 
     def counter_samples(self) -> CounterSamples:
@@ -306,6 +357,7 @@ class StatsTotals:
     lookup_blocks: float = 0.0
     cached_tokens: float = 0.0
     prompt_tokens: float = 0.0
+    requests: float = 0.0       # inference requests that ended (any status)
 
     def __add__(self, other: StatsTotals) -> StatsTotals:
         return StatsTotals(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
@@ -352,6 +404,53 @@ class _Collected:
         return self._metrics
 
 
+class _BuildInfo:
+    """``kvrouter_build_info{version,python} 1``: which kvrouter and Python answer."""
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        fam = GaugeMetricFamily("kvrouter_build_info", "Always 1; the labels name the kvrouter "
+                                "and Python versions of the process that answered.",
+                                labels=["version", "python"])
+        fam.add_metric([__version__, platform.python_version()], 1.0)
+        return [fam]
+
+
+class _Gauge:
+    """One unlabelled gauge read from a function at scrape time."""
+
+    def __init__(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        self._name, self._doc, self._read = name, doc, read
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        fam = GaugeMetricFamily(self._name, self._doc)
+        fam.add_metric([], self._read())
+        return [fam]
+
+
+class _LabelledGauge:
+    """One gauge with one label, read per label value at scrape time."""
+
+    def __init__(self, name: str, doc: str, label: str, values: list[str],
+                 read: Callable[[str], float]) -> None:
+        self._name, self._doc, self._label = name, doc, label
+        self._values, self._read = values, read
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        fam = GaugeMetricFamily(self._name, self._doc, labels=[self._label])
+        for v in self._values:
+            fam.add_metric([v], self._read(v))
+        return [fam]
+
+
 class StateCollector:
     """Gauges computed from registry and prefix-index state at scrape time."""
 
@@ -363,16 +462,20 @@ class StateCollector:
         return []
 
     def collect(self):
-        reqs = GaugeMetricFamily("kvrouter_instance_in_flight_requests",
-                                 "Local in-flight requests R.", labels=["instance", "role"])
-        toks = GaugeMetricFamily("kvrouter_instance_in_flight_tokens",
-                                 "Local in-flight tokens T.", labels=["instance", "role"])
-        state = GaugeMetricFamily("kvrouter_instance_state", "1 for the current state.",
-                                  labels=["instance", "role", "state"])
-        counts = GaugeMetricFamily("kvrouter_instances", "Instances by role and state.",
+        reqs = GaugeMetricFamily(
+            "kvrouter_instance_in_flight_requests", "Requests sent to the instance whose "
+            "answer has not ended yet.", labels=["url", "role"])
+        toks = GaugeMetricFamily(
+            "kvrouter_instance_in_flight_tokens", "Estimated prompt tokens of the requests "
+            "sent to the instance that it has not started answering yet (a request's tokens "
+            "are released at the first byte of its answer).", labels=["url", "role"])
+        state = GaugeMetricFamily("kvrouter_instance_state", "1 for the instance's current "
+                                  "state, 0 for the others.", labels=["url", "role", "state"])
+        counts = GaugeMetricFamily("kvrouter_instances", "Known instances, by role and state.",
                                    labels=["role", "state"])
         age = GaugeMetricFamily("kvrouter_metrics_snapshot_age_seconds",
-                                "Age of the latest metrics snapshot.", labels=["instance"])
+                                "Seconds since the instance's /metrics page was last read.",
+                                labels=["url"])
         tally: dict[tuple[str, str], int] = {}
         now = time.monotonic()
         for inst in self._reg.all():
@@ -387,11 +490,11 @@ class StateCollector:
                 age.add_metric([inst.url], now - inst.snapshot.taken_at)
         for (role, st), n in sorted(tally.items()):
             counts.add_metric([role, st], n)
-        blocks = GaugeMetricFamily("kvrouter_prefix_index_blocks",
-                                   "(block, instance) entries in the prefix index.")
+        blocks = GaugeMetricFamily("kvrouter_prefix_index_blocks", "Entries in this "
+                                   "process's prefix index (one per prompt block and instance).")
         blocks.add_metric([], self._index.size)
-        evictions = _counter_family("kvrouter_prefix_evictions", "Prefix index evictions.",
-                                    "reason", self._index.evictions)
+        evictions = _counter_family("kvrouter_prefix_evictions", "Entries removed from the "
+                                    "prefix index, by reason.", "reason", self._index.evictions)
         return [reqs, toks, state, counts, age, blocks, evictions]
 
 

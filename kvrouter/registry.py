@@ -20,6 +20,10 @@ from kvrouter.load import Load
 HEALTHY = "healthy"
 UNHEALTHY = "unhealthy"
 
+#: FastDeploy answers a request for the model ``default`` with whatever it serves: unless some
+#: instance lists a model of that name, a request for it goes to any instance
+ANY_MODEL = "default"
+
 
 @dataclass(eq=False)
 class Instance:
@@ -34,7 +38,9 @@ class Instance:
     unhealthy_since: float | None = None
     snapshot: MetricsSnapshot | None = None
     stale_after: float = math.inf            # seconds a snapshot stays fresh
-    models: list[dict] = field(default_factory=list)
+    models: list[dict] = field(default_factory=list)              # /v1/models cards
+    #: the ids of its last non-empty ``/v1/models`` answer; ``None``: none yet
+    fetched_models: frozenset[str] | None = None
 
     @property
     def url(self) -> str:
@@ -51,6 +57,15 @@ class Instance:
     @property
     def paused(self) -> bool:
         return self.info.is_paused
+
+    @property
+    def served(self) -> frozenset[str] | None:
+        """The models it serves: its registration's ``models`` and its ``/v1/models`` ids;
+        ``None`` when neither is known (then it is a candidate for every model)."""
+        fetched = self.fetched_models
+        if not self.info.models:
+            return fetched
+        return frozenset(self.info.models) | (fetched or frozenset())
 
     @property
     def routable(self) -> bool:
@@ -73,6 +88,7 @@ class Registry:
         self._instances: dict[str, Instance] = {}
         self._loads: dict[str, Load] = {}
         self._candidates: dict[Role, list[Instance]] | None = None
+        self._models: _ModelLists | None = None
         self.stale_after = stale_after
         self.on_added: list[Callable[[Instance], None]] = []
         self.on_removed: list[Callable[[Instance, str], None]] = []
@@ -87,15 +103,35 @@ class Registry:
         """Every known instance (any role or state), sorted by URL."""
         return sorted(self._instances.values(), key=lambda i: i.url)
 
-    def candidates(self, role: Role) -> list[Instance]:
-        """Routable instances of ``role``, sorted by URL (cached until the registry changes)."""
+    def candidates(self, role: Role, model: str | None = None) -> list[Instance]:
+        """Routable instances of ``role``, sorted by URL (cached until the registry changes).
+
+        With ``model``: those that serve it or whose model list is unknown. Every instance when
+        the known lists name at most one model (a single-model fleet routes as before: the
+        engine judges the name), or for :data:`ANY_MODEL` when none lists it. Lists are cached
+        for the models instances list only, so clients cannot grow the cache.
+        """
         if self._candidates is None:
             by_role: dict[Role, list[Instance]] = {r: [] for r in Role}
             for inst in self.all():
                 if inst.routable:
                     by_role[inst.role].append(inst)
             self._candidates = by_role
-        return self._candidates[role]
+        if model is None:
+            return self._candidates[role]
+        return self._model_lists().candidates(role, model)
+
+    def serves(self, model: str) -> bool:
+        """False when every instance has a known model list, none lists ``model`` and they
+        list two models or more (the request is a 404), else True."""
+        return self._model_lists().serves(model)
+
+    def _model_lists(self) -> _ModelLists:
+        models = self._models
+        if models is None:
+            by_role = {r: self.candidates(r) for r in Role}
+            models = self._models = _ModelLists(self.all(), by_role)
+        return models
 
     def count_routable(self) -> dict[str, int]:
         return {r.value: len(self.candidates(r)) for r in Role}
@@ -120,8 +156,9 @@ class Registry:
 
     # -- changes ----------------------------------------------------------------------------
     def changed(self) -> None:
-        """Invalidate cached candidate lists after a state, role or pause change."""
+        """Invalidate cached candidate lists after a state, role, pause or model change."""
         self._candidates = None
+        self._models = None
 
     def add(self, info: InstanceInfo, *, static: bool = False, healthy: bool = True) -> Instance:
         """Store a new instance (or replace one with the same identity)."""
@@ -188,3 +225,41 @@ class Registry:
                 self.changed()
                 return UNHEALTHY
         return None
+
+
+class _ModelLists:
+    """Which models the instances serve, and the candidate lists per (role, model), built once
+    per registry change."""
+
+    __slots__ = ("_by_role", "_lists", "_unlisted", "known", "unknown")
+
+    def __init__(self, instances: list[Instance], by_role: dict[Role, list[Instance]]) -> None:
+        known: set[str] = set()
+        self.unknown = False            # some instance (any role or state) has no known list
+        for inst in instances:
+            served = inst.served
+            if served is None:
+                self.unknown = True
+            else:
+                known |= served
+        self.known = frozenset(known)
+        self._by_role = by_role
+        #: routable instances of each role whose list is unknown: a model nobody lists
+        self._unlisted = {r: [i for i in insts if i.served is None]
+                          for r, insts in by_role.items()}
+        self._lists: dict[tuple[Role, str], list[Instance]] = {}
+
+    def candidates(self, role: Role, model: str) -> list[Instance]:
+        if model not in self.known:
+            if len(self.known) < 2 or model == ANY_MODEL:
+                return self._by_role[role]
+            return self._unlisted[role]
+        key = (role, model)
+        found = self._lists.get(key)
+        if found is None:
+            found = self._lists[key] = [
+                i for i in self._by_role[role] if (s := i.served) is None or model in s]
+        return found
+
+    def serves(self, model: str) -> bool:
+        return self.unknown or len(self.known) < 2 or model in self.known or model == ANY_MODEL

@@ -21,7 +21,8 @@ Factory = Callable[..., Awaitable[SimInstance]]
 """The ``sim`` fixture: ``await sim(**SimConfig fields)`` → a started instance."""
 
 QUIET = {"scheduler": {"stats-interval-secs": 0},
-         "manager": {"health-check-interval-secs": 60}}
+         "manager": {"health-check-interval-secs": 60},
+         "server": {"shutdown-grace-secs": 5}}
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -42,10 +43,11 @@ class RouterProcess:
         self.log_path = log_path
         self.port = 0
         self.host = "127.0.0.1"
+        self.scheme = "http"
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -84,6 +86,8 @@ async def start_router(tmp_path: Path, config: dict | None = None, *args: str,
                 text = line.decode()
                 if text.startswith("Starting server on "):
                     hostport = text.split()[-1]
+                    if "://" in hostport:
+                        router.scheme, _, hostport = hostport.partition("://")
                     host, _, port = hostport.rpartition(":")
                     router.port = int(port)
                     if host not in ("0.0.0.0", "[::]"):

@@ -170,3 +170,52 @@ def test_live_run_through_kvrouter(tmp_path):
         assert 0 < r["ttft_p50"] <= r["ttft_p99"] and r["itl_p50"] > 0
     assert (tmp_path / "out" / "hit_rate_vs_rate.png").exists()
     assert "round_robin" in proc.stdout
+
+
+def test_admission_both_rows_rejections_and_goodput(tmp_path, capsys):
+    """``--admission both``: every run twice; with a tiny queue the burst is partly rejected,
+    and the rejected requests count as missing the SLO."""
+    j = tmp_path / "adm.json"
+    rc = bench_main(["policies", *TINY, "--policies", "round_robin,kv_cost", "--admission",
+                     "both", "--max-inflight", "1", "--queue-size", "2", "--sweep", "4,400",
+                     "--json", str(j), "--no-plots"])
+    assert rc == 0
+    rows = json.loads(j.read_text())
+    runs = [r for r in rows if r["kind"] == "run"]
+    assert [(r["policy"], r["admission"], r["rate"]) for r in runs] == \
+        [(p, a, rate) for p in ("round_robin", "kv_cost") for a in (False, True)
+         for rate in (4.0, 400.0)]
+    for r in runs:
+        assert r["completed"] + r["failed"] + r["rejected"] == 40
+        assert r["slo_attainment"] * 40 <= r["completed"] + 1e-9
+        assert r["slo_rps"] * r["duration"] == pytest.approx(r["slo_attainment"] * 40)
+        if r["admission"]:
+            limits = r["admission_limits"]
+            assert (limits["max_inflight"], limits["queue_size"], limits["queue_timeout"]) == \
+                (1, 2, 0.5)
+            # 1 s (half the TTFT SLO) of llama3-8b prefill: ~25k tokens
+            assert limits["max_prefill_tokens"] == pytest.approx(25_400, rel=0.02)
+            assert r["queue_peak"] <= 2
+        else:
+            assert r["rejected"] == 0 and "admission_limits" not in r
+    burst = [r for r in runs if r["admission"] and r["rate"] == 400.0]
+    assert all(r["rejected"] > 0 and r["rejections"]["queue_full"] > 0 for r in burst)
+    gps = [(g["policy"], g["admission"]) for g in rows if g["kind"] == "goodput"]
+    assert gps == [("round_robin", False), ("round_robin", True), ("kv_cost", False),
+                   ("kv_cost", True)]
+    table = capsys.readouterr().out
+    assert " rej " in table and "kv_cost +adm" in table
+
+
+def test_admission_default_limits_come_from_the_engine_and_the_slo(tmp_path):
+    j = tmp_path / "a.json"
+    assert bench_main(["policies", *TINY, "--policies", "request_num", "--admission", "on",
+                       "--slo-ttft", "1", "--rate", "4", "--json", str(j), "--no-plots"]) == 0
+    (row,) = json.loads(j.read_text())
+    # 64 blocks × 64 tokens per instance / (1024 + 128 prompt + 8 output tokens) = 3 in flight;
+    # 0.5 s of prefill at the preset's rate; a quarter of the TTFT SLO in the queue
+    limits = row["admission_limits"]
+    assert (limits["max_inflight"], limits["queue_size"], limits["queue_timeout"]) == \
+        (3, 1024, 0.25)
+    assert limits["max_prefill_tokens"] == pytest.approx(12_700, rel=0.02)
+    assert bench_main(["policies", *TINY, "--admission", "on", "--queue-timeout", "0"]) == 2

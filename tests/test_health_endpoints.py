@@ -185,7 +185,7 @@ async def test_fallback_records_and_partial_hits(fleet: Fleet) -> None:
 
     assert await chosen(r, conv_b) == p2.url, "imbalance (2 vs 0) falls back to min tokens"
     text = await metrics_text(r)
-    assert sample(text, "kvrouter_selections_total", instance=p2.url,
+    assert sample(text, "kvrouter_selections_total", url=p2.url,
                   strategy="imbalance_fallback") == 1
     for task in (slow1, slow2):
         status, body, _ = await task
@@ -198,7 +198,7 @@ async def test_fallback_records_and_partial_hits(fleet: Fleet) -> None:
     assert await chosen(r, conv_b) == p2.url, "B was recorded on P2 by the fallback decision"
     assert await chosen(r, conv_a) == p1.url
     text = await metrics_text(r)
-    assert sample(text, "kvrouter_selections_total", instance=p2.url,
+    assert sample(text, "kvrouter_selections_total", url=p2.url,
                   strategy="cache_aware_scoring") >= 1
     # shorter than one block (4 code points): no hashes, still served
     status, body, _ = await send(r, {"prompt": "ab", "max_tokens": 1}, "/v1/completions")
@@ -250,7 +250,7 @@ async def test_remote_metrics_score(fleet: Fleet) -> None:
 
     async def scrapes(inst: SimInstance, result: str = "success") -> float:
         return sample(await metrics_text(r), "kvrouter_metrics_scrape_total",
-                      instance=inst.url, result=result) or 0
+                      url=inst.url, result=result) or 0
 
     async def both_scraped() -> bool:
         return await scrapes(a) >= 1 and await scrapes(b) >= 1
@@ -359,10 +359,10 @@ async def test_failure_and_success_thresholds(fleet: Fleet) -> None:
 
     async def health_counts() -> tuple[float, float, str]:
         text = await metrics_text(r)
-        fails = sample(text, "kvrouter_health_checks_total", instance=inst.url, result="failure")
-        oks = sample(text, "kvrouter_health_checks_total", instance=inst.url, result="success")
+        fails = sample(text, "kvrouter_health_checks_total", url=inst.url, result="failure")
+        oks = sample(text, "kvrouter_health_checks_total", url=inst.url, result="success")
         state = next((s for s in ("healthy", "unhealthy", "paused")
-                      if sample(text, "kvrouter_instance_state", instance=inst.url,
+                      if sample(text, "kvrouter_instance_state", url=inst.url,
                                 state=s) == 1), "?")
         return fails or 0, oks or 0, state
 
@@ -466,12 +466,12 @@ async def test_unhealthy_removal(fleet: Fleet) -> None:
     # counter moves twice), then no series may carry the removed instance's label
     async def other_scrapes() -> float:
         return sample(await metrics_text(r), "kvrouter_metrics_scrape_total",
-                      instance=other.url) or 0
+                      url=other.url) or 0
 
     base = await other_scrapes()
     await wait_for(lambda: _gt(other_scrapes(), base + 1), timeout=5)
     text = await metrics_text(r)
-    leftovers = [line for line in text.splitlines() if f'instance="{inst.url}"' in line]
+    leftovers = [line for line in text.splitlines() if f'url="{inst.url}"' in line]
     assert leftovers == [], "a removed instance's series must be deleted"
 
     inst.knobs.health_status = 200
@@ -692,8 +692,9 @@ async def test_not_found_and_method_not_allowed(fleet: Fleet) -> None:
 STATS_RE = re.compile(
     r"\[stats\] total_running=(\d+), workers: \[(.*)\], "
     r"cache_hit_rate=(\d+\.\d\d)% \(hits=(\d+)/total=(\d+)\), prefix_hit_rate=(\d+\.\d\d)%, "
-    r"measured_hit_rate=(\d+\.\d\d)%$")
-WORKER_RE = re.compile(r"(http://\S+): running=(\d+) tokens=(\d+) state=(healthy|unhealthy|paused)")
+    r"measured_hit_rate=(\d+\.\d\d)%, requests=(\d+)$")
+WORKER_RE = re.compile(r"(http://\S+): running=(\d+) prefill_tokens=(\d+) decoding=(\d+) "
+                       r"state=(healthy|unhealthy|paused)")
 
 
 def stats_lines(router: RouterProcess) -> list[re.Match]:
@@ -726,12 +727,13 @@ async def test_stats_line_format(fleet: Fleet) -> None:
     lines = stats_lines(r)
     busy, after = lines[n1], lines[n1 + 1]
 
-    total_running, workers, rate, hits, total, prefix_rate, measured = busy.groups()
-    assert total_running == "0"
+    total_running, workers, rate, hits, total, prefix_rate, measured, ended = busy.groups()
+    assert total_running == "0" and ended == "2"
     items = WORKER_RE.findall(workers)
     assert [i[0] for i in items] == [a.url, b.url], "workers sorted by URL"
-    assert workers == ", ".join(f"{u}: running={n} tokens={t} state={s}" for u, n, t, s in items)
-    assert [i[3] for i in items] == ["healthy", "paused"]
+    assert workers == ", ".join(f"{u}: running={n} prefill_tokens={t} decoding={d} state={s}"
+                                for u, n, t, d, s in items)
+    assert [i[4] for i in items] == ["healthy", "paused"]
     assert (hits, total, rate) == ("1", "2", "50.00")
     assert prefix_rate == "50.00"
     # measured at the instances: cached / prompt tokens from their usage, this interval
@@ -741,7 +743,7 @@ async def test_stats_line_format(fleet: Fleet) -> None:
     assert prompt > 0
     assert measured == f"{100.0 * cached / prompt:.2f}"
     # per interval: the next line starts from zero
-    assert after.group(4, 5, 3, 6, 7) == ("0", "0", "0.00", "0.00", "0.00")
+    assert after.group(4, 5, 3, 6, 7, 8) == ("0", "0", "0.00", "0.00", "0.00", "0")
 
 
 # --- kvrouter_* families on /metrics (docs/fastdeploy.md#metrics) ---------------------------------
@@ -797,8 +799,8 @@ async def test_metrics_kvrouter_families(fleet: Fleet) -> None:
 
     async def scraped_and_probed() -> bool:
         t = await metrics_text(r)
-        return bool(sample(t, "kvrouter_metrics_scrape_total", instance=inst.url)
-                    and sample(t, "kvrouter_health_checks_total", instance=inst.url))
+        return bool(sample(t, "kvrouter_metrics_scrape_total", url=inst.url)
+                    and sample(t, "kvrouter_health_checks_total", url=inst.url))
 
     await wait_for(scraped_and_probed, timeout=5)
     text = await metrics_text(r)
@@ -807,24 +809,24 @@ async def test_metrics_kvrouter_families(fleet: Fleet) -> None:
     assert not missing, f"missing or mistyped families: {missing}"
 
     url = inst.url
-    assert sample(text, "kvrouter_instance_in_flight_requests", instance=url, role="mixed") == 0
-    assert sample(text, "kvrouter_instance_in_flight_tokens", instance=url, role="mixed") == 0
-    assert sample(text, "kvrouter_instance_state", instance=url, role="mixed",
+    assert sample(text, "kvrouter_instance_in_flight_requests", url=url, role="mixed") == 0
+    assert sample(text, "kvrouter_instance_in_flight_tokens", url=url, role="mixed") == 0
+    assert sample(text, "kvrouter_instance_state", url=url, role="mixed",
                   state="healthy") == 1
-    assert sample(text, "kvrouter_instance_state", instance=url, role="mixed",
+    assert sample(text, "kvrouter_instance_state", url=url, role="mixed",
                   state="unhealthy") == 0
     assert sample(text, "kvrouter_instances", role="mixed", state="healthy") == 1
     assert sample(text, "kvrouter_request_ttft_seconds_count", mode="mixed") >= 1
     assert sample(text, "kvrouter_request_duration_seconds_count", mode="mixed") == 3
     assert sample(text, "kvrouter_schedule_decision_seconds_count", role="mixed",
                   policy="remote_cache_aware") == 3
-    assert sample(text, "kvrouter_selections_total", instance=url, role="mixed") == 3
+    assert sample(text, "kvrouter_selections_total", url=url, role="mixed") == 3
     assert sample(text, "kvrouter_errors_total", kind="invalid_request") == 1
     assert sample(text, "kvrouter_prefix_lookup_blocks_total", role="mixed") > 0
     assert sample(text, "kvrouter_prefix_hit_blocks_total", role="mixed") > 0
     assert sample(text, "kvrouter_prefix_index_blocks") > 0
-    assert sample(text, "kvrouter_backend_prompt_tokens_total", instance=url) > 0
-    assert sample(text, "kvrouter_backend_cached_tokens_total", instance=url) is not None
-    assert sample(text, "kvrouter_metrics_scrape_total", instance=url, result="success") >= 1
-    assert sample(text, "kvrouter_metrics_snapshot_age_seconds", instance=url) is not None
-    assert sample(text, "kvrouter_health_checks_total", instance=url, result="success") >= 1
+    assert sample(text, "kvrouter_backend_prompt_tokens_total", url=url) > 0
+    assert sample(text, "kvrouter_backend_cached_tokens_total", url=url) is not None
+    assert sample(text, "kvrouter_metrics_scrape_total", url=url, result="success") >= 1
+    assert sample(text, "kvrouter_metrics_snapshot_age_seconds", url=url) is not None
+    assert sample(text, "kvrouter_health_checks_total", url=url, result="success") >= 1

@@ -481,7 +481,7 @@ async def test_slow_client_backpressure_bounds_router_memory():
                 await asyncio.sleep(0.005)
             inst.transport.write(chunk(event))
             sent.append(1)
-        inst.transport.write(b"0\r\n\r\n")
+        inst.transport.write(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
 
     fake = await FakeInstance(script).start()
     async with router_app(fake) as (app, port, http):
@@ -504,10 +504,11 @@ async def test_slow_client_backpressure_bounds_router_memory():
             data = await reader.readexactly(n + 2)
             digest.update(data[:-2])
             size += n
-        assert size == len(event) * total
+        assert size == len(event) * total + len(b"data: [DONE]\n\n")
         expected = hashlib.sha256()
         for _ in range(total):
             expected.update(event)
+        expected.update(b"data: [DONE]\n\n")
         assert digest.hexdigest() == expected.hexdigest()
         writer.close()
     fake.close()

@@ -130,7 +130,7 @@ async def test_connect_failure_retries_elsewhere_and_probes(router_factory, sims
 
     async def a_probed():
         text = await metrics_text(router)
-        return f'kvrouter_health_checks_total{{instance="{a.url}",result="failure"}}' in text
+        return f'kvrouter_health_checks_total{{result="failure",url="{a.url}"}}' in text
 
     await wait_for(a_probed, 5)
 
@@ -245,7 +245,7 @@ async def test_inference_metrics(router_factory, sims):  # docs/fastdeploy.md#me
     m = re.search(r'^http_requests_total\{endpoint="/v1/chat/completions",method="POST",'
                   r'status_code="200"\} (\S+)$', text, re.M)
     assert m and float(m.group(1)) >= 1
-    assert re.search(rf'^kvrouter_backend_prompt_tokens_total\{{instance="{re.escape(a.url)}"\}} '
+    assert re.search(rf'^kvrouter_backend_prompt_tokens_total\{{url="{re.escape(a.url)}"\}} '
                      r'[1-9]', text, re.M)
 
 

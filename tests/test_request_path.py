@@ -40,6 +40,7 @@ from kvrouter.router import Router
 from kvrouter.server.app import App
 from kvrouter.server.forward import forward_block
 from kvrouter.server.relay import response_head, usage_of
+from kvrouter.server.retry import RetryRatio
 
 URL = "http://127.0.0.1:%d"
 
@@ -174,15 +175,20 @@ async def mixed_app(*instances, **server_cfg):
             await settled(app)
 
 
-def pd_info(role: Role, port: int) -> InstanceInfo:
-    """A FastDeploy PD registration (rdma on both sides, so every pair can be made)."""
+def pd_info(role: Role, port: int, engine: str | None = None) -> InstanceInfo:
+    """A PD registration: FastDeploy's (rdma on both sides, so every pair can be made), or
+    a vLLM / SGLang one."""
+    if engine is not None:
+        return InstanceInfo(role=role, host="127.0.0.1", scheme="http", port=str(port),
+                            engine=engine, bootstrap_port="9011" if engine == "sglang" else None)
     return InstanceInfo(role=role, host="127.0.0.1", scheme="http", port=str(port),
                         connector_port=str(8100 + port % 100), engine_worker_queue_port="8200",
                         transfer_protocol=("rdma",), rdma_ports=("7000",), device_ids=("0",))
 
 
 @contextlib.asynccontextmanager
-async def pd_app(prefills, decodes, *, scheduler: dict | None = None, **server_cfg):
+async def pd_app(prefills, decodes, *, scheduler: dict | None = None, engine: str | None = None,
+                 **server_cfg):
     cfg = RouterConfig()
     cfg.server.splitwise = True
     for k, v in server_cfg.items():
@@ -191,9 +197,9 @@ async def pd_app(prefills, decodes, *, scheduler: dict | None = None, **server_c
         setattr(cfg.scheduler, k, v)
     router = Router(cfg)
     for inst in prefills:
-        router.registry.add(pd_info(Role.PREFILL, inst.port))
+        router.registry.add(pd_info(Role.PREFILL, inst.port, engine))
     for inst in decodes:
-        router.registry.add(pd_info(Role.DECODE, inst.port))
+        router.registry.add(pd_info(Role.DECODE, inst.port, engine))
     s = cfg.server
     pool = UpstreamPool(s.connect_timeout_secs, s.first_byte_timeout_secs,
                         s.stream_idle_timeout_secs)
@@ -429,8 +435,8 @@ async def test_relay_non_sse_keeps_content_length_and_counts_usage():
             assert "transfer-encoding" not in headers
         url = URL % fake.port
         await until(lambda: sample(app, "kvrouter_backend_prompt_tokens_total",
-                                   instance=url) == 14)
-        assert sample(app, "kvrouter_backend_cached_tokens_total", instance=url) == 6
+                                   url=url) == 14)
+        assert sample(app, "kvrouter_backend_cached_tokens_total", url=url) == 6
 
 
 SSE_EVENTS = [b'data: {"choices":[{"delta":{"content":"a"}}]} \n\n',
@@ -462,8 +468,8 @@ async def test_relay_sse_chunked_to_http11_close_delimited_to_http10():
             assert await r.read() == b"".join(SSE_EVENTS)
         url = URL % fake.port
         await until(lambda: sample(app, "kvrouter_backend_prompt_tokens_total",
-                                   instance=url) == 22)
-        assert sample(app, "kvrouter_backend_cached_tokens_total", instance=url) == 8
+                                   url=url) == 22)
+        assert sample(app, "kvrouter_backend_cached_tokens_total", url=url) == 8
 
 
 @on_loop
@@ -485,6 +491,70 @@ async def test_relay_sse_broken_after_a_complete_event_ends_with_stream_interrup
         assert err["code"] == "stream_interrupted" and err["type"] == "backend_error"
         assert err["message"].startswith("upstream stream interrupted")
         assert in_flight(app) == 0
+
+
+def sse_script(*pieces: bytes) -> Callable:
+    """An SSE answer written as the given chunks (small pauses between them), ended cleanly."""
+    async def script(inst, head, raw):
+        inst.transport.write(SSE_HEAD)
+        for p in pieces:
+            inst.transport.write(chunk(p))
+            await asyncio.sleep(0.002)
+        inst.transport.write(b"0\r\n\r\n")
+    return script
+
+
+def assert_interrupted(body: bytes) -> None:
+    events = [e for e in body.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]"
+    err = orjson.loads(events[-2][len(b"data: "):])["error"]
+    assert err["code"] == "stream_interrupted", body
+
+
+@on_loop
+async def test_relay_sse_clean_end_without_done_ends_with_stream_interrupted():
+    """An instance that closes its stream cleanly mid-answer: the client is told."""
+    cut = SSE_EVENTS[:2]
+    async with fakes(sse_script(*cut)) as (fake,), mixed_app(fake) as (app, port, _):
+        status, _, body = await ask(port, orjson.dumps({"stream": True}))
+        assert status == 200 and body.startswith(b"".join(cut))
+        assert_interrupted(body)
+        assert sample(app, "kvrouter_errors_total", kind="stream_interrupted") == 1
+        assert in_flight(app) == 0
+
+
+@on_loop
+async def test_relay_sse_unterminated_last_event_is_closed_before_the_interruption():
+    async with fakes(sse_script(SSE_EVENTS[0], b"data: {}")) as (fake,), \
+            mixed_app(fake) as (_app, port, _):
+        _, _, body = await ask(port, orjson.dumps({"stream": True}))
+        assert body.startswith(SSE_EVENTS[0] + b"data: {}\n\n")
+        assert_interrupted(body)
+
+
+@on_loop
+async def test_relay_sse_done_split_over_small_chunks_is_a_normal_end():
+    pieces = [*SSE_EVENTS[:-1], b"data: [DO", b"NE]", b"\n", b"\n"]
+    async with fakes(sse_script(*pieces)) as (fake,), mixed_app(fake) as (app, port, _):
+        status, _, body = await ask(port, orjson.dumps({"stream": True}))
+        assert status == 200 and body == b"".join(pieces)
+        assert sample(app, "kvrouter_errors_total", kind="stream_interrupted") == 0
+
+
+@on_loop
+async def test_pd_decode_stream_without_done_ends_with_stream_interrupted():
+    kv = KvCache()
+
+    def answer(inst) -> None:
+        inst.transport.write(SSE_HEAD + chunk(SSE_EVENTS[0]) + b"0\r\n\r\n")
+
+    stream = orjson.loads(PD_BODY) | {"stream": True}
+    async with fakes(kv.prefill(200, PREFILL_OK), kv.decode(answer)) as (p, d), \
+            pd_app([p], [d]) as (app, port):
+        status, _, body = await ask(port, orjson.dumps(stream))
+        assert status == 200 and body.startswith(SSE_EVENTS[0])
+        assert_interrupted(body)
+        await settled(app)
 
 
 @on_loop
@@ -850,13 +920,75 @@ async def test_mixed_client_disconnect_before_the_answer_releases_the_load():
 
 
 @on_loop
-async def test_mixed_instance_error_status_is_relayed_not_retried():
+async def test_mixed_5xx_is_retried_once_then_relayed():
+    """Every instance answers 503: one retry (server.status-retries), then the answer."""
     bad = json_script(503, b'{"error":"overloaded"}')
-    async with fakes(bad, bad) as (a, b), mixed_app(a, b) as (app, port, _):
+    async with fakes(bad, bad, bad) as (a, b, c), mixed_app(a, b, c) as (app, port, _):
         status, headers, body = await ask(port)
         assert status == 503 and body == b'{"error":"overloaded"}'
-        assert headers["x-router-mixed-url"] == min(URL % a.port, URL % b.port)
-        assert len(a.requests) + len(b.requests) == 1 and retries(app, "connect") == 0
+        assert len(a.requests) + len(b.requests) + len(c.requests) == 2
+        assert retries(app, "status") == 1 and retries(app, "connect") == 0
+        assert headers["x-router-mixed-url"] in {URL % f.port for f in (a, b, c) if f.requests}
+
+
+@on_loop
+async def test_mixed_500_is_retried_on_another_instance():
+    async with fakes(json_script(500, b'{"error":"boom"}'), json_script(200, b'{"ok":1}')) \
+            as (bad, good), mixed_app(bad, good) as (app, port, _):
+        lease = hold(app, good.port, tokens=0)     # the failing one goes first
+        try:
+            status, headers, body = await ask(port)
+        finally:
+            lease.release()
+        assert status == 200 and body == b'{"ok":1}'
+        assert headers["x-router-mixed-url"] == URL % good.port
+        assert len(bad.requests) == 1 and retries(app, "status") == 1
+
+
+@on_loop
+async def test_mixed_5xx_with_no_other_instance_is_relayed():
+    async with fakes(json_script(502, b'{"error":"x"}')) as (bad,), \
+            mixed_app(bad) as (app, port, _):
+        status, _, body = await ask(port)
+        assert status == 502 and body == b'{"error":"x"}'
+        assert len(bad.requests) == 1 and retries(app, "status") == 0
+
+
+@on_loop
+async def test_mixed_4xx_is_never_retried():
+    bad = json_script(429, b'{"error":"slow down"}')
+    async with fakes(bad, bad) as (a, b), mixed_app(a, b) as (app, port, _):
+        status, _, _ = await ask(port)
+        assert status == 429 and len(a.requests) + len(b.requests) == 1
+        assert retries(app, "status") == 0
+
+
+@on_loop
+async def test_pd_decode_500_is_retried_on_another_decode():
+    kv = KvCache()
+    async with fakes(kv.prefill(200, PREFILL_OK), kv.decode_json(500, b'{"error":"x"}'),
+                     kv.decode_json(200, DECODE_OK)) as (p, bad, good), \
+            pd_app([p], [bad, good]) as (app, port):
+        lease = hold(app, good.port)          # the failing decode is chosen first
+        try:
+            status, headers, body = await ask(port, PD_BODY)
+        finally:
+            lease.release()
+        assert status == 200 and body == DECODE_OK
+        assert headers["x-router-decode-url"] == URL % good.port
+        assert headers["x-router-request-id"] == "req-1-retry1"
+        assert retries(app, "status") == 1
+
+
+def test_retry_ratio_caps_retries_at_a_share_of_requests():
+    now = [0.0]
+    ratio = RetryRatio(20, window=10.0, floor=3, clock=lambda: now[0])
+    assert [ratio.take() for _ in range(4)] == [True, True, True, False]   # the floor
+    for _ in range(100):
+        ratio.request()
+    assert sum(ratio.take() for _ in range(50)) == 17       # 20 % of 100, 3 already spent
+    now[0] = 25.0                                            # two windows later: fresh
+    assert ratio.take()
 
 
 @on_loop
@@ -869,3 +1001,87 @@ async def test_mixed_first_byte_timeout_is_504():
         assert retries(app, "connect") == 0
 
 
+# -- PD with other engines' protocols -----------------------------------------------------------
+KV_PARAMS = {"do_remote_prefill": True, "remote_block_ids": [1, 2, 3], "remote_host": "127.0.0.1",
+             "remote_port": 19011, "remote_engine_id": "e-1"}
+
+
+@on_loop
+async def test_pd_vllm_two_stages_pass_kv_transfer_params():
+    """vLLM: the prefill gets max_tokens 1, stream false and do_remote_decode; the decode
+    gets the client's request plus the kv_transfer_params the prefill answered with, and is
+    sent only after the prefill answered."""
+    order: list[str] = []
+
+    async def prefill(inst, head, raw):
+        order.append("prefill")
+        reply(inst, 200, orjson.dumps({"choices": [{"index": 0}], "kv_transfer_params": KV_PARAMS,
+                                       "usage": {"prompt_tokens": 5}}))
+
+    async def decode(inst, head, raw):
+        order.append("decode")
+        inst.transport.write(SSE_HEAD + chunk(SSE_EVENTS[0]) + chunk(b"data: [DONE]\n\n")
+                             + b"0\r\n\r\n")
+
+    client = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+              "max_tokens": 7, "stream_options": {"include_usage": True}}
+    async with fakes(prefill, decode) as (p, d), pd_app([p], [d], engine="vllm") as (_app, port):
+        status, headers, body = await ask(port, orjson.dumps(client))
+        assert status == 200 and body == SSE_EVENTS[0] + b"data: [DONE]\n\n"
+        assert order == ["prefill", "decode"]
+        sent_p, sent_d = sent_json(p), sent_json(d)
+        assert sent_p["max_tokens"] == 1 and sent_p["stream"] is False
+        assert "stream_options" not in sent_p
+        assert sent_p["kv_transfer_params"]["do_remote_decode"] is True
+        assert sent_d == client | {"kv_transfer_params": KV_PARAMS}
+        assert headers["x-router-decode-url"] == URL % d.port
+
+
+@on_loop
+async def test_pd_vllm_prefill_connect_failure_is_retried_before_the_decode():
+    dead = Dead()
+
+    async def prefill(inst, head, raw):
+        reply(inst, 200, orjson.dumps({"kv_transfer_params": KV_PARAMS}))
+
+    async with fakes(prefill, json_script(200, DECODE_OK)) as (p, d), \
+            pd_app([dead, p], [d], engine="vllm") as (app, port):
+        lease = hold(app, p.port)
+        try:
+            status, _, body = await ask(port, PD_BODY)
+        finally:
+            lease.release()
+        assert status == 200 and body == DECODE_OK
+        assert len(d.requests) == 1 and retries(app, "connect") == 1
+    dead.close()
+
+
+@on_loop
+async def test_pd_sglang_both_legs_get_the_same_bootstrap_room():
+    async with fakes(json_script(200, b"{}"), json_script(200, DECODE_OK)) as (p, d), \
+            pd_app([p], [d], engine="sglang") as (_app, port):
+        status, _, body = await ask(port, PD_BODY)
+        assert status == 200 and body == DECODE_OK
+        sent_p, sent_d = sent_json(p), sent_json(d)
+        assert sent_p == sent_d
+        assert sent_p["bootstrap_host"] == "127.0.0.1" and sent_p["bootstrap_port"] == 9011
+        assert 0 <= sent_p["bootstrap_room"] < 1 << 63
+        _, _, _ = await ask(port, PD_BODY)
+        assert sent_json(p)["bootstrap_room"] != sent_p["bootstrap_room"]
+
+
+
+def test_sglang_registration_carries_its_bootstrap_port():
+    from kvrouter.instance import RegistrationError, parse_registration_bytes
+
+    info = parse_registration_bytes(
+        b'{"role":"prefill","host_ip":"127.0.0.1","port":8000,"engine":"sglang",'
+        b'"bootstrap_port":9011}', splitwise=True)
+    assert info.engine == "sglang" and info.bootstrap_port == "9011"
+    try:
+        parse_registration_bytes(b'{"role":"prefill","host_ip":"127.0.0.1","port":8000,'
+                                 b'"bootstrap_port":"x\\r\\n"}', splitwise=True)
+    except RegistrationError as e:
+        assert "bootstrap_port" in str(e.body)
+    else:
+        raise AssertionError("an invalid bootstrap_port was accepted")

@@ -13,28 +13,54 @@ endpoints) is in :mod:`kvrouter.backends.engines`.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import orjson
 
 from kvrouter.instance import InstanceInfo
+from kvrouter.jsondepth import check_depth
 
 
 def loads(raw: bytes) -> Any:
-    """Parse JSON exactly: orjson, or the stdlib for integers beyond 64 bits."""
+    """Parse JSON: orjson, or the stdlib where orjson refuses a number (an integer too large
+    even for a double; orjson reads other integers beyond 64 bits as floats). ``ValueError``
+    for invalid JSON and for nesting beyond ``kvrouter.jsondepth.MAX_DEPTH``, checked first, so
+    neither parser (nor a later :func:`dumps`) recurses without bound. The stdlib path accepts
+    nothing else orjson refuses: strict UTF-8, no NaN/Infinity, no infinite floats."""
+    check_depth(raw)
     try:
         return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return json.loads(raw)
+    except orjson.JSONDecodeError as e:
+        doc = e.doc if isinstance(e.doc, str) else ""
+        if doc[e.pos:e.pos + 1] not in _NUMBER_START:
+            raise
+    return json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite)
+
+
+_NUMBER_START = frozenset("-0123456789")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"invalid JSON constant {name}")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number is infinite: {text[:32]}")
+    return value
 
 
 def dumps(obj: Any) -> bytes:
-    """Compact UTF-8 JSON, key order kept, integers exact, no HTML escaping."""
+    """Compact UTF-8 JSON, key order kept, integers exact, no HTML escaping. A lone surrogate
+    (which only the stdlib parser lets through) is written as its ``\\uXXXX`` escape."""
     try:
         return orjson.dumps(obj)
-    except TypeError:  # an integer beyond 64 bits
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    except TypeError:  # an integer beyond 64 bits, or a lone surrogate
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode(
+            "utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,8 +5,11 @@ For each engine family one :class:`EngineControl` says which ``/metrics`` gauges
 policies read (the :class:`MetricsSnapshot`), how its tokenize endpoint is called, where its
 abort endpoint is and how it takes request ids, and where its answers carry token usage. The
 table :data:`ENGINES` is keyed by the same name as the engine's
-:class:`~kvrouter.backends.base.EngineAdapter` (the data-plane side). Every instance is a
-FastDeploy instance today (:data:`DEFAULT_ENGINE`).
+:class:`~kvrouter.backends.base.EngineAdapter` (the data-plane side).
+
+Each instance names its engine (``engine`` in its registration, :data:`DEFAULT_ENGINE` when a
+``POST /register`` payload does not); a ``register.yaml`` entry without one is recognised from
+the metric names of its first ``/metrics`` page (:func:`detect_engine`).
 """
 
 from __future__ import annotations
@@ -24,12 +27,15 @@ from kvrouter.backends.snapshot import MetricsSnapshot
 __all__ = [
     "DEFAULT_ENGINE",
     "ENGINES",
+    "FALLBACK_ENGINE",
     "FASTDEPLOY",
     "AbortApi",
     "EngineControl",
     "MetricNames",
     "TokenizeApi",
     "UsageFields",
+    "detect_engine",
+    "metric_names",
     "parse_metrics",
 ]
 
@@ -62,6 +68,12 @@ class MetricNames:
         names = chain(self.running, self.waiting, self.free_blocks, self.max_batch,
                       self.kv_usage)
         object.__setattr__(self, "wanted", frozenset(names))
+
+    @property
+    def prefix(self) -> str:
+        """The namespace of the engine's metric names (``vllm:``), by which a page is
+        recognised."""
+        return self.running[0].partition(":")[0] + ":"
 
     def snapshot(self, text: str, taken_at: float) -> MetricsSnapshot | None:
         """The snapshot a ``/metrics`` page carries, or ``None`` if it lacks a required gauge."""
@@ -226,6 +238,36 @@ OPENAI = EngineControl(
 ENGINES: Mapping[str, EngineControl] = {
     e.name: e for e in (FASTDEPLOY, VLLM, SGLANG, LLAMA_CPP, LLAMA_CPP_PYTHON, OPENAI)}
 DEFAULT_ENGINE = FASTDEPLOY.name
+#: what an instance whose ``/metrics`` shows no known engine is taken for: an OpenAI server
+FALLBACK_ENGINE = OPENAI.name
+
+
+def metric_names(text: str) -> list[str]:
+    """The distinct sample names of a Prometheus page, in page order (labels, values and
+    comments left out)."""
+    seen: dict[str, None] = {}
+    for raw in text.splitlines():
+        line = raw.lstrip()
+        if not line or line[0] == "#":
+            continue
+        end = len(line)
+        for stop in ("{", " ", "\t"):
+            i = line.find(stop)
+            if i != -1 and i < end:
+                end = i
+        seen[line[:end]] = None
+    return list(seen)
+
+
+def detect_engine(names: Sequence[str]) -> EngineControl | None:
+    """The engine whose metric namespace (``fastdeploy:``, ``vllm:``, ``sglang:``,
+    ``llamacpp:``) the names use, or ``None``; the first in table order wins."""
+    for engine in ENGINES.values():
+        if engine.metrics is not None:
+            prefix = engine.metrics.prefix
+            if any(n.startswith(prefix) for n in names):
+                return engine
+    return None
 
 
 def parse_metrics(text: str, taken_at: float,

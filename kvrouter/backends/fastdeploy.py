@@ -136,12 +136,16 @@ class FastDeployAdapter(EngineAdapter):
         self.info_format = info_format   # server.disaggregate-info-format
 
     def base_request_id(self, body: dict) -> str:
-        """The client's ``request_id``, or a fresh UUID4 when absent, null or empty."""
+        """The client's ``request_id``, or a fresh UUID4 when absent, null or empty. It is
+        echoed in ``X-Router-Request-ID`` and logged, so anything but
+        :data:`kvrouter.errors.REQUEST_ID_RE` is a 400 here, before any instance is chosen."""
         rid = body.get("request_id")
         if rid is None or rid == "":
             return str(uuid.uuid4())
         if not isinstance(rid, str):
             raise errors.invalid_value("request_id must be a string")
+        if not errors.REQUEST_ID_RE.fullmatch(rid):
+            raise errors.invalid_request_id()
         return rid
 
     def can_pair(self, prefill: InstanceInfo, decode: InstanceInfo) -> bool:

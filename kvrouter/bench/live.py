@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kvrouter.bench.external import start_external
-from kvrouter.bench.goodput import Slo, attainment
+from kvrouter.bench.goodput import Slo, attainment, meets
 from kvrouter.demo.processes import ClusterSpec, sim_truth, start_cluster, start_sims
 from kvrouter.demo.replay import ClientResult, replay
 from kvrouter.sim.cluster.summary import latency_stats
@@ -50,6 +50,7 @@ class LiveTarget:
     decode_policy: str = "request_num"
     command: str | None = None
     prompt_format: str = "ids"
+    router_config: dict[str, dict[str, Any]] = field(default_factory=dict)  # config.yaml
 
 
 @dataclass
@@ -79,7 +80,7 @@ async def run_live(target: LiveTarget, workload: Sequence[WorkloadRequest], setu
     """One live point: start everything, replay, collect the instances' ground truth, stop."""
     spec = ClusterSpec(target.policy or "external", setup.instances, setup.pd, setup.preset,
                        setup.time_scale, sim_args=_sim_args(workload, setup),
-                       decode_policy=target.decode_policy)
+                       router_config=target.router_config, decode_policy=target.decode_policy)
     async with AsyncExitStack() as stack:
         if target.command is None:
             cluster = await start_cluster(spec, setup.workdir, stack)
@@ -119,9 +120,14 @@ def live_metrics(out: LiveOutcome, time_scale: float, slo: Slo) -> dict[str, Any
     for t in legs:
         per_instance[t["instance"]] = per_instance.get(t["instance"], 0) + 1
     out_tokens = sum(r.output_tokens for r in ok)
+    rejected = sum(1 for r in out.results if not r.ok and r.status in (429, 503))
+    met = sum(meets(r.ok, None if r.ttft is None else r.ttft * scale, mean_itl(r), slo)
+              for r in out.results)
     return {
         "completed": len(ok),
-        "failed": len(out.results) - len(ok),
+        "failed": len(out.results) - len(ok) - rejected,
+        "rejected": rejected,               # answered 429/503 (by the router or an instance)
+        "slo_rps": met / span if span > 0 else 0.0,
         "duration": span,
         "hit_rate": cached / prompt if prompt else None,
         **latency_stats(ttfts, itls),

@@ -6,7 +6,10 @@ Targets, side by side, all in front of the same fast mock backend
 * ``direct``: wrk straight to one backend port (the baseline of the added latency);
 * ``kvrouter``: this checkout (``python -m kvrouter`` with a generated ``config.yaml`` and
   ``register.yaml``), or each ``--variant NAME=PYTHONPATH``, once per ``--workers`` count
-  (label ``kvrouter×2``); policy ``request_num``, ``cache_aware`` for the 2 KB test;
+  (label ``kvrouter×2``); policy ``request_num``, ``cache_aware`` for the 2 KB test; with
+  ``--redis URL`` (or ``auto``: a ``redis-server`` started for the run) also once as a
+  router replica sharing its state through that Redis (label ``kvrouter+redis``, one worker;
+  ``state.redis-url`` in its config, a fresh ``state.key-prefix`` per start);
 * every ``--peer NAME=CMD``: a command template as in ``bench policies --router-cmd``
   (``{port}``, ``{workers}``, ``{workers_comma}``, ``{prometheus_port}``), whatever policy it
   names, started and awaited by :mod:`kvrouter.bench.external`;
@@ -67,6 +70,7 @@ class Target:
     command: str = ""               # peer: the command template; nginx: the binary
     pythonpath: str | None = None   # kvrouter variant
     workers: int = 1
+    redis: bool = False             # kvrouter: a replica sharing state through --redis
 
 
 class UsageError(ValueError):
@@ -85,21 +89,28 @@ def parser() -> argparse.ArgumentParser:
                     help="a kvrouter checkout to compare (repeatable; default: this one)")
     ap.add_argument("--workers", default="1", metavar="N,N",
                     help="kvrouter --workers counts, one row each (default 1)")
+    ap.add_argument("--redis", default=None, metavar="URL|auto",
+                    help="also run each kvrouter variant as a replica sharing its state "
+                         "through this Redis (auto: start a redis-server for the run)")
     ap.add_argument("--nginx", default=None, metavar="PATH",
                     help="nginx binary for the floor row (default: nginx on PATH, if any)")
     ap.add_argument("--no-nginx", action="store_true", help="no nginx row")
     ap.add_argument("--tests", default=",".join(TESTS), help="comma list of " + ",".join(TESTS))
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per test (default 5)")
-    ap.add_argument("--repeat", type=int, default=1, help="rounds; medians are shown")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds; medians are shown (default 1)")
     ap.add_argument("--streams", type=int, default=1000, help="concurrent SSE streams (1000)")
     ap.add_argument("--instances", type=int, default=2, help="backend ports (default 2)")
     ap.add_argument("--pin", action="store_true",
                     help="router on the first CPU, wrk and the backend on the second")
     ap.add_argument("--deadline", type=float, default=900.0,
                     help="hard limit on the whole run, seconds (default 900)")
-    ap.add_argument("--decision-instances", type=int, default=1000)
-    ap.add_argument("--decision-prompt-tokens", type=int, default=8192)
-    ap.add_argument("--decision-iterations", type=int, default=2000)
+    ap.add_argument("--decision-instances", type=int, default=1000,
+                    help="decision benchmark: candidate instances (default 1000)")
+    ap.add_argument("--decision-prompt-tokens", type=int, default=8192,
+                    help="decision benchmark: prompt length in tokens (default 8192)")
+    ap.add_argument("--decision-iterations", type=int, default=2000,
+                    help="decision benchmark: decisions timed per policy (default 2000)")
     ap.add_argument("--no-decision", action="store_true", help="skip the decision benchmark")
     ap.add_argument("--reference", default=None, metavar="NAME",
                     help="peer whose added latency kvrouter's must not exceed "
@@ -140,6 +151,10 @@ def build_targets(args: argparse.Namespace) -> list[Target]:
             targets.append(Target(name if w == 1 else f"{name}×{w}", "kvrouter",
                                   pythonpath=str(Path(path).resolve()) if path else None,
                                   workers=w))
+        if args.redis:
+            targets.append(Target(f"{name}+redis", "kvrouter",
+                                  pythonpath=str(Path(path).resolve()) if path else None,
+                                  redis=True))
     if not args.no_nginx:
         nginx = args.nginx or shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
         if args.nginx and not (shutil.which(args.nginx)):
@@ -198,6 +213,8 @@ class Ctx:
         self.load_cpu: str | None = str(cpus[1]) if args.pin else None
         self.ports: list[int] = []
         self.deadline = 0.0
+        self.redis_url = ""          # --redis (the started server's URL for auto)
+        self.starts = 0              # kvrouter starts (a fresh Redis key prefix each)
         self.records: list[dict] = []
         self.errors: list[str] = []
 
@@ -216,14 +233,19 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _kvrouter_files(ctx: Ctx, policy: str) -> Path:
+def _kvrouter_files(ctx: Ctx, policy: str, redis: bool = False) -> Path:
     reg = ctx.dir / "register.yaml"
     reg.write_text("instances:\n" + "".join(
         f"  - {{role: mixed, host_ip: 127.0.0.1, port: {p}}}\n" for p in ctx.ports))
-    cfg = ctx.dir / f"kvrouter-{policy}.yaml"
+    cfg = ctx.dir / f"kvrouter-{policy}{'-redis' if redis else ''}.yaml"
+    state = ""
+    if redis:
+        ctx.starts += 1
+        state = (f"state:\n  redis-url: {json.dumps(ctx.redis_url)}\n"
+                 f"  key-prefix: bench{os.getpid()}-{ctx.starts}\n")
     cfg.write_text(f"server:\n  host: 127.0.0.1\nscheduler:\n  policy: {policy}\n"
                    f"  stats-interval-secs: 0\nmanager:\n  register-path: {reg}\n"
-                   f"  health-check-interval-secs: 60\n")
+                   f"  health-check-interval-secs: 60\n{state}")
     return cfg
 
 
@@ -266,7 +288,7 @@ async def _start(ctx: Ctx, t: Target, policy: str, stack: AsyncExitStack) -> tup
     log_path = ctx.dir / f"{safe}-{policy}.log"
     pin = ctx.taskset(ctx.router_cpu)
     if t.kind == "kvrouter":
-        cfg = _kvrouter_files(ctx, policy)
+        cfg = _kvrouter_files(ctx, policy, t.redis)
         env = f"env PYTHONPATH={shlex.quote(t.pythonpath)} " if t.pythonpath else ""
         extra = f" --workers {t.workers}" if t.workers > 1 else ""
         cmd = (f"{pin}{env}{shlex.quote(sys.executable)} -m kvrouter --port {{port}} "
@@ -459,6 +481,14 @@ async def run(args: argparse.Namespace, targets: list[Target], workdir: Path) ->
     ctx.deadline = loop.time() + args.deadline
     ctx.ports = [free_port() for _ in range(args.instances)]
     async with AsyncExitStack() as stack:
+        ctx.redis_url = args.redis or ""
+        if args.redis == "auto":
+            from kvrouter.demo.redisproc import RedisServer
+
+            server = RedisServer(workdir / "redis")
+            await server.start()
+            stack.push_async_callback(server.stop)
+            ctx.redis_url = server.url
         pin = ctx.taskset(ctx.load_cpu)
         others = "".join(f",{p}" for p in ctx.ports[1:])
         await launch_external(f"{pin}{shlex.quote(sys.executable)} -m kvrouter.bench.mockbackend "
@@ -472,7 +502,8 @@ async def run(args: argparse.Namespace, targets: list[Target], workdir: Path) ->
     summary = summarize(ctx.records, targets)
     return {"summary": summary, "records": ctx.records, "decision": None, "errors": ctx.errors,
             "targets": [{"label": t.label, "kind": t.kind, "command": t.command,
-                         "pythonpath": t.pythonpath, "workers": t.workers} for t in targets]}
+                         "pythonpath": t.pythonpath, "workers": t.workers, "redis": t.redis}
+                        for t in targets]}
 
 
 def main(argv: list[str] | tuple[str, ...] = ()) -> int:

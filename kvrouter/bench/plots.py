@@ -21,8 +21,8 @@ def _series(rows: Sequence[dict[str, Any]], key: str) -> dict[str, list[tuple[fl
 
 
 def _label(row: dict[str, Any]) -> str:
-    return row["policy"] if row.get("mode", "virtual") == "virtual" else \
-        f"{row['policy']} ({row['mode']})"
+    name = f"{row['policy']} +adm" if row.get("admission") else row["policy"]
+    return name if row.get("mode", "virtual") == "virtual" else f"{name} ({row['mode']})"
 
 
 def plot_rows(rows: Sequence[dict[str, Any]], out_dir: Path, title: str,

@@ -11,6 +11,10 @@ unified LRU cache of the cluster's total size on the same arrival order, TTFT p5
 inter-token latency p50/p99, output throughput and SLO attainment; with ``--sweep``, goodput
 per policy (:mod:`kvrouter.bench.goodput`). Output: a table on stdout, ``--json OUT`` and two
 PNG plots in ``--out``. See ``bench/README.md``.
+
+``--admission on|off|both`` runs each policy with and/or without the router's admission queue
+(:mod:`kvrouter.admission`: in virtual time the cluster drives the server's own queue; live,
+the router's ``scheduler.*`` limits); requests it rejects count as missing the SLO.
 """
 
 from __future__ import annotations
@@ -30,12 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from kvrouter.bench.external import default_label
-from kvrouter.bench.goodput import Slo, attainment, goodput
+from kvrouter.bench.goodput import Slo, attainment, goodput, meets
 from kvrouter.config import SchedulerConfig
 from kvrouter.policies import make_policy
 from kvrouter.prefix.index import PrefixIndex
 from kvrouter.sim.cluster import run_cluster, summarize
-from kvrouter.sim.core.params import PRESETS, make_params
+from kvrouter.sim.cluster.nodes import calibrate_prefill
+from kvrouter.sim.core import make_engine_core
+from kvrouter.sim.core.params import PRESETS, EngineParams, make_params
 from kvrouter.sim.workloads import (
     WORKLOADS,
     WorkloadRequest,
@@ -109,6 +115,21 @@ def parser() -> argparse.ArgumentParser:
                    help="KV blocks per instance (default: the preset's capacity)")
     c.add_argument("--request-timeout", type=float, default=600.0,
                    help="model seconds before a request is given up (counted as failed)")
+    a = ap.add_argument_group("admission queue (the router's scheduler.* limits)")
+    a.add_argument("--admission", choices=("on", "off", "both"), default="off",
+                   help="run each policy with the router's admission queue, without, or both")
+    a.add_argument("--max-inflight", type=int, default=None, metavar="N",
+                   help="in-flight requests per instance before requests wait in the router "
+                        "(0 = twice the engine's reported batch; default: auto, as many "
+                        "requests of the workload's mean size as the KV cache holds)")
+    a.add_argument("--max-prefill-tokens", type=int, default=None, metavar="N",
+                   help="queued uncached prefill tokens per instance (0 = no limit; default: "
+                        "auto, the engine's prefill work of half the TTFT SLO)")
+    a.add_argument("--queue-size", type=int, default=1024, metavar="N",
+                   help="requests waiting in the router; beyond, rejected at once")
+    a.add_argument("--queue-timeout", type=float, default=None, metavar="S",
+                   help="model seconds a request may wait in the router (default: a quarter "
+                        "of the TTFT SLO)")
     s = ap.add_argument_group("SLO (goodput)")
     s.add_argument("--slo-ttft", type=float, default=2.0, help="seconds")
     s.add_argument("--slo-itl", type=float, default=0.1, help="seconds, per-request mean ITL")
@@ -132,7 +153,7 @@ def parser() -> argparse.ArgumentParser:
     o = ap.add_argument_group("output")
     o.add_argument("--json", metavar="OUT", help="write the rows as JSON")
     o.add_argument("--out", default="bench-out", help="directory of the PNG plots")
-    o.add_argument("--no-plots", action="store_true")
+    o.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     return ap
 
@@ -204,6 +225,57 @@ def resolve_policies(text: str | None, pd: bool, decode_policy: str, live: bool,
     return out
 
 
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """The admission queue of the runs with ``--admission``: the server's ``scheduler.*``
+    keys (per instance; times in model seconds)."""
+
+    max_inflight: int
+    max_prefill_tokens: int
+    queue_size: int
+    queue_timeout: float
+
+    def scheduler_keys(self, time_scale: float = 1.0) -> dict[str, Any]:
+        """The ``scheduler`` section keys (``time_scale``: real seconds per model second)."""
+        return {"max-inflight-per-instance": self.max_inflight,
+                "max-queued-prefill-tokens-per-instance": self.max_prefill_tokens,
+                "queue-size": self.queue_size,
+                "queue-timeout-secs": self.queue_timeout * time_scale}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"max_inflight": self.max_inflight,
+                "max_prefill_tokens": self.max_prefill_tokens,
+                "queue_size": self.queue_size, "queue_timeout": self.queue_timeout}
+
+
+def admission_limits(args: argparse.Namespace, params: EngineParams, slo: Slo,
+                     workload: Sequence[WorkloadRequest]) -> AdmissionLimits:
+    """The given limits, or defaults for the simulated engine, the workload and the SLO
+    (options left ``None``; bench/README.md "Admission" has the measurements behind them):
+
+    * in flight: as many requests of the workload's mean size (prompt + output) as one
+      instance's KV cache holds, at most ``max_num_seqs``. More only wait or get preempted
+      inside the engine, and every prefill they bring stalls the running decodes (their ITL);
+    * queued uncached prefill: the work the engine computes in half the TTFT SLO, so that
+      its own queue leaves the rest of the SLO;
+    * queue timeout: a quarter of the TTFT SLO. Under overload every request served has
+      waited about that long (FCFS), which must leave room for its TTFT at the instance.
+    """
+    inflight = args.max_inflight
+    if inflight is None:
+        size = sum(len(r.prompt_tokens) + r.max_tokens for r in workload) / max(1, len(workload))
+        kv_tokens = params.total_blocks * params.block_size
+        inflight = max(1, min(params.max_num_seqs, int(kv_tokens // max(1.0, size))))
+    prefill = args.max_prefill_tokens
+    if prefill is None:
+        sec_per_token = calibrate_prefill(lambda i: make_engine_core(params, seed=i), 0)
+        prefill = max(params.block_size, round(slo.ttft / 2 / sec_per_token))
+    timeout = args.queue_timeout if args.queue_timeout is not None else slo.ttft / 4
+    if inflight < 0 or prefill < 0 or args.queue_size < 0 or timeout <= 0:
+        raise ValueError("admission limits must be >= 0 and --queue-timeout > 0")
+    return AdmissionLimits(inflight, prefill, args.queue_size, timeout)
+
+
 @dataclass
 class Point:
     """One offered load: the workload at one rate (synthetic) or speed (trace)."""
@@ -252,10 +324,19 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def slo_rps(met: int, duration: float) -> float:
+    """Requests that met the SLO per second of the run (first arrival to last end): the
+    goodput of one point, which a sweep's goodput (a rate) does not show past the knee."""
+    return met / duration if duration > 0 else 0.0
+
+
 def _virtual_metrics(res: Any, slo: Slo) -> dict[str, Any]:
     s = summarize(res.results)
+    met = sum(meets(r.ok, r.ttft, r.mean_itl, slo) for r in res.results)
     return {
-        "completed": s["completed"], "failed": s["failed"], "duration": s["duration"],
+        "completed": s["completed"], "failed": s["failed"], "rejected": s["rejected"],
+        "rejections": res.rejections, "queue_peak": res.queue_peak,
+        "slo_rps": slo_rps(met, s["duration"]), "duration": s["duration"],
         "hit_rate": s["token_hit_rate"],
         "ttft_mean": s["ttft_mean"], "ttft_p50": s["ttft_p50"], "ttft_p90": s["ttft_p90"],
         "ttft_p99": s["ttft_p99"], "itl_mean": s["itl_mean"], "itl_p50": s["itl_p50"],
@@ -307,11 +388,15 @@ def run(args: argparse.Namespace, log: Any = None) -> list[dict[str, Any]]:
     points = make_points(args, n, capacity, params.block_size)
     slo = Slo(args.slo_ttft, args.slo_itl, args.slo_attainment)
     trace = args.workload.startswith("trace:")
+    admissions = {"off": [False], "on": [True], "both": [False, True]}[args.admission]
+    limits = (admission_limits(args, params, slo, points[0].workload) if True in admissions
+              else None)
     say(f"kvrouter bench policies ({mode}): {args.workload} "
         f"{_params(args.workload_param) or ''} {len(points[0].workload)} requests, "
         + (f"PD {pd[0]}P+{pd[1]}D" if pd else f"{instances} instances")
         + f" of {args.preset} ({params.total_blocks} KV blocks of {params.block_size} tokens "
-          f"each), seed {args.seed}")
+          f"each), seed {args.seed}"
+        + (f"; admission queue: {limits.as_dict()}" if limits is not None else ""))
 
     base = {"kind": "run", "mode": mode, "workload": args.workload,
             "instances": instances, "pd": list(pd) if pd else None, "preset": args.preset,
@@ -319,11 +404,13 @@ def run(args: argparse.Namespace, log: Any = None) -> list[dict[str, Any]]:
             "seed": args.seed}
     rows: list[dict[str, Any]] = []
 
-    def row_head(spec: PolicySpec, pt: Point) -> dict[str, Any]:
+    def row_head(spec: PolicySpec, pt: Point, adm: bool) -> dict[str, Any]:
         head = {"policy": spec.label, "router": "kvrouter" if spec.command is None
-                else "external", **base,
+                else "external", **base, "admission": adm,
                 "rate": pt.rate, "offered_rate": pt.offered_rate, "speed": pt.speed,
                 "requests": len(pt.workload), "hit_rate_bound": pt.bound}
+        if adm and limits is not None:
+            head["admission_limits"] = limits.as_dict()
         if pd:
             head["prefill_policy"] = spec.policy
             head["decode_policy"] = spec.decode_policy
@@ -333,29 +420,34 @@ def run(args: argparse.Namespace, log: Any = None) -> list[dict[str, Any]]:
 
     if not args.live:
         for spec in specs:
-            for pt in points:
-                t0 = time.perf_counter()
-                res = run_cluster(pt.workload, policy=spec.policy,
-                                  instances=0 if pd else instances, preset=args.preset,
-                                  seed=args.seed, pd=pd, decode_policy=spec.decode_policy,
-                                  core_overrides=overrides or None,
-                                  request_timeout=args.request_timeout)
-                row = row_head(spec, pt) | _virtual_metrics(res, slo)
-                row["wall_seconds"] = time.perf_counter() - t0
-                rows.append(row)
-                say(_progress_line(row))
+            for adm in admissions:
+                sched = limits.scheduler_keys() if adm and limits is not None else None
+                for pt in points:
+                    t0 = time.perf_counter()
+                    res = run_cluster(pt.workload, policy=spec.policy,
+                                      instances=0 if pd else instances, preset=args.preset,
+                                      seed=args.seed, pd=pd, decode_policy=spec.decode_policy,
+                                      core_overrides=overrides or None,
+                                      request_timeout=args.request_timeout,
+                                      scheduler_overrides=sched, admission=adm)
+                    row = row_head(spec, pt, adm) | _virtual_metrics(res, slo)
+                    row["wall_seconds"] = time.perf_counter() - t0
+                    rows.append(row)
+                    say(_progress_line(row))
     else:
         rows.extend(asyncio.run(_run_live(args, specs, points, pd, instances, slo,
-                                          row_head, say, args._skipped)))
+                                          row_head, say, args._skipped, admissions,
+                                          limits)))
 
     if args.sweep:
-        for spec in specs:
-            mine = [r for r in rows if r["policy"] == spec.label]
+        for spec, adm in [(spec, adm) for spec in specs for adm in admissions]:
+            mine = [r for r in rows if r["policy"] == spec.label and r["admission"] == adm]
             if not mine:
                 continue
             pts = [(r["rate"], r["slo_attainment"]) for r in mine]
             gp, note = goodput(pts, slo)
             rows.append({"kind": "goodput", "mode": mode, "policy": spec.label,
+                         "admission": adm,
                          "router": "kvrouter" if spec.command is None else "external",
                          "workload": args.workload, "goodput": gp, "goodput_note": note,
                          "rate_unit": "effective req/s (trace speeds swept)" if trace
@@ -363,13 +455,16 @@ def run(args: argparse.Namespace, log: Any = None) -> list[dict[str, Any]]:
                          "slo": {"ttft": slo.ttft, "itl": slo.itl,
                                  "attainment": slo.attainment},
                          "rates": [p[0] for p in sorted(pts)],
-                         "attainment": [p[1] for p in sorted(pts)]})
+                         "attainment": [p[1] for p in sorted(pts)],
+                         "slo_rps": [r["slo_rps"] for r in sorted(mine,
+                                                                  key=lambda r: r["rate"])]})
     return [_clean(r) for r in rows]
 
 
 async def _run_live(args: argparse.Namespace, specs: list[PolicySpec], points: list[Point],
                     pd: tuple[int, int] | None, instances: int, slo: Slo, row_head: Any,
-                    say: Any, skipped: list[str]) -> list[dict[str, Any]]:
+                    say: Any, skipped: list[str], admissions: list[bool],
+                    limits: AdmissionLimits | None) -> list[dict[str, Any]]:
     from kvrouter.bench.live import (
         LiveSetup,
         LiveTarget,
@@ -384,15 +479,24 @@ async def _run_live(args: argparse.Namespace, specs: list[PolicySpec], points: l
         setup = LiveSetup(instances, pd, args.preset, args.kv_blocks, args.time_scale,
                           args.seed, args.request_timeout * args.time_scale, Path(tmp),
                           args.router_ready_timeout)
-        for spec in specs:
+        for spec, adm in [(spec, adm) for spec in specs for adm in admissions]:
+            if adm and spec.command is not None:
+                say(f"  {spec.label}: an external router has no kvrouter admission queue "
+                    "(run without it only)")
+                continue
             fmt = args.prompt_format
             if fmt == "auto":
                 fmt = "ids" if spec.command is None else "text"
+            # the router's queue: off = queue-size 0 (no queue at all); on = the limits
+            sched = (limits.scheduler_keys(args.time_scale) if adm and limits is not None
+                     else {"queue-size": 0})
             target = LiveTarget(spec.label, None if spec.command else spec.policy,
-                                spec.decode_policy or "request_num", spec.command, fmt)
+                                spec.decode_policy or "request_num", spec.command, fmt,
+                                router_config={"scheduler": sched})
             for pt in points:
                 t0 = time.perf_counter()
-                bar = None if args.quiet else progress_bar(f"{spec.label} @{pt.rate:g}")
+                bar = None if args.quiet else progress_bar(
+                    f"{spec.label}{' +adm' if adm else ''} @{pt.rate:g}")
                 try:
                     out = await run_live(target, pt.workload, setup, progress=bar)
                 except (RuntimeError, OSError) as exc:
@@ -406,7 +510,7 @@ async def _run_live(args: argparse.Namespace, specs: list[PolicySpec], points: l
                         tail = log.read_text(errors="replace")[-2000:]
                         say(f"  --- {log.name} (tail) ---\n{tail}")
                     break
-                row = row_head(spec, pt) | live_metrics(out, args.time_scale, slo)
+                row = row_head(spec, pt, adm) | live_metrics(out, args.time_scale, slo)
                 row["time_scale"] = args.time_scale
                 row["prompt_format"] = fmt
                 row["wall_seconds"] = time.perf_counter() - t0
@@ -428,29 +532,38 @@ def _ms(v: Any) -> str:
     return "-" if v is None else f"{1e3 * v:.1f}"
 
 
+def _label(r: dict[str, Any]) -> str:
+    """The policy, marked when the row ran with the admission queue."""
+    return f"{r['policy']} +adm" if r.get("admission") else r["policy"]
+
+
 def _progress_line(r: dict[str, Any]) -> str:
     v = _clean(r)
-    return (f"  {v['policy']:<22} rate {v['rate']:<7.4g} done {v['completed']:>5} "
-            f"fail {v['failed']:>4}  hit {_pct(v['hit_rate'])}  TTFT p99 "
-            f"{_sec(v['ttft_p99'])}s  ({r['wall_seconds']:.1f}s wall)")
+    return (f"  {_label(v):<22} rate {v['rate']:<7.4g} done {v['completed']:>5} "
+            f"fail {v['failed']:>4} rej {v['rejected']:>4}  hit {_pct(v['hit_rate'])}  "
+            f"TTFT p99 {_sec(v['ttft_p99'])}s  ({r['wall_seconds']:.1f}s wall)")
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """The text table: one line per policy and rate, then goodput per policy."""
     runs = [r for r in rows if r["kind"] == "run"]
     width = max([len("policy")] + [len(r["policy"]) for r in runs])
-    head = (f"{'policy':<{width}} {'rate':>7} {'done':>5} {'fail':>4} {'hit':>6} "
-            f"{'bound':>6} {'TTFT p50':>9} {'p90':>8} {'p99':>8} {'ITL p50':>8} "
-            f"{'p99':>7} {'tok/s':>7} {'SLO ok':>7}")
+    head = (f"{'policy':<{width}} {'adm':>3} {'rate':>7} {'done':>5} {'fail':>4} {'rej':>4} "
+            f"{'hit':>6} {'bound':>6} {'TTFT p50':>9} {'p90':>8} {'p99':>8} {'ITL p50':>8} "
+            f"{'p99':>7} {'tok/s':>7} {'SLO ok':>7} {'SLO r/s':>7}")
     out = [head, "-" * len(head)]
     for r in runs:
-        out.append(f"{r['policy']:<{width}} {r['rate']:>7.4g} {r['completed']:>5} "
-                   f"{r['failed']:>4} {_pct(r['hit_rate']):>6} {_pct(r['hit_rate_bound']):>6} "
+        out.append(f"{r['policy']:<{width}} {'on' if r['admission'] else 'off':>3} "
+                   f"{r['rate']:>7.4g} {r['completed']:>5} {r['failed']:>4} {r['rejected']:>4} "
+                   f"{_pct(r['hit_rate']):>6} {_pct(r['hit_rate_bound']):>6} "
                    f"{_sec(r['ttft_p50']):>9} {_sec(r['ttft_p90']):>8} "
                    f"{_sec(r['ttft_p99']):>8} {_ms(r['itl_p50']):>8} {_ms(r['itl_p99']):>7} "
-                   f"{r['throughput_tok_s']:>7.0f} {_pct(r['slo_attainment']):>7}")
+                   f"{r['throughput_tok_s']:>7.0f} {_pct(r['slo_attainment']):>7} "
+                   f"{r['slo_rps']:>7.2f}")
     out.append("(TTFT in model seconds, ITL in model milliseconds; hit = token hit rate at "
-               "the instances, bound = one unified LRU cache of the cluster's size)")
+               "the instances, bound = one unified LRU cache of the cluster's size; adm = "
+               "admission queue, rej = requests it rejected (429/503, missing the SLO); "
+               "SLO r/s = requests meeting the SLO per second of the run)")
     gps = [r for r in rows if r["kind"] == "goodput"]
     if gps:
         s = gps[0]["slo"]
@@ -460,7 +573,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         notes = {"ok": "", "at_least": "  (>= : met at every swept rate)",
                  "below_sweep": "  (< lowest swept rate)"}
         for g in gps:
-            out.append(f"  {g['policy']:<{width}} {g['goodput']:>7.4g}{notes[g['goodput_note']]}")
+            out.append(f"  {_label(g):<{width + 5}} {g['goodput']:>7.4g}"
+                       f"{notes[g['goodput_note']]}")
     return "\n".join(out)
 
 

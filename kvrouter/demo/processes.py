@@ -72,13 +72,20 @@ class ClusterSpec:
     sim_args: list[str] = field(default_factory=list)   # extra `kvrouter sim` flags
     router_config: dict = field(default_factory=dict)   # merged into config.yaml
     decode_policy: str = "request_num"                  # PD: the decode policy
+    routers: int = 1          # router processes (mixed mode when more than one)
+    redis_url: str = ""       # routers > 1: replicas sharing state through this Redis; "":
+                              # independent routers, each given the instances' register.yaml
 
 
 @dataclass
 class RunningCluster:
-    url: str
+    url: str                  # the first router
     instances: int
     roles: dict[str, str] = field(default_factory=dict)  # instance URL → role
+    urls: list[str] = field(default_factory=list)        # every router
+    #: replicas sharing state: seconds from the moment the first router routed to every
+    #: instance (they register there) until the last one did (each polled every ~5 ms)
+    visible_after: float | None = None
 
 
 async def start_sims(spec: ClusterSpec, stack: AsyncExitStack,
@@ -102,8 +109,9 @@ async def start_sims(spec: ClusterSpec, stack: AsyncExitStack,
 
 
 async def start_cluster(spec: ClusterSpec, workdir: Path, stack: AsyncExitStack) -> RunningCluster:
-    """Start the router, then the instances (which register themselves by heartbeat); returns
-    once every instance is routable. Everything started is stopped when ``stack`` closes."""
+    """Start the router(s), then the instances (which register themselves by heartbeat at the
+    first router; independent routers get them in a ``register.yaml``); returns once every
+    router routes to every instance. Everything started is stopped when ``stack`` closes."""
     sched: dict[str, Any] = {"stats-interval-secs": 0}
     if spec.pd:
         sched.update({"prefill-policy": spec.policy, "decode-policy": spec.decode_policy})
@@ -112,27 +120,54 @@ async def start_cluster(spec: ClusterSpec, workdir: Path, stack: AsyncExitStack)
     cfg: dict[str, dict[str, Any]] = {"scheduler": sched,
                                       "manager": {"health-check-interval-secs": 5},
                                       "log": {"level": "warn"}}
+    if spec.redis_url:
+        cfg["state"] = {"redis-url": spec.redis_url}
+    independent = spec.routers > 1 and not spec.redis_url
+    sims: dict[str, str] = {}
+    if independent:
+        sims = await start_sims(spec, stack)
+        register = workdir / f"register-{spec.policy}.yaml"
+        register.write_text(yaml.safe_dump({"instances": [
+            {"role": "mixed", "host_ip": "127.0.0.1", "port": int(url.rsplit(":", 1)[1])}
+            for url in sims]}))
+        cfg["manager"]["register-path"] = str(register)
     for section, values in spec.router_config.items():
         cfg.setdefault(section, {}).update(values)
     cfg_path = workdir / f"router-{spec.policy}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     mode = ["--splitwise"] if spec.pd else []
-    router, lines = await spawn("--port", "0", "--config_path", str(cfg_path), *mode,
-                                marker="Starting server on ")
-    stack.push_async_callback(stop, router)
-    port = lines[0].rsplit(":", 1)[1]
-    sims = await start_sims(spec, stack, router=f"127.0.0.1:{port}")
+    started = await asyncio.gather(*(
+        spawn("--port", "0", "--config_path", str(cfg_path), *mode, marker="Starting server on ")
+        for _ in range(spec.routers)), return_exceptions=True)
+    for res in started:
+        if not isinstance(res, BaseException):
+            stack.push_async_callback(stop, res[0])
+    ports = []
+    for res in started:
+        if isinstance(res, BaseException):
+            raise res
+        ports.append(res[1][0].rsplit(":", 1)[1])
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    if not independent:
+        sims = await start_sims(spec, stack, router=f"127.0.0.1:{ports[0]}")
     total = len(sims)
-    url = f"http://127.0.0.1:{port}"
+    loop = asyncio.get_running_loop()
+    ready: dict[str, float] = {}          # router → when it first routed to every instance
     async with aiohttp.ClientSession() as s:
         async with asyncio.timeout(30):
-            while True:
-                async with s.get(url + "/health") as r:
-                    health = await r.json()
-                if health["ready"] and sum(health["routable"].values()) == total:
-                    break
-                await asyncio.sleep(0.1)
-    return RunningCluster(url, total, sims)
+            while len(ready) < len(urls):
+                for url in urls:
+                    if url not in ready and await _routes_to(s, url, total):
+                        ready[url] = loop.time()
+                await asyncio.sleep(0.005)
+    visible = max(0.0, max(ready.values()) - ready[urls[0]]) if spec.redis_url else None
+    return RunningCluster(urls[0], total, sims, urls, visible)
+
+
+async def _routes_to(s: aiohttp.ClientSession, url: str, total: int) -> bool:
+    async with s.get(url + "/health") as r:
+        health = await r.json()
+    return bool(health["ready"]) and sum(health["routable"].values()) == total
 
 
 async def sim_truth(urls: list[str]) -> list[dict]:
@@ -152,13 +187,19 @@ async def sim_truth(urls: list[str]) -> list[dict]:
 async def backend_token_totals(url: str) -> tuple[float, float]:
     """Σ prompt and Σ cached tokens the instances reported, from the router's ``/metrics``
     (in PD mode these come from the prefill instances' answers, which the client never sees)."""
-    async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
-        text = await r.text()
-    totals = {"kvrouter_backend_prompt_tokens_total": 0.0,
-              "kvrouter_backend_cached_tokens_total": 0.0}
-    for line in text.splitlines():
-        name = line.split("{", 1)[0]
-        if name in totals:
-            totals[name] += float(line.rsplit(" ", 1)[1])
+    totals = await metric_totals(url, ("kvrouter_backend_prompt_tokens_total",
+                                       "kvrouter_backend_cached_tokens_total"))
     return (totals["kvrouter_backend_prompt_tokens_total"],
             totals["kvrouter_backend_cached_tokens_total"])
+
+
+async def metric_totals(url: str, names: tuple[str, ...]) -> dict[str, float]:
+    """The router's ``/metrics`` samples of each family in ``names``, summed over labels."""
+    async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
+        text = await r.text()
+    totals = dict.fromkeys(names, 0.0)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals

@@ -29,6 +29,7 @@ class Request:
         "query_string",
         "received",
         "target",
+        "tenant",
         "too_large",
         "version",
     )
@@ -50,6 +51,7 @@ class Request:
         self.keep_alive = keep_alive
         self.body = b""
         self.too_large = False
+        self.tenant = ""        # the client's name once authenticated (its API key's name)
         self.received = 0.0
         self._index: dict[bytes, bytes] | None = None
         self._query: dict[str, str] | None = None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import time
 from email.utils import formatdate
 from http import HTTPStatus
+from urllib.parse import quote_from_bytes
 
 _STATUS_LINES: dict[int, bytes] = {}
 
@@ -36,13 +38,37 @@ def date_header() -> bytes:
     return _date_header
 
 
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")    # a field name (RFC 9110)
+_PRINTABLE = bytes(range(0x20, 0x7F))
+_KEPT = bytes(c for c in _PRINTABLE if c != ord("%")).decode()   # unencoded when encoding
+
+
+def header_value(value: bytes) -> bytes:
+    """``value`` as it may go on a header line: unchanged if it is printable ASCII, else
+    percent-encoded (``%`` and every byte outside 0x20..0x7E: CR, LF, NUL, other controls,
+    non-ASCII). Encoding rather than refusing keeps an answer that reflects a value (an error
+    reply, say) from failing; a value a client chose is refused before it gets here (the PD
+    ``request_id``, docs/fastdeploy.md#request-ids)."""
+    if not value.translate(None, _PRINTABLE):
+        return value
+    return quote_from_bytes(value, safe=_KEPT).encode("ascii")
+
+
 def header_block(headers: dict[str, str] | list[tuple[bytes, bytes]] | None) -> bytes:
-    """``Name: value\\r\\n`` lines of ``headers`` (a ``str`` dict or raw byte pairs)."""
+    """``Name: value\\r\\n`` lines of ``headers`` (a ``str`` dict, text as UTF-8, or raw
+    byte pairs): the one writer of header lines from values, so none can split the response.
+    Values go through :func:`header_value`; a name that is not a token is a ``ValueError``
+    (names are the router's own)."""
     if not headers:
         return b""
-    if isinstance(headers, dict):
-        return "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode("latin-1")
-    return b"".join(k + b": " + v + b"\r\n" for k, v in headers)
+    pairs = ([(k.encode("utf-8", "backslashreplace"), v.encode("utf-8", "backslashreplace"))
+              for k, v in headers.items()] if isinstance(headers, dict) else headers)
+    lines = []
+    for name, value in pairs:
+        if not _TOKEN.fullmatch(name):
+            raise ValueError(f"invalid header name {name[:64]!r}")
+        lines.append(name + b": " + header_value(value) + b"\r\n")
+    return b"".join(lines)
 
 
 JSON = b"application/json"

@@ -14,15 +14,27 @@ read when ``Content-Length`` says so, the rest of the upload discarded, then a l
 :meth:`HttpConnection.attach` ed itself to the active request (the upstream being relayed, the
 request's owner), or else the handler task is cancelled. Malformed requests get a 400 and the
 connection is closed.
+
+Limits (:class:`Limits`): a request target over ``max_url`` gets 414, a head over ``max_head``
+bytes or ``max_headers`` fields 431, a head not complete ``header_timeout`` after its first
+byte 408, each answered at once and the connection closed; over ``max_connections`` open
+connections, new ones get 503 and are closed unread. llhttp itself sets no bound: the head is
+checked once complete, and after each read that ends inside it (httptools buffers an unfinished
+header line), never per header field.
+
+Graceful shutdown: :meth:`Listener.stop_accepting`, then :meth:`HttpServer.drain`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from ssl import SSLContext
 from typing import Protocol
 
 import httptools
@@ -48,9 +60,10 @@ class Flow(Protocol):
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LINGER_SECS = 2.0          # keep draining an over-limit upload this long before closing
-MAX_HEAD = 64 << 10        # request line + headers; beyond → 431
-KEEPALIVE_SECS = 75.0      # an idle keep-alive connection is closed after this long
 ACCEPT_BATCH = 256         # connections accepted per readiness of a listening socket
+DRAIN_IDLE_SECS = 0.5      # while draining, a connection idle this long is closed
+DRAIN_POLL_SECS = 0.1      # while draining, idle connections and the end are checked this often
+TLS_HANDSHAKE_SECS = 10.0  # a TLS client that has not completed its handshake by then is cut
 
 # response framing modes
 NONE, DONE, RAW, CHUNKED, CLOSE = 0, 1, 2, 3, 4
@@ -59,42 +72,109 @@ _KEEP = {("1.1", True): b"", ("1.1", False): b"Connection: close\r\n",
          ("1.0", True): b"Connection: keep-alive\r\n", ("1.0", False): b"Connection: close\r\n"}
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one client may send or hold (the ``server.*`` keys of the same meaning). Without
+    them llhttp accepts a request head of any size, and a client that sends a head byte by
+    byte, or opens connections without end, holds the router's memory and descriptors."""
+
+    max_url: int = 8 << 10          # request-target bytes; beyond → 414
+    max_head: int = 32 << 10        # request line + header bytes; beyond → 431
+    max_headers: int = 100          # header fields; beyond → 431
+    header_timeout: float = 20.0    # a request head started must be complete by then, else 408
+    keepalive: float = 75.0         # an idle connection is closed after this long
+    max_connections: int = 10_000   # open client connections; beyond, new ones get 503 and close
+
+
+DEFAULT_LIMITS = Limits()
+
+
 class _Stop(Exception):
     """Raised inside a parser callback to stop parsing the current input."""
 
 
-def _bad_request_bytes(reason: str, status: int = 400) -> bytes:
-    code = "bad_request" if status == 400 else "headers_too_large"
-    body = orjson.dumps({"error": {"message": f"Bad request: {reason}",
-                                   "type": "invalid_request_error", "code": code}})
+class _HeadLimit(Exception):
+    """Raised inside a parser callback: the request head is over a :class:`Limits` bound."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+_CODES = {400: "bad_request", 408: "request_timeout", 414: "uri_too_long",
+          431: "headers_too_large", 503: "too_many_connections"}
+
+
+def _error_bytes(message: str, status: int = 400) -> bytes:
+    """A complete error answer that closes the connection (no request handler involved)."""
+    body = orjson.dumps({"error": {"message": message, "code": _CODES[status], "type":
+                                   "service_unavailable" if status == 503 else
+                                   "invalid_request_error"}})
     return (status_line(status) + date_header() + b"Content-Type: application/json\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
 
 
 class HttpServer:
-    """Protocol factory and registry of live connections; closes keep-alive connections idle
-    longer than ``keepalive_secs`` (checked by one timer)."""
+    """Protocol factory and registry of live connections. One timer (not one per connection)
+    closes connections idle longer than ``keepalive_secs`` and answers 408 to those whose
+    request head is not complete ``limits.header_timeout`` after it started; during a
+    :meth:`drain` it runs every :data:`DRAIN_POLL_SECS`."""
 
     def __init__(self, handler: Handler, *, max_body: int,
-                 keepalive_secs: float = KEEPALIVE_SECS) -> None:
+                 limits: Limits = DEFAULT_LIMITS) -> None:
         self.handler = handler
         self.max_body = max_body
-        self.keepalive_secs = keepalive_secs
+        self.limits = limits
+        self.keepalive_secs = limits.keepalive
         self.connections: set[HttpConnection] = set()
+        self.draining = False   # answers say ``Connection: close``; /health answers 503
+        #: called for each connection closed at once because ``limits.max_connections`` are open
+        self.on_refused: Callable[[], None] | None = None
         self._sweeper: asyncio.TimerHandle | None = None
 
     def __call__(self) -> HttpConnection:
-        if self._sweeper is None and self.keepalive_secs:
-            self._sweeper = asyncio.get_running_loop().call_later(
-                self.keepalive_secs / 4, self._sweep)
+        if self._sweeper is None and not self.draining:
+            self._sweeper = asyncio.get_running_loop().call_later(self._period(), self._sweep)
         return HttpConnection(self)
+
+    def _period(self) -> float:
+        return min(self.keepalive_secs, self.limits.header_timeout) / 4
 
     def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
-        cutoff = loop.time() - self.keepalive_secs
-        for conn in [c for c in self.connections if c.active is None and c.idle_since < cutoff]:
-            conn.close()
-        self._sweeper = loop.call_later(self.keepalive_secs / 4, self._sweep)
+        self.sweep(loop.time())
+        self._sweeper = loop.call_later(self._period(), self._sweep)
+
+    def sweep(self, now: float) -> int:
+        """Close idle connections, answer 408 to heads not complete in time; returns how many
+        connections have a request, or a part of one, in progress."""
+        keep = now - self.keepalive_secs
+        idle = now - DRAIN_IDLE_SECS if self.draining else keep
+        head = now - self.limits.header_timeout
+        return sum(conn.check(idle, keep, head) for conn in list(self.connections))
+
+    def running(self) -> int:
+        """Requests being answered."""
+        return sum(conn.active is not None for conn in self.connections)
+
+    async def drain(self, grace: float, hurry: asyncio.Event) -> None:
+        """Graceful shutdown once the listening sockets are closed: requests in progress and
+        those arriving on open connections are answered, with ``Connection: close``; idle
+        connections are closed. Returns when no request is in progress, after ``grace``
+        seconds, or (within :data:`DRAIN_POLL_SECS`) once ``hurry`` is set; the caller then
+        closes what is left (:meth:`close_all`)."""
+        self.draining = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while not hurry.is_set():
+            t = loop.time()
+            if not self.sweep(t) or t >= deadline:
+                return
+            await asyncio.sleep(min(DRAIN_POLL_SECS, deadline - t))
 
     def close_all(self) -> None:
         if self._sweeper is not None:
@@ -110,13 +190,19 @@ class Listener:
     libuv (hence uvloop's own servers) accepts one connection per event-loop iteration: behind
     a loop busy with thousands of streams, a burst of new connections waits seconds in the
     accept queue. Here every readiness accepts up to :data:`ACCEPT_BATCH` connections, each
-    handed to ``loop.connect_accepted_socket``.
+    handed to ``loop.connect_accepted_socket``, with ``ssl`` (HTTPS) if given: a failed
+    handshake closes that connection, logged at debug level only (scanners and plain-HTTP
+    clients would otherwise fill the log).
     """
 
-    def __init__(self, http: HttpServer, sockets: list[socket.socket]) -> None:
+    def __init__(self, http: HttpServer, sockets: list[socket.socket],
+                 ssl: SSLContext | None = None) -> None:
         self.http = http
         self.sockets = sockets
+        self.ssl = ssl
         self.loop = asyncio.get_running_loop()
+        self._opening = 0            # accepted, not yet connected (TLS: handshaking)
+        self._warned = -60.0
         for sock in sockets:
             self.loop.add_reader(sock.fileno(), self._accept, sock)
 
@@ -135,8 +221,38 @@ class Listener:
                 loop.remove_reader(sock.fileno())
                 loop.call_later(1.0, self._resume, sock)
                 return
-            task = loop.create_task(loop.connect_accepted_socket(self.http, conn))
-            task.add_done_callback(_accepted)
+            if len(self.http.connections) + self._opening >= self.http.limits.max_connections:
+                self._refuse(conn)
+                continue
+            self._opening += 1
+            if self.ssl is None:
+                accepted = loop.connect_accepted_socket(self.http, conn)
+            else:
+                accepted = loop.connect_accepted_socket(
+                    self.http, conn, ssl=self.ssl, ssl_handshake_timeout=TLS_HANDSHAKE_SECS)
+            task = loop.create_task(accepted)
+            task.add_done_callback(self._opened)
+
+    def _opened(self, task: asyncio.Task) -> None:
+        self._opening -= 1
+        _accepted(task)
+
+    def _refuse(self, conn: socket.socket) -> None:
+        """``max_connections`` are open: answer 503 without reading (plain HTTP only: a TLS
+        client could not read it) and close."""
+        if self.ssl is None:
+            with contextlib.suppress(OSError):
+                conn.setblocking(False)
+                conn.send(_error_bytes("Too many open connections", 503))
+        conn.close()
+        if self.http.on_refused is not None:
+            self.http.on_refused()
+        now = self.loop.time()
+        if now - self._warned >= 60:
+            self._warned = now
+            log.warning("%d client connections open (server.max-connections): new ones are "
+                        "refused (kvrouter_http_connections_refused_total counts them)",
+                        self.http.limits.max_connections)
 
     def _resume(self, sock: socket.socket) -> None:
         if sock.fileno() >= 0:
@@ -148,28 +264,60 @@ class Listener:
                 self.loop.remove_reader(sock.fileno())
                 sock.close()
 
+    def stop_accepting(self) -> None:
+        """Drain: take the connections already queued in the kernel (answered rather than
+        reset), then close the listening sockets, so that new ones are refused."""
+        for sock in self.sockets:
+            if sock.fileno() >= 0:
+                self._accept(sock)
+        self.close()
+
+
+async def shutdown(listener: Listener, http: HttpServer, grace: float,
+                   hurry: asyncio.Event, grace_over: Callable[[], None] | None = None) -> None:
+    """Graceful shutdown (SIGTERM): new connections are refused, the requests in progress
+    have ``grace`` seconds to finish (less if ``hurry`` is set), then ``grace_over()`` may
+    answer what still waits and every connection is closed. Logs one line as it starts and
+    one as it ends."""
+    listener.stop_accepting()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    log.info("draining: new connections refused; %d requests in progress, %d connections "
+             "open; up to %gs", http.running(), len(http.connections), grace)
+    await http.drain(grace, hurry)
+    left = http.running()
+    log.info("drained in %.1fs: %d requests still running%s", loop.time() - started, left,
+             " (second signal)" if hurry.is_set() else " (grace over)" if left else "")
+    if grace_over is not None:
+        grace_over()
+    http.close_all()
+
 
 def _accepted(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.debug("accepted connection failed: %r", task.exception())
 
 
-def serve_sockets(handler: Handler, sockets: list[socket.socket], *,
-                  max_body: int) -> tuple[Listener, HttpServer]:
-    """Serve ``handler`` on listening sockets."""
-    http = HttpServer(handler, max_body=max_body)
-    return Listener(http, sockets), http
+def serve_sockets(handler: Handler, sockets: list[socket.socket], *, max_body: int,
+                  ssl: SSLContext | None = None,
+                  limits: Limits = DEFAULT_LIMITS) -> tuple[Listener, HttpServer]:
+    """Serve ``handler`` on listening sockets (HTTPS with ``ssl``)."""
+    http = HttpServer(handler, max_body=max_body, limits=limits)
+    return Listener(http, sockets, ssl), http
 
 
 async def start_server(handler: Handler, host: str, port: int, *, max_body: int,
-                       backlog: int = 2048) -> tuple[Listener, HttpServer]:
+                       backlog: int = 2048,
+                       ssl: SSLContext | None = None,
+                       limits: Limits = DEFAULT_LIMITS) -> tuple[Listener, HttpServer]:
     """Bind ``host:port`` (every address ``host`` resolves to, as ``loop.create_server``
     does) and serve ``handler``; raises ``OSError`` if an address cannot be bound."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host or None, port, family=socket.AF_UNSPEC,
                                    type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     addrs = [(family, type_, proto, addr) for family, type_, proto, _, addr in dict.fromkeys(infos)]
-    return serve_sockets(handler, listening_sockets(addrs, backlog=backlog), max_body=max_body)
+    return serve_sockets(handler, listening_sockets(addrs, backlog=backlog), max_body=max_body,
+                         ssl=ssl, limits=limits)
 
 
 class HttpConnection(asyncio.Protocol):
@@ -186,15 +334,19 @@ class HttpConnection(asyncio.Protocol):
         "_expect",
         "_flow",
         "_head_bytes",
+        "_head_long",
         "_headers",
+        "_limits",
         "_linger",
         "_on_lost",
         "_queue",
+        "_read_len",
         "_read_paused",
         "_task",
         "_url",
         "active",
         "closed",
+        "head_since",
         "idle_since",
         "keep_alive",
         "loop",
@@ -236,7 +388,14 @@ class HttpConnection(asyncio.Protocol):
         self._flow: Flow | None = None
         self._on_lost: Callable[[], None] | None = None
         self.idle_since = self.loop.time()
-        self._head_bytes = -1  # bytes of a request head seen in earlier reads (-1: no head)
+        self._limits = server.limits
+        # The request head being read (checked per read and once complete, not per header):
+        # the bytes of the reads that were wholly inside it (-1: no head), whether it spans
+        # several reads, when it began; and the size of the current read.
+        self._head_bytes = -1
+        self._head_long = False
+        self.head_since = 0.0
+        self._read_len = 0
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -249,17 +408,21 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._discarding:
             return
+        self._read_len = len(data)
         in_head = self._head_bytes >= 0
+        headers = self._headers
         try:
             self.parser.feed_data(data)
-            if in_head and self._head_bytes >= 0:  # all of ``data`` belonged to one head
-                self._head_bytes += len(data)
-                if self._head_bytes > MAX_HEAD:
-                    self._fail("request line and headers exceed 64 KiB", 431)
+            if self._head_bytes >= 0:       # a head still incomplete: slow, or large
+                self._long_head(len(data), in_head and headers is self._headers)
         except httptools.HttpParserCallbackError as e:
             if self._discarding:
                 return
             cause = e.__context__
+            if isinstance(cause, _HeadLimit):
+                log.debug("request head from %s refused: %s", self.peer, cause.message)
+                self._fail(cause.message, cause.status)
+                return
             log.error("HTTP request handling failed: %r", cause or e)
             self._fail(str(cause or e))
         except httptools.HttpParserUpgrade:
@@ -312,6 +475,8 @@ class HttpConnection(asyncio.Protocol):
     # -- httptools callbacks -------------------------------------------------------------------
     def on_message_begin(self) -> None:
         self._head_bytes = 0
+        self._head_long = False
+        self.head_since = self.loop.time()
         self._url = b""
         self._headers = []
         self._body = []
@@ -324,6 +489,8 @@ class HttpConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        if len(self._url) > self._limits.max_url:
+            raise _HeadLimit(414, f"Request URL exceeds {self._limits.max_url} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
@@ -336,6 +503,12 @@ class HttpConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._head_bytes = -1
+        limits = self._limits
+        if len(self._headers) > limits.max_headers:
+            raise _HeadLimit(431, f"More than {limits.max_headers} request headers")
+        if (self._head_long or self._read_len > limits.max_head) \
+                and self._head_size() > limits.max_head:
+            raise _HeadLimit(431, f"Request headers exceed {limits.max_head} bytes")
         p = self.parser
         req = Request(self, p.get_method().decode("latin-1"), self._url, p.get_http_version(),
                       self._headers, p.should_keep_alive())
@@ -347,6 +520,23 @@ class HttpConnection(asyncio.Protocol):
                 self.transport.write(CONTINUE)
             else:
                 self._continue_pending = True
+
+    def _head_size(self) -> int:
+        """The request target and header fields (4 bytes of separators each), in bytes."""
+        return len(self._url) + sum(len(n) + len(v) + 4 for n, v in self._headers)
+
+    def _long_head(self, size: int, inside: bool) -> None:
+        """A read ended inside a request head: bound what the parser holds (it buffers an
+        unfinished header line until it ends). ``inside``: the whole read belonged to that
+        head (it had begun before, and no other request began in this read)."""
+        self._head_long = True
+        if inside:
+            self._head_bytes += size
+        limits = self._limits
+        if len(self._headers) > limits.max_headers:
+            self._fail(f"More than {limits.max_headers} request headers", 431)
+        elif self._head_bytes > limits.max_head:
+            self._fail(f"Request headers exceed {limits.max_head} bytes", 431)
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
@@ -383,10 +573,11 @@ class HttpConnection(asyncio.Protocol):
         raise _Stop
 
     def _fail(self, reason: str, status: int = 400) -> None:
-        """A malformed request: 400 (or 431) after the answers to the requests read before
-        it, then close."""
+        """A malformed request: 400 (or 408, 414, 431 with ``reason`` as the message) after
+        the answers to the requests read before it, then close."""
         self._discarding = True
-        self._error = _bad_request_bytes(reason, status)
+        self._head_bytes = -1
+        self._error = _error_bytes(f"Bad request: {reason}" if status == 400 else reason, status)
         if self.active is None and self.transport is not None:
             self.transport.write(self._error)
             self._linger_close()
@@ -464,10 +655,33 @@ class HttpConnection(asyncio.Protocol):
             self._dispatch(self._queue.popleft())
         if self._read_paused and not self._queue:
             self._read_paused = False
+            self.head_since = self.loop.time()  # a pipelined head waited for the router
             transport.resume_reading()
+
+    # -- the server's timer ------------------------------------------------------------------
+    def check(self, idle_cutoff: float, body_cutoff: float, head_cutoff: float) -> bool:
+        """The server timer's visit: 408 if a request head started before ``head_cutoff`` is
+        not complete; close if idle since before ``idle_cutoff`` (since before
+        ``body_cutoff`` while a request body arrives: no separate body timeout). True while a
+        request, or a part of one, is in progress."""
+        if self.active is not None:       # a pipelined head waits for it: the router's delay
+            return True
+        if self._head_bytes >= 0:
+            if self.head_since >= head_cutoff:
+                return True
+            self._fail(f"Request headers not received within {self._limits.header_timeout:g}s",
+                       408)
+            return False
+        receiving = self._cur is not None
+        if self.idle_since < (body_cutoff if receiving else idle_cutoff):
+            self.close()
+            return False
+        return receiving
 
     # -- responses -----------------------------------------------------------------------------
     def _connection_header(self) -> bytes:
+        if self.server.draining:
+            self.keep_alive = False     # the router is stopping: the client moves elsewhere
         return _KEEP[(self._version(), self.keep_alive)]
 
     def _version(self) -> str:

@@ -4,10 +4,15 @@ sharing a port with ``SO_REUSEPORT``) and the options of connected ones."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import resource
 import socket
 from collections.abc import Iterable
 
+log = logging.getLogger("kvrouter.http")
+
 Address = tuple[int, int, int, tuple]      # family, type, proto, sockaddr
+FD_RESERVE = 128    # descriptors left for listening sockets, logs, probes, worker links
 
 
 def stream_socket(family: int, type_: int, proto: int, *,
@@ -58,3 +63,24 @@ def set_nodelay(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (OSError, AttributeError):
             pass
+
+
+def connection_cap(wanted: int) -> int:
+    """``wanted`` client connections, or fewer if this process cannot open that many
+    descriptors. The soft ``RLIMIT_NOFILE`` is raised to the hard one first (as Go, hence
+    fd-router, does at startup); each proxied request also holds a connection to an instance,
+    so clients get at most half of what :data:`FD_RESERVE` leaves."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):  # an unlimited hard limit above the kernel's nr_open
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    cap = max(1, (soft - FD_RESERVE) // 2)
+    if cap < wanted:
+        log.warning("server.max-connections %d lowered to %d: the process may open %d "
+                    "descriptors (RLIMIT_NOFILE)", wanted, cap, soft)
+    return min(wanted, cap)

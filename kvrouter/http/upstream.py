@@ -69,25 +69,16 @@ class Sink(TypingProtocol):
     def fail(self, exc: BodyFailed) -> None: ...
 
 
-_TLS: ssl_mod.SSLContext | None = None
-
-
-def _tls_context() -> ssl_mod.SSLContext:
-    global _TLS
-    if _TLS is None:
-        _TLS = ssl_mod.create_default_context()
-    return _TLS
-
-
 class Target:
-    """Where an instance listens: pool key, address, TLS, and its ``Host`` header line."""
+    """Where an instance listens: pool key, address, whether it speaks TLS (with the pool's
+    client context), and its ``Host`` header line."""
 
-    __slots__ = ("host", "host_line", "key", "port", "ssl")
+    __slots__ = ("host", "host_line", "key", "port", "tls")
 
     def __init__(self, host: str, port: int, *, tls: bool = False) -> None:
         self.host = host
         self.port = port
-        self.ssl: ssl_mod.SSLContext | None = _tls_context() if tls else None
+        self.tls = tls
         shown = f"[{host}]" if ":" in host else host
         self.key = f"{'https' if tls else 'http'}://{shown}:{port}"
         self.host_line = f"Host: {shown}:{port}\r\n".encode("latin-1")
@@ -607,8 +598,12 @@ class UpstreamPool:
 
     def __init__(self, connect_timeout: float | None, first_byte_timeout: float | None,
                  idle_timeout: float | None, *, keepalive_secs: float = KEEPALIVE_SECS,
-                 max_idle: int = MAX_IDLE_PER_TARGET) -> None:
+                 max_idle: int = MAX_IDLE_PER_TARGET,
+                 tls: ssl_mod.SSLContext | None = None) -> None:
+        """``tls``: the client context for TLS targets (:func:`kvrouter.http.tls.client_context`;
+        default: verify against the system CAs, built at the first TLS connection)."""
         self.loop = asyncio.get_running_loop()
+        self._tls = tls
         self.connect_timeout = connect_timeout or None
         self.first_byte_timeout = first_byte_timeout or None
         self.idle_timeout = idle_timeout or None
@@ -658,12 +653,18 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, up = await loop.create_connection(
-                    lambda: Upstream(self, target), target.host, target.port, ssl=target.ssl)
+                    lambda: Upstream(self, target), target.host, target.port,
+                    ssl=self._tls_context() if target.tls else None)
         except TimeoutError:
             raise ConnectFailed(f"connect timeout after {self.connect_timeout:g}s") from None
         except (OSError, ssl_mod.SSLError) as e:
             raise ConnectFailed(_reason(e, "connect failed")) from None
         return up
+
+    def _tls_context(self) -> ssl_mod.SSLContext:
+        if self._tls is None:
+            self._tls = ssl_mod.create_default_context()
+        return self._tls
 
     def _take(self, key: str) -> Upstream | None:
         idle = self._idle.get(key)

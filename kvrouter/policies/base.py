@@ -42,6 +42,7 @@ __all__ = [
     "RequestView",
     "Selection",
     "argmin",
+    "load_terms",
     "policy_class",
     "policy_config",
     "policy_names",
@@ -67,7 +68,9 @@ class RequestView:
     points of the rendered prompt (docs/fastdeploy.md#in-flight-accounting). ``hashes`` are the
     prefix block hashes, computed only when some policy needs them (a
     :class:`~kvrouter.prefix.hashing.HashList` when built by
-    :func:`~kvrouter.prefix.view.build_request_view`; any list of ints works).
+    :func:`~kvrouter.prefix.view.build_request_view`; any list of ints works). ``model`` is the
+    body's ``model`` as the client sent it (``None``: absent or not a string); ``Router.select``
+    narrows the candidates to the instances serving it.
     """
 
     prompt: str | list[int]
@@ -75,6 +78,7 @@ class RequestView:
     token_estimate: int = 0
     hashes: list[int] = field(default_factory=list)
     session_id: str | None = None
+    model: str | None = None
 
 
 @dataclass(slots=True)
@@ -105,6 +109,9 @@ class Policy(ABC):
     name: ClassVar[str]
     needs_prefix: ClassVar[bool] = False          # wants ``RequestView.hashes``
     needs_remote_metrics: ClassVar[bool] = False  # wants background ``/metrics`` scrapes
+    #: ``select`` changes nothing (no counter, random draw or record), so the default
+    #: :meth:`explain` can name the pick by calling it
+    select_is_pure: ClassVar[bool] = False
 
     def __init__(self, role: str) -> None:
         self.role = str(getattr(role, "value", role))
@@ -131,6 +138,23 @@ class Policy(ABC):
     @abstractmethod
     def select(self, candidates: Sequence[Instance], request: RequestView) -> Selection:
         """Pick one of ``candidates`` (non-empty, sorted by URL)."""
+
+    def explain(self, candidates: Sequence[Instance], request: RequestView) -> list[dict[str, Any]]:
+        """One row per candidate (same order) with what :meth:`select` would read now, for
+        ``POST /v1/route/explain``; changes nothing (no record, lease, counter or draw).
+
+        A row with ``"chosen": true`` is the instance ``select`` would pick now, and carries
+        its ``"strategy"``; without one the pick cannot be told without making it (a random
+        draw, a counter). This default: :func:`load_terms`, and the pick of a policy whose
+        :attr:`select_is_pure`. Policies that score override it with their terms."""
+        rows = [load_terms(inst) for inst in candidates]
+        if self.select_is_pure:
+            sel = self.select(candidates, request)
+            for inst, row in zip(candidates, rows, strict=True):
+                row["chosen"] = inst is sel.instance
+                if inst is sel.instance:
+                    row["strategy"] = sel.strategy
+        return rows
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(role={self.role!r})"
@@ -179,6 +203,18 @@ def policy_config(config_type: type[_C], cfg: SchedulerConfig, prefix: str = "")
     :class:`~kvrouter.config.SchedulerConfig`."""
     values: dict[str, Any] = {f.name: getattr(cfg, prefix + f.name) for f in fields(config_type)}
     return config_type(**values)
+
+
+def load_terms(inst: Instance) -> dict[str, Any]:
+    """The load counters every policy may read, as an explain row starts: the router's
+    in-flight ``R``, ``T``, uncached prefill work and requests dispatched since the latest
+    snapshot, and the instance's own running/waiting counts when that snapshot is fresh."""
+    load = inst.load
+    snap = inst.fresh_snapshot()
+    return {"url": inst.url, "in_flight_requests": load.requests, "in_flight_tokens": load.tokens,
+            "queued_prefill_tokens": load.prefill_tokens, "pending": load.pending,
+            "snapshot": None if snap is None else {"running": snap.running,
+                                                   "waiting": snap.waiting}}
 
 
 def argmin(values: Sequence[SupportsDunderLT[Any]]) -> int:

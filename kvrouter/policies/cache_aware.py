@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
@@ -38,6 +38,7 @@ from kvrouter.policies.base import (
     Policy,
     RequestView,
     Selection,
+    load_terms,
     policy_config,
     register,
 )
@@ -187,37 +188,17 @@ class CacheAwarePolicy(Policy):
         n_blocks = len(hashes)
         _, nums = self._cands.get(candidates)
         loads = self.loads(candidates, now)
-        max_load = max(loads)
-        debug = log.isEnabledFor(logging.DEBUG)
-
-        imbalanced = False
-        if len(candidates) >= 2:
-            diff = max_load - min(loads)
-            imbalanced = (
-                diff > self.balance_abs_threshold
-                and max_load > 0
-                and diff / max_load > self.balance_rel_threshold
-            )
-
-        matched: list[int] | None = None
+        best, imbalanced, counts = self._decide(candidates, loads, hashes, nums)
         if imbalanced:
-            tokens = [load.tokens for load in self._cands.loads]
-            best = tokens.index(min(tokens))
             strategy = STRATEGY_IMBALANCE
             hit_blocks = (int(index.match_counts(hashes, nums[best:best + 1])[0])
                           if n_blocks else 0)
         else:
             strategy = STRATEGY_CACHE_AWARE
-            counts = index.match_counts(hashes, nums) if n_blocks else None
-            if len(candidates) >= VECTOR_MIN:
-                best = self._best_vector(candidates, loads, max_load, counts, n_blocks)
-            else:
-                matched = counts.tolist() if counts is not None else [0] * len(candidates)
-                best = self._best_loop(candidates, loads, max_load, matched, n_blocks)
             hit_blocks = int(counts[best]) if counts is not None else 0
         chosen = candidates[best]
-        if debug:
-            self._log_decision(candidates, loads, chosen, imbalanced, hashes, nums, matched)
+        if log.isEnabledFor(logging.DEBUG):
+            self._log_decision(candidates, loads, chosen, imbalanced, hashes, nums, counts)
 
         ident = self._cands.ids[best]
         self.recency.touch(ident)
@@ -227,6 +208,48 @@ class CacheAwarePolicy(Policy):
         if self.sessions is not None and request.session_id is not None:
             session_hit = self.sessions.observe(request.session_id, ident)
         return Selection(chosen, strategy, hit_blocks, n_blocks, session_hit)
+
+    def _decide(self, candidates: Sequence[Instance], loads: list[float], hashes: list[int],
+                nums: np.ndarray) -> tuple[int, bool, np.ndarray | None]:
+        """``(chosen position, imbalanced, matched blocks per candidate)``: rules 1 and 2 of
+        the module docstring, recording nothing. The matched blocks are ``None`` when the
+        fallback decided (it does not look them up) or the prompt has no block."""
+        max_load = max(loads)
+        if len(candidates) >= 2:
+            diff = max_load - min(loads)
+            if (diff > self.balance_abs_threshold and max_load > 0
+                    and diff / max_load > self.balance_rel_threshold):
+                tokens = [load.tokens for load in self._cands.loads]
+                return tokens.index(min(tokens)), True, None
+        n_blocks = len(hashes)
+        counts = self.index.match_counts(hashes, nums) if n_blocks else None
+        if len(candidates) >= VECTOR_MIN:
+            best = self._best_vector(candidates, loads, max_load, counts, n_blocks)
+        else:
+            matched = counts.tolist() if counts is not None else [0] * len(candidates)
+            best = self._best_loop(candidates, loads, max_load, matched, n_blocks)
+        return best, False, counts
+
+    def explain(self, candidates: Sequence[Instance], request: RequestView) -> list[dict[str, Any]]:
+        """Per candidate: matched blocks, the load compared, the score (lowest wins); the
+        pick and whether the imbalance fallback made it."""
+        hashes = request.hashes
+        n_blocks = len(hashes)
+        _, nums = self._cands.get(candidates)
+        loads = self.loads(candidates, self._clock())
+        best, imbalanced, counts = self._decide(candidates, loads, hashes, nums)
+        if counts is None and n_blocks:
+            counts = self.index.match_counts(hashes, nums)
+        scores = self._scores(loads, max(loads), counts, n_blocks)
+        rows = []
+        for i, inst in enumerate(candidates):
+            row = load_terms(inst)
+            row.update(matched_blocks=int(counts[i]) if counts is not None else 0,
+                       prompt_blocks=n_blocks, load=loads[i], score=float(scores[i]),
+                       chosen=i == best)
+            rows.append(row)
+        rows[best]["strategy"] = STRATEGY_IMBALANCE if imbalanced else STRATEGY_CACHE_AWARE
+        return rows
 
     def _best_loop(self, candidates: Sequence[Instance], loads: list[float], max_load: float,
                    matched: list[int], n_blocks: int) -> int:
@@ -250,10 +273,7 @@ class CacheAwarePolicy(Policy):
     def _best_vector(self, candidates: Sequence[Instance], loads: list[float], max_load: float,
                      counts: np.ndarray | None, n_blocks: int) -> int:
         """The same rule with numpy (many candidates): identical floats, identical ties."""
-        k = len(candidates)
-        miss = 1.0 - counts / n_blocks if counts is not None else np.ones(k)
-        ratio = np.array(loads, dtype=np.float64) / max_load if max_load > 0 else np.zeros(k)
-        score = miss * self.hit_ratio_weight + ratio * self.load_balance_weight
+        score = self._scores(loads, max_load, counts, n_blocks)
         tied = np.flatnonzero(score == score.min())
         if len(tied) == 1:
             return int(tied[0])
@@ -261,7 +281,15 @@ class CacheAwarePolicy(Policy):
         return _tie_break([candidates[i] for i in tied.tolist()], tied.tolist(),
                           self.recency if cold else None)
 
-    def _log_decision(self, candidates, loads, chosen, imbalanced, hashes, nums, matched) -> None:
+    def _scores(self, loads: list[float], max_load: float, counts: np.ndarray | None,
+                n_blocks: int) -> np.ndarray:
+        """Every candidate's score (rule 2), as an array."""
+        k = len(loads)
+        miss = 1.0 - counts / n_blocks if counts is not None else np.ones(k)
+        ratio = np.array(loads, dtype=np.float64) / max_load if max_load > 0 else np.zeros(k)
+        return miss * self.hit_ratio_weight + ratio * self.load_balance_weight
+
+    def _log_decision(self, candidates, loads, chosen, imbalanced, hashes, nums, counts) -> None:
         if imbalanced:
             log.debug("[%s] load imbalanced, loads=%s", self.role, _fmt_loads(candidates, loads))
             log.debug(
@@ -270,9 +298,7 @@ class CacheAwarePolicy(Policy):
             )
             return
         n_blocks = len(hashes)
-        if matched is None:
-            matched = (self.index.match_counts(hashes, nums).tolist() if n_blocks
-                       else [0] * len(candidates))
+        matched = counts.tolist() if counts is not None else [0] * len(candidates)
         ratios = ", ".join(
             f"{inst.url}: {100.0 * m / n_blocks if n_blocks else 0.0:.2f}"
             for inst, m in zip(candidates, matched, strict=True)

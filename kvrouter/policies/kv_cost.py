@@ -64,7 +64,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
@@ -76,6 +76,7 @@ from kvrouter.policies.base import (
     Policy,
     RequestView,
     Selection,
+    load_terms,
     policy_config,
     register,
 )
@@ -221,10 +222,7 @@ class KvCostPolicy(Policy):
             m = matched[i] if matched is not None else 0
             u_units = units - m * bs
             u = max(1.0, u_units * scale) if units else 0.0
-            q = float(load.prefill_tokens)
-            snap = inst.fresh_snapshot(now)
-            if snap is not None and snap.waiting > 0:
-                q = self._queued_from_snapshot(load, snap, u, q)
+            q = self._queued(load, inst.fresh_snapshot(now), u)
             d = load.decoding
             ests.append((q + u) / rate + wd * d + xfer + wi * d * u / rate)
             uncached.append(u)
@@ -233,6 +231,15 @@ class KvCostPolicy(Policy):
             c = self.miss_weight / rate
             ests = [e + c * (u - u_min) for e, u in zip(ests, uncached, strict=True)]
         return ests, uncached
+
+    @classmethod
+    def _queued(cls, load, snap, u: float) -> float:
+        """``Q_i``: the router's queued prefill work, corrected by a fresh snapshot (``snap``,
+        or ``None``) that shows a waiting queue."""
+        q = float(load.prefill_tokens)
+        if snap is not None and snap.waiting > 0:
+            return cls._queued_from_snapshot(load, snap, u, q)
+        return q
 
     @staticmethod
     def _queued_from_snapshot(load, snap, u: float, q: float) -> float:
@@ -281,32 +288,14 @@ class KvCostPolicy(Policy):
         ids, nums = self._cands.get(candidates)
         counts = None if decode or not n_blocks else self.index.match_counts(hashes, nums)
         ests, uncached = self._estimate(candidates, request, counts, now)
-        recency = self.recency
-        if isinstance(ests, np.ndarray):
-            tied = np.flatnonzero(ests == ests.min()).tolist()
-            if decode and len(tied) > 1:
-                toks = [candidates[i].load.tokens for i in tied]
-                low = min(toks)
-                tied = [i for i, t in zip(tied, toks, strict=True) if t == low]
-            best = tied[0] if len(tied) == 1 else min((recency.last(ids[i]), i) for i in tied)[1]
-        else:
-            best = 0
-            best_key: tuple[float, int, int] | None = None
-            for i, inst in enumerate(candidates):
-                key = (ests[i], inst.load.tokens if decode else 0, recency.last(ids[i]))
-                if best_key is None or key < best_key:
-                    best, best_key = i, key
+        best = self._best(candidates, ids, ests, decode)
         strategy = STRATEGY_COST
         if self.exploration > 0 and len(candidates) > 1 and self._rng.random() < self.exploration:
-            limit = ests[best] + max(EXPLORE_REL * ests[best], EXPLORE_ABS)
-            if isinstance(ests, np.ndarray):
-                near = [i for i in np.flatnonzero(ests <= limit).tolist() if i != best]
-            else:
-                near = [i for i in range(len(candidates)) if i != best and ests[i] <= limit]
+            near = self._near_best(ests, best)
             if near:
                 best = near[self._rng.randrange(len(near))]
                 strategy = STRATEGY_EXPLORATION
-        recency.touch(ids[best])
+        self.recency.touch(ids[best])
         hit_blocks = int(counts[best]) if counts is not None else 0
         if n_blocks and not decode:
             self.index.record(hashes, ids[best], now)
@@ -315,3 +304,58 @@ class KvCostPolicy(Policy):
             session_hit = self.sessions.observe(request.session_id, ids[best])
         return Selection(candidates[best], strategy, hit_blocks, 0 if decode else n_blocks,
                          session_hit, prefill_estimate=round(float(uncached[best])))
+
+    def _best(self, candidates: Sequence[Instance], ids: list[str], ests, decode: bool) -> int:
+        """The position of the lowest cost; ties as the module docstring says."""
+        recency = self.recency
+        if isinstance(ests, np.ndarray):
+            tied = np.flatnonzero(ests == ests.min()).tolist()
+            if decode and len(tied) > 1:
+                toks = [candidates[i].load.tokens for i in tied]
+                low = min(toks)
+                tied = [i for i, t in zip(tied, toks, strict=True) if t == low]
+            return tied[0] if len(tied) == 1 else min((recency.last(ids[i]), i) for i in tied)[1]
+        best = 0
+        best_key: tuple[float, int, int] | None = None
+        for i, inst in enumerate(candidates):
+            key = (ests[i], inst.load.tokens if decode else 0, recency.last(ids[i]))
+            if best_key is None or key < best_key:
+                best, best_key = i, key
+        return best
+
+    @staticmethod
+    def _near_best(ests, best: int) -> list[int]:
+        """The other candidates exploration may draw: cost within ``max(EXPLORE_REL × best,
+        EXPLORE_ABS)`` of the best."""
+        limit = ests[best] + max(EXPLORE_REL * ests[best], EXPLORE_ABS)
+        if isinstance(ests, np.ndarray):
+            return [i for i in np.flatnonzero(ests <= limit).tolist() if i != best]
+        return [i for i in range(len(ests)) if i != best and ests[i] <= limit]
+
+    def explain(self, candidates: Sequence[Instance], request: RequestView) -> list[dict[str, Any]]:
+        """Per candidate: matched blocks, the terms of the cost (``U``, ``Q``, ``D``) and the
+        cost itself in seconds (lowest wins); the pick, and with ``kv-cost-exploration`` the
+        near-best candidates a draw may send the request to instead."""
+        now = self._clock()
+        decode = self.role == "decode"
+        ids, _ = self._cands.get(candidates)
+        counts = self._counts(candidates, request)
+        ests, uncached = self._estimate(candidates, request, counts, now)
+        best = self._best(candidates, ids, ests, decode)
+        near = set(self._near_best(ests, best)) if self.exploration > 0 else set()
+        rows = []
+        for i, inst in enumerate(candidates):
+            row = load_terms(inst)
+            u = float(uncached[i])
+            row.update(matched_blocks=int(counts[i]) if counts is not None else 0,
+                       prompt_blocks=len(request.hashes), uncached_tokens=round(u),
+                       decoding=inst.load.decoding, cost_seconds=float(ests[i]),
+                       chosen=i == best)
+            if not decode:      # Q_i as the cost read it (the snapshot correction included)
+                row["queued_prefill_tokens"] = round(
+                    self._queued(inst.load, inst.fresh_snapshot(now), u))
+            if self.exploration > 0:
+                row["near_best"] = i in near
+            rows.append(row)
+        rows[best]["strategy"] = STRATEGY_COST
+        return rows

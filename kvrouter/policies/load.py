@@ -46,6 +46,7 @@ def min_requests(candidates: Sequence[Instance]) -> Instance:
 @register
 class ProcessTokensPolicy(Policy):
     name = "process_tokens"
+    select_is_pure = True
 
     def select(self, candidates: Sequence[Instance], request: RequestView) -> Selection:
         return Selection(min_tokens(candidates))
@@ -54,6 +55,7 @@ class ProcessTokensPolicy(Policy):
 @register
 class RequestNumPolicy(Policy):
     name = "request_num"
+    select_is_pure = True
 
     def select(self, candidates: Sequence[Instance], request: RequestView) -> Selection:
         return Selection(min_requests(candidates))

@@ -41,6 +41,7 @@ class FdMetricsScorePolicy(Policy):
 
     name = "fd_metrics_score"
     needs_remote_metrics = True
+    select_is_pure = True
 
     def __init__(self, role: str, waiting_weight: float) -> None:
         super().__init__(role)
@@ -74,6 +75,7 @@ class FdRemoteMetricsScorePolicy(Policy):
 
     name = "fd_remote_metrics_score"
     needs_remote_metrics = True
+    select_is_pure = True
 
     def __init__(
         self, role: str, waiting_weight: float, clock: Callable[[], float] = time.monotonic

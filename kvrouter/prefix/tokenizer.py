@@ -153,7 +153,9 @@ def normalize_tokenizer_url(url: str, default_path: str | None = None) -> str:
 
 class RemoteTokenizer(Tokenizer):
     """A remote tokenize endpoint, called as ``api`` says (default: the default engine's).
-    FastDeploy's: ``POST {"text":p,"prompt":p,"message":p}`` → ``{"input_ids":[…]}``."""
+    FastDeploy's: ``POST {"text":p,"prompt":p,"message":p}`` → ``{"input_ids":[…]}``; vLLM's
+    and SGLang's ``{"prompt":p}`` → ``{"tokens":[…]}``; llama.cpp's ``{"content":p}`` →
+    ``{"tokens":[…]}``."""
 
     kind = "remote"
 
@@ -237,16 +239,19 @@ class RemoteTokenizer(Tokenizer):
 def make_tokenizer(
     sched_cfg: SchedulerConfig,
     session_getter: Callable[[], aiohttp.ClientSession] | None = None,
-    engine: str = DEFAULT_ENGINE,
+    engine: str | None = None,
 ) -> Tokenizer:
-    """The tokenizer the configuration asks for (a ``tokenizer-url`` is called the way
-    ``engine``'s tokenize endpoint is). Raises :class:`TokenizerError` if a ``tokenizer-path``
-    cannot be loaded, or a ``tokenizer-url`` is set for an engine without a tokenize endpoint."""
+    """The tokenizer the configuration asks for. A ``tokenizer-url`` is called the way
+    ``engine``'s tokenize endpoint is (default: ``scheduler.tokenizer-engine``; the key is
+    explicit rather than taken from a registered instance, since the URL need not be one and
+    the tokenizer exists before any instance registers). Raises :class:`TokenizerError` if a
+    ``tokenizer-path`` cannot be loaded, or a ``tokenizer-url`` is set for an engine without a
+    tokenize endpoint."""
     if sched_cfg.tokenizer_path:
         return LocalTokenizer(sched_cfg.tokenizer_path)
     if sched_cfg.tokenizer_url:
         return RemoteTokenizer(
             sched_cfg.tokenizer_url, sched_cfg.tokenizer_timeout_secs, session_getter,
-            tokenize_api(engine),
+            tokenize_api(engine if engine is not None else sched_cfg.tokenizer_engine),
         )
     return CodePointTokenizer()

@@ -5,12 +5,21 @@ needs only the token estimate, 2 × the code points of the rendered prompt. For 
 (string contents, string roles, a string completion prompt) :func:`fast_view` computes that
 length without building the rendered string; the prompt itself is rendered only if something
 reads ``view.prompt``.
+
+``view.model`` is the body's ``model``. Block hashes depend on it: the same prompt for two
+models fills two different KV caches (an instance may serve several, e.g. LoRA adapters), so
+with a model every block hash is XOR-ed with ``H64(model)`` (the alias resolved first): the
+chains of two models never meet in the prefix index.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import numpy as np
+
 from kvrouter.policies.base import RequestView
-from kvrouter.prefix.hashing import block_hashes, text_block_hashes
+from kvrouter.prefix.hashing import HashList, block_hashes, h64, text_block_hashes
 from kvrouter.prefix.render import canonical_json, extract_session_id, render_prompt
 from kvrouter.prefix.tokenizer import Tokenizer
 
@@ -25,10 +34,12 @@ def build_request_view_now(
     *,
     need_prefix: bool,
     tokenize_for_estimate: bool = True,
+    aliases: Mapping[str, str] | None = None,
 ) -> RequestView | None:
     """:func:`build_request_view` when it needs no tokenizer call, else ``None``."""
-    return _view_now(render_prompt(body, endpoint), extract_session_id(body), tokenizer,
+    view = _view_now(render_prompt(body, endpoint), extract_session_id(body), tokenizer,
                      block_size, need_prefix, tokenize_for_estimate)
+    return None if view is None else _for_model(view, body, aliases)
 
 
 async def build_request_view(
@@ -39,6 +50,7 @@ async def build_request_view(
     *,
     need_prefix: bool,
     tokenize_for_estimate: bool = True,
+    aliases: Mapping[str, str] | None = None,
 ) -> RequestView:
     """Render, tokenize and hash a parsed request body.
 
@@ -49,21 +61,42 @@ async def build_request_view(
       (docs/fastdeploy.md#in-flight-accounting). Set it ``False`` to skip the tokenizer (e.g. a
       remote one) when only load counts matter.
 
-    Token-id prompts are used as tokens without calling the tokenizer.
+    Token-id prompts are used as tokens without calling the tokenizer. ``aliases`` (alias →
+    model) resolve the model the block hashes are keyed by.
     """
     prompt = render_prompt(body, endpoint)
     session_id = extract_session_id(body)
     view = _view_now(prompt, session_id, tokenizer, block_size, need_prefix,
                      tokenize_for_estimate)
-    if view is not None:
-        return view
-    seq, real = await tokenizer.tokens_for(prompt)
-    if not real:      # the tokenizer failed and fell back to code points
-        assert isinstance(prompt, str)    # token-id prompts never reach the tokenizer
-        hashes = text_block_hashes(prompt, block_size) if need_prefix else []
-        return RequestView(prompt, None, 2 * len(prompt), hashes, session_id)
-    hashes = block_hashes(seq, block_size) if need_prefix else []
-    return RequestView(prompt, seq, len(seq), hashes, session_id)
+    if view is None:
+        seq, real = await tokenizer.tokens_for(prompt)
+        if not real:      # the tokenizer failed and fell back to code points
+            assert isinstance(prompt, str)    # token-id prompts never reach the tokenizer
+            hashes = text_block_hashes(prompt, block_size) if need_prefix else []
+            view = RequestView(prompt, None, 2 * len(prompt), hashes, session_id)
+        else:
+            hashes = block_hashes(seq, block_size) if need_prefix else []
+            view = RequestView(prompt, seq, len(seq), hashes, session_id)
+    return _for_model(view, body, aliases)
+
+
+def request_model(body: dict) -> str | None:
+    """The body's ``model`` if it is a non-empty string (else the instance judges it)."""
+    model = body.get("model")
+    return model if type(model) is str and model else None
+
+
+def _for_model(view: RequestView, body: dict, aliases: Mapping[str, str] | None) -> RequestView:
+    """Set ``view.model`` and key the block hashes by the (resolved) model."""
+    model = view.model = request_model(body)
+    hashes = view.hashes
+    if model is not None and hashes:
+        if aliases:
+            model = aliases.get(model, model)
+        chain = hashes.array if isinstance(hashes, HashList) else np.array(hashes, np.uint64)
+        arr = chain ^ np.uint64(h64(model.encode("utf-8", "surrogatepass")))
+        view.hashes = HashList(arr.tolist(), arr)
+    return view
 
 
 def _view_now(prompt: str | list[int], session_id: str | None, tokenizer: Tokenizer,
@@ -133,4 +166,6 @@ def fast_view(body: dict, endpoint: str) -> RequestView | None:
     n = rendered_length(body, endpoint)
     if n is None:
         return None
-    return LazyPromptView(body, endpoint, 2 * n, extract_session_id(body))
+    view = LazyPromptView(body, endpoint, 2 * n, extract_session_id(body))
+    view.model = request_model(body)
+    return view

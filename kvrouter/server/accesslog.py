@@ -6,9 +6,15 @@ A ``logging`` call per request costs ~15-25 µs here (record, caller lookup, for
 timestamp) to a buffer, and the buffer is written every :data:`FLUSH_SECS` through the handlers
 that ``kvrouter.access`` reaches, one ``write`` per handler and batch: lines in kvrouter's own log
 format (:mod:`kvrouter.logsetup`) are formatted directly with a per-second timestamp cache, other
-formatters get real ``LogRecord`` objects. Nothing at all happens per request when INFO is off
-for ``kvrouter.access``. Lines may appear up to :data:`FLUSH_SECS` after other log lines written
-meanwhile; their timestamps are the requests' end times.
+formatters get real ``LogRecord`` objects, and JSON lines (``log.format: json``) are encoded
+directly with the line's fields (``method``, ``path``, ``protocol``, ``status``, ``latency_ms``,
+``client``). Nothing at all happens per request when INFO is off for ``kvrouter.access``. Lines
+may appear up to :data:`FLUSH_SECS` after other log lines written meanwhile; their timestamps
+are the requests' end times. A path with control characters is written escaped, so a request
+cannot forge log lines.
+
+Routine polling (unchanged heartbeats, the dashboard's state) is logged at DEBUG instead, one
+record each (:meth:`AccessLog.debug`), so that it does not drown the requests at INFO.
 """
 
 from __future__ import annotations
@@ -18,12 +24,27 @@ import logging
 import time
 from logging.handlers import RotatingFileHandler, TimedRotatingFileHandler
 
-from kvrouter.logsetup import DATE_FORMAT, LOG_FORMAT
+import orjson
+
+from kvrouter.logsetup import DATE_FORMAT, LOG_FORMAT, JsonFormatter, utc_stamp
 
 LOGGER = "kvrouter.access"
 FLUSH_SECS = 0.05
 MAX_PENDING = 2000
 INFO = logging.INFO
+
+#: one finished request: end time, method, path, HTTP version, status, seconds, client address
+Entry = tuple[float, str, str, str, int, float, str]
+
+
+def _line(e: Entry) -> str:
+    path = e[2] if e[2].isprintable() else e[2].encode("unicode_escape").decode("ascii")
+    return f"[{e[1]}] {path} HTTP/{e[3]} {e[4]} {e[5] * 1e3:.3f}ms {e[6]}"
+
+
+def _fields(e: Entry) -> dict[str, object]:
+    return {"method": e[1], "path": e[2], "protocol": f"HTTP/{e[3]}", "status": e[4],
+            "latency_ms": round(e[5] * 1e3, 3), "client": e[6]}
 
 
 class AccessLog:
@@ -31,7 +52,7 @@ class AccessLog:
 
     def __init__(self) -> None:
         self.logger = logging.getLogger(LOGGER)
-        self.pending: list[tuple[float, str]] = []
+        self.pending: list[Entry] = []
         self._timer: asyncio.TimerHandle | None = None
         self._second = -1
         self._stamp = ""
@@ -41,12 +62,18 @@ class AccessLog:
 
     def add(self, method: str, path: str, version: str, status: int, elapsed: float,
             peer: str) -> None:
-        line = f"[{method}] {path} HTTP/{version} {status} {elapsed * 1e3:.3f}ms {peer}"
-        self.pending.append((time.time(), line))
+        self.pending.append((time.time(), method, path, version, status, elapsed, peer))
         if len(self.pending) >= MAX_PENDING:
             self.flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(FLUSH_SECS, self.flush)
+
+    def debug(self, method: str, path: str, version: str, status: int, elapsed: float,
+              peer: str) -> None:
+        """The line of a routine poll, at DEBUG (written at once: polls are rare)."""
+        if self.logger.isEnabledFor(logging.DEBUG):
+            entry = (time.time(), method, path, version, status, elapsed, peer)
+            self.logger.debug(_line(entry), extra={"fields": _fields(entry)})
 
     def flush(self) -> None:
         if self._timer is not None:
@@ -63,7 +90,10 @@ class AccessLog:
                     handler.handle(record)
                 continue
             fmt = handler.formatter
-            if (fmt is not None and fmt._fmt == LOG_FORMAT and fmt.datefmt == DATE_FORMAT
+            if type(fmt) is JsonFormatter:
+                text = self._json_lines(entries, handler.terminator)
+                last = None
+            elif (fmt is not None and fmt._fmt == LOG_FORMAT and fmt.datefmt == DATE_FORMAT
                     and fmt.converter is time.localtime):
                 text = self._fast_lines(entries, handler.terminator)
                 last = None
@@ -86,21 +116,31 @@ class AccessLog:
             out.append(logging.lastResort)
         return out
 
-    def _fast_lines(self, entries: list[tuple[float, str]], terminator: str) -> str:
+    def _fast_lines(self, entries: list[Entry], terminator: str) -> str:
         parts = []
-        for created, msg in entries:
+        for e in entries:
+            created = e[0]
             sec = int(created)
             if sec != self._second:
                 self._second = sec
                 self._stamp = time.strftime(DATE_FORMAT, time.localtime(sec))
             parts.append(f"{self._stamp}.{int((created - sec) * 1000):03d} INFO {LOGGER}: "
-                         f"{msg}{terminator}")
+                         f"{_line(e)}{terminator}")
         return "".join(parts)
 
-    def _records(self, entries: list[tuple[float, str]]) -> list[logging.LogRecord]:
+    @staticmethod
+    def _json_lines(entries: list[Entry], terminator: str) -> str:
+        """What :class:`JsonFormatter` writes for each entry, without a ``LogRecord``."""
+        return "".join(orjson.dumps({"time": utc_stamp(e[0]), "level": "info",
+                                     "logger": LOGGER, "message": _line(e), **_fields(e)}
+                                    ).decode() + terminator for e in entries)
+
+    def _records(self, entries: list[Entry]) -> list[logging.LogRecord]:
         records = []
-        for created, msg in entries:
-            r = self.logger.makeRecord(LOGGER, INFO, __file__, 0, msg, (), None)
+        for e in entries:
+            created = e[0]
+            r = self.logger.makeRecord(LOGGER, INFO, __file__, 0, _line(e), (), None,
+                                       extra={"fields": _fields(e)})
             r.created = created
             r.msecs = int((created - int(created)) * 1000) + 0.0
             records.append(r)

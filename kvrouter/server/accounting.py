@@ -8,18 +8,69 @@ from kvrouter.http.upstream import BodyFailed
 from kvrouter.router import Router
 from kvrouter.server.forward import InstanceRef
 
+#: Seconds of per-second totals kept for the dashboard's charts (:data:`TRAFFIC`).
+TRAFFIC_SECS = 300
+# the fields of a :class:`Traffic` bucket
+SEC, REQUESTS, ERRORS, TTFT_N, TTFT_SUM, TTFT_MAX, DURATION_SUM, PROMPT_TOKENS = range(8)
+
+
+class Traffic:
+    """Per-second totals of the requests that ended in the last :data:`TRAFFIC_SECS` seconds:
+    requests, failures (an answer ≥ 400 or a body broken off), stream TTFT (count, sum, max),
+    duration sum, prompt tokens the instances reported. A ring of buckets indexed by the
+    second (``time.perf_counter()``), each cleared when its second comes round again: O(1) per
+    request, kept always (the dashboard's charts have a history when it opens)."""
+
+    __slots__ = ("buckets",)
+
+    def __init__(self) -> None:
+        self.buckets = [[-1, 0, 0, 0, 0.0, 0.0, 0.0, 0] for _ in range(TRAFFIC_SECS)]
+
+    def add(self, now: float, duration: float, ttft: float | None, failed: bool,
+            prompt_tokens: int | None) -> None:
+        sec = int(now)
+        b = self.buckets[sec % TRAFFIC_SECS]
+        if b[SEC] != sec:
+            b[:] = (sec, 0, 0, 0, 0.0, 0.0, 0.0, 0)
+        b[REQUESTS] += 1
+        b[DURATION_SUM] += duration
+        if failed:
+            b[ERRORS] += 1
+        if ttft is not None:
+            b[TTFT_N] += 1
+            b[TTFT_SUM] += ttft
+            if ttft > b[TTFT_MAX]:
+                b[TTFT_MAX] = ttft
+        if prompt_tokens:
+            b[PROMPT_TOKENS] += prompt_tokens
+
+    def last(self, now: float) -> list[list]:
+        """The buckets of the :data:`TRAFFIC_SECS` seconds up to ``now`` (perf_counter),
+        oldest first; a second without requests is an empty bucket."""
+        end = int(now)
+        out = []
+        for sec in range(end - TRAFFIC_SECS + 1, end + 1):
+            b = self.buckets[sec % TRAFFIC_SECS]
+            out.append(list(b) if b[SEC] == sec else [sec, 0, 0, 0, 0.0, 0.0, 0.0, 0])
+        return out
+
+
+#: This process's traffic (one router per process; each worker process has its own).
+TRAFFIC = Traffic()
+
 
 class Outcome:
     """How an answer reached the client, filled in while it is relayed."""
 
-    __slots__ = ("cached_tokens", "client_gone", "failure", "first_byte_at", "prompt_tokens",
-                 "status")
+    __slots__ = ("cached_tokens", "client_gone", "failure", "first_byte_at", "interrupted",
+                 "prompt_tokens", "status")
 
     def __init__(self) -> None:
         self.status = 0
         self.first_byte_at: float | None = None
         self.failure: BodyFailed | None = None   # the instance's body broke off mid-relay
         self.client_gone = False
+        self.interrupted = False                 # ended with the stream_interrupted event
         self.prompt_tokens: int | None = None    # usage the answer reported
         self.cached_tokens: int | None = None
 
@@ -36,16 +87,23 @@ def account(router: Router, endpoint: str, received: float, outcome: Outcome, st
     status = outcome.status
     m.inference_requests.labels(decode.url if decode else "", mixed.url if mixed else "",
                                 prefill.url if prefill else "", status).inc()
+    now = time.perf_counter()
     m.duration.labels(endpoint, router.mode, "true" if stream else "false").observe(
-        time.perf_counter() - received)
+        now - received)
+    ttft = None
     if stream and outcome.first_byte_at is not None:
-        m.ttft.labels(endpoint, router.mode).observe(outcome.first_byte_at - received)
+        ttft = outcome.first_byte_at - received
+        m.ttft.labels(endpoint, router.mode).observe(ttft)
+    TRAFFIC.add(now, now - received, ttft, status >= 400 or outcome.failure is not None,
+                outcome.prompt_tokens)
     if status >= 400:
         m.errors.labels("backend_status").inc()
     if outcome.failure is not None and outcome.failure.idle_timeout:
         m.errors.labels("stream_idle_timeout").inc()
     if outcome.client_gone:
         m.errors.labels("client_disconnect").inc()
+    if outcome.interrupted:
+        m.errors.labels("stream_interrupted").inc()
     if mixed is not None and outcome.prompt_tokens is not None:
         count_usage(router, mixed, outcome.prompt_tokens, outcome.cached_tokens)
 

@@ -10,11 +10,13 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from kvrouter.backends.base import loads
+from kvrouter.backends.engines import DEFAULT_ENGINE
 from kvrouter.http.request import Request
 from kvrouter.http.response import Response
 from kvrouter.instance import RegistrationError, Role, parse_registration_bytes
 from kvrouter.registry import HEALTHY, Instance
 from kvrouter.router import Router
+from kvrouter.server.auth import forbidden, names_source
 from kvrouter.server.context import Context
 
 log = logging.getLogger("kvrouter.admin")
@@ -28,13 +30,21 @@ def _msg(code: int, msg: str) -> Response:
     return _json({"code": code, "msg": msg}, status=code)
 
 
-async def register(ctx: Context, req: Request) -> Response:
+async def register(ctx: Context, req: Request, source: str | None = None) -> Response:
+    """``POST /register``. ``source`` (auth.register-source-must-match): the connection's
+    address, which an anonymous registration or heartbeat must name, so that it cannot add,
+    pause or re-point another address; None: any address."""
     router = ctx.router
     try:
         info = parse_registration_bytes(req.body, splitwise=router.splitwise)
     except RegistrationError as e:
         log.error("Failed to register instance: %s", e.body.get("msg"))
         return _json(e.body, status=e.status)
+    if source is not None and not names_source(info.host, source):
+        log.warning("Refused registration of %s from %s: without the admin token an "
+                    "instance may only register its own address", info.url, source)
+        raise forbidden(f"Registration of {info.host} from {source or 'an unknown address'} "
+                        "refused: without the admin token host_ip must be the source address")
     resp = await apply_registration(router, info)
     if resp.status == 200:
         await router.shared.registered()    # applied by every router sharing the registry
@@ -75,7 +85,7 @@ def worker_record(inst: Instance) -> dict:
         "metrics_port": i.metrics_port or i.port, "tp_size": i.tp, "version": i.version,
         "is_paused": i.is_paused, "state": inst.state, "static": inst.static,
         "in_flight_requests": inst.load.requests, "in_flight_tokens": inst.load.tokens,
-        "connected_decodes": list(i.connected_decodes),
+        "connected_decodes": list(i.connected_decodes), "engine": i.engine,
     }
 
 
@@ -94,12 +104,16 @@ async def registered_number(ctx: Context, req: Request) -> Response:
 
 
 async def health(ctx: Context, req: Request) -> Response:
+    """``GET /health``; 503 ``"draining"`` once a graceful shutdown began, so that load
+    balancers stop sending new work here while the requests in progress finish."""
     router = ctx.router
     counts = router.registry.count_routable()
     ready = (counts["prefill"] > 0 and counts["decode"] > 0) if router.splitwise \
         else counts["mixed"] > 0
-    return _json({"status": "ok", "mode": router.mode, "routable": counts, "ready": ready,
-                  **router.shared.health_info()})
+    draining = req.conn.server.draining
+    return _json({"status": "draining" if draining else "ok", "mode": router.mode,
+                  "routable": counts, "ready": ready, **router.shared.health_info()},
+                 503 if draining else 200)
 
 
 async def health_generate(ctx: Context, req: Request) -> Response:
@@ -150,7 +164,14 @@ def _abort_body_valid(body: object) -> bool:
 
 
 async def abort_requests(ctx: Context, req: Request) -> Response:
-    """Forward the abort to every known instance concurrently and report each answer."""
+    """Forward the abort to every known instance concurrently, each the way its engine takes
+    it, and report each answer.
+
+    A FastDeploy instance gets the client's body unchanged (the router's abort API is
+    FastDeploy's); another engine gets its own path and bodies (``AbortApi.bodies``; SGLang
+    takes one id per call: sent one after the other, all within the one timeout). An engine
+    without an abort endpoint, or one that cannot do what is asked (vLLM cannot abort all), is
+    reported as ``skipped`` rather than sent a call it would answer 404."""
     router = ctx.router
     raw = req.body
     try:
@@ -161,6 +182,9 @@ async def abort_requests(ctx: Context, req: Request) -> Response:
         return _json({"error": {"message": "body must hold a non-empty string list 'req_ids' "
                                            "or 'abort_all': true",
                                 "type": "invalid_request_error", "code": "invalid_value"}}, 400)
+    assert isinstance(body, dict)
+    abort_all = body.get("abort_all") is True
+    req_ids: list[str] = [] if abort_all else body["req_ids"]
     headers = {"Content-Type": "application/json"}
     if auth := req.header_str(b"authorization"):
         headers["Authorization"] = auth
@@ -169,10 +193,29 @@ async def abort_requests(ctx: Context, req: Request) -> Response:
 
     async def one(inst: Instance) -> dict:
         row: dict[str, object] = {"url": inst.url, "worker_type": inst.role.value,
-                                  "status_code": None, "body": None, "error": None}
+                                  "engine": inst.info.engine, "status_code": None,
+                                  "body": None, "error": None}
+        engine = await router.scraper.detect(inst)
+        if engine is None:
+            row["error"] = "engine not recognised: its /metrics did not answer"
+            return row
+        row["engine"] = engine.name
+        api = engine.abort
+        if api is None:
+            row["skipped"] = "no abort endpoint"
+            return row
+        calls = [raw] if engine.name == DEFAULT_ENGINE else \
+            [orjson.dumps(b) for b in api.bodies(req_ids, abort_all)]
+        if not calls:
+            row["skipped"] = "cannot abort all requests"
+            return row
         try:
-            status, data = await router.transport.get(inst.url + "/v1/abort_requests", timeout,
-                                                      headers, method="POST", body=raw)
+            async with asyncio.timeout(timeout):
+                for call in calls:
+                    status, data = await router.transport.get(
+                        inst.url + api.path, timeout, headers, method="POST", body=call)
+                    if not 200 <= status < 300:
+                        break
         except Exception as e:
             row["error"] = str(e) or type(e).__name__
             return row

@@ -13,6 +13,7 @@ from kvrouter.registry import Instance
 DROP = HOP_BY_HOP | {b"content-length", b"host", b"expect"}
 DROP_IDENTITY = DROP | {b"accept-encoding"}
 IDENTITY = b"Accept-Encoding: identity\r\n"
+CREDENTIALS = frozenset({b"authorization", b"x-api-key"})
 
 
 def forward_block(req: Request, *, identity: bool = False) -> bytes:
@@ -22,6 +23,13 @@ def forward_block(req: Request, *, identity: bool = False) -> bytes:
     kept = end_to_end(req.headers, DROP_IDENTITY if identity else DROP)
     block = b"".join([name + b": " + value + b"\r\n" for _, name, value in kept])
     return block + IDENTITY if identity else block
+
+
+def strip_credentials(req: Request) -> None:
+    """Remove the client's credentials from ``req`` once the router has consumed them
+    (``auth.forward-client-key``), so that neither :func:`forward_block` nor any other
+    step passes them on. Runs in ``App.handle``, before anything looked a header up."""
+    req.headers = [h for h in req.headers if h[0].lower() not in CREDENTIALS]
 
 
 def upstream_request(req: Request, target: Target, headers: bytes, body: bytes) -> bytes:

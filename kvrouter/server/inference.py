@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING
 
 from kvrouter import errors
+from kvrouter.admission import PRIORITY_HEADER, Priority, Reject, Ticket, parse_priority
 from kvrouter.backends.base import loads
 from kvrouter.http.request import Request
 from kvrouter.http.upstream import Exchange, TransportError, Upstream
@@ -25,8 +30,12 @@ from kvrouter.server import pd
 from kvrouter.server.accounting import Outcome, account
 from kvrouter.server.context import Context
 from kvrouter.server.forward import forward_block, upstream_request
-from kvrouter.server.leg import Failure, Leg, RetryBudget
+from kvrouter.server.leg import Failure, Leg
 from kvrouter.server.relay import start_relay
+from kvrouter.server.retry import RETRY_STATUSES, RetryBudget
+
+if TYPE_CHECKING:
+    from kvrouter.tracing import Trace
 
 log = logging.getLogger("kvrouter.inference")
 
@@ -57,7 +66,8 @@ class InferenceRequest:
     """
 
     __slots__ = ("body", "ctx", "endpoint", "exchange", "leg", "outcome", "pair", "pending",
-                 "req", "retries", "stream", "task")
+                 "priority", "req", "retries", "status_retries", "stream", "task", "ticket",
+                 "trace")
 
     def __init__(self, ctx: Context, req: Request, endpoint: str) -> None:
         self.ctx = ctx
@@ -67,15 +77,27 @@ class InferenceRequest:
         self.stream = False
         self.pending = True
         self.leg: Leg | None = None
-        self.retries: RetryBudget | None = None
+        self.retries: RetryBudget | None = None          # after connect failures
+        self.status_retries: RetryBudget | None = None   # after 5xx answers
         self.exchange: Exchange | None = None
         self.pair: pd.Pair | None = None
         self.task: asyncio.Task | None = None
+        self.ticket: Ticket | None = None       # while it waits in the admission queue
+        self.priority = Priority.DEFAULT
         self.outcome = Outcome()
+        self.trace: Trace | None = None         # its span, when tracing is on
 
     def start(self) -> None:
         ctx = self.ctx
+        if ctx.tracer is not None:
+            self.trace = ctx.tracer.start(self.req, self.endpoint, ctx.router.mode)
+        ctx.retries.request()
         try:
+            priority = parse_priority(self.req.header(PRIORITY_HEADER))
+            if priority is None:
+                raise errors.invalid_value(
+                    "x-kvrouter-priority must be one of interactive, default, batch")
+            self.priority = priority
             body = self.body = parse_json_object(self.req.body)
             self.stream = body.get("stream") is True
             view = fast_view(body, self.endpoint) if ctx.fast_views else None
@@ -88,7 +110,7 @@ class InferenceRequest:
             self._crashed()
             return
         if view is not None and not ctx.router.splitwise:
-            self._dispatch_mixed(view)
+            self._admit(partial(self._dispatch_mixed, view))
             return
         self.req.conn.attach(self._client_lost)
         self.task = asyncio.ensure_future(self._run(view))
@@ -101,6 +123,12 @@ class InferenceRequest:
             if router.splitwise:
                 if view is None:
                     view = await router.request_view(self.body, self.endpoint, pd.PD_ROLES)
+                if self.ctx.admission is not None:
+                    admitted = asyncio.get_running_loop().create_future()
+                    self._admit(partial(admitted.set_result, None))
+                    await admitted      # a rejection ends the request and cancels this task
+                if self.trace is not None:
+                    self.trace.bind(view)
                 commit = await pd.dispatch(self.ctx, self.req, self.body, self.stream, view)
             else:
                 if view is None:
@@ -117,15 +145,48 @@ class InferenceRequest:
             self.task = None
         if commit is None:
             assert view is not None
-            self._dispatch_mixed(view)
+            self._admit(partial(self._dispatch_mixed, view))
         else:
             self._answer_pd(commit)
+
+    # -- admission: wait in the router while no instance has headroom --------------------------
+    def _admit(self, go: Callable[[], None]) -> None:
+        """``go()`` now, or once the admission queue admits the request (or end it)."""
+        admission = self.ctx.admission
+        if admission is None:
+            go()
+            return
+        ticket = Ticket(self.priority, self.req.tenant or "default",
+                        partial(self._admitted, go), self._rejected)
+        ticket.deadline = time.monotonic() + admission.queue.timeout
+        if admission.offer(ticket):
+            go()
+        elif self.pending:                 # waiting: a client that leaves takes it out
+            self.ticket = ticket
+            self.req.conn.attach(self._client_lost)
+
+    def _admitted(self, go: Callable[[], None]) -> None:
+        ticket, self.ticket = self.ticket, None
+        if ticket is not None and self.ctx.admission is not None:
+            self.ctx.admission.admitted(ticket)
+        go()
+
+    def _rejected(self, why: Reject) -> None:
+        self.ticket = None
+        assert self.ctx.admission is not None
+        self._end(self.ctx.admission.error(why))
+        if self.task is not None:
+            self.task.cancel()
 
     # -- mixed: one leg, retried on another instance after a connect failure --------------------
     def _dispatch_mixed(self, view: RequestView) -> None:
         ctx = self.ctx
+        if self.trace is not None:
+            self.trace.bind(view)
         self.leg = Leg(ctx, Role.MIXED, view)
-        self.retries = RetryBudget(ctx.router, "connect", ctx.router.cfg.server.connect_retries)
+        s = ctx.router.cfg.server
+        self.retries = RetryBudget(ctx.router, "connect", s.connect_retries)
+        self.status_retries = RetryBudget(ctx.router, "status", s.status_retries)
         self.req.conn.attach(self._client_lost)
         self._send_mixed(None)
 
@@ -156,18 +217,49 @@ class InferenceRequest:
             else:
                 self._end(err)
             return
+        if up.status in RETRY_STATUSES and self._retry_status(leg, up):
+            return
         try:
             leg.answered()
+            if self.ctx.admission is not None:
+                self.ctx.admission.pump()  # its prefill is done: room for another one
             start_relay(self.req.conn, up, first, leg.ref.mixed_tag, self.outcome,
                         self._relayed_mixed)
         except Exception:
             up.close()
             self._crashed()
 
+    def _retry_status(self, leg: Leg, up: Upstream) -> bool:
+        """An instance answered 5xx before anything reached the client: try another one if
+        this request and the router-wide budget allow it (else the answer is relayed)."""
+        budget = self.status_retries
+        assert leg.ref is not None and budget is not None
+        router = self.ctx.router
+        if (budget.left <= 0
+                or not router.can_route(Role.MIXED, leg.excluded | {leg.identity}, leg.view.model)
+                or not self.ctx.retries.take() or not budget.take()):
+            return False
+        log.info("%s answered %d; retrying on another instance", leg.url, up.status)
+        if up.done:
+            up.release()
+        else:
+            up.close()
+        leg.release()
+        leg.observe(True)
+        leg.exclude()
+        err = errors.RouterError(502, f"Backend {leg.url} answered {up.status}",
+                                 "backend_error", "backend_status")
+        err.headers = {"X-Router-Mixed-URL": leg.url}
+        self._send_mixed(err)
+        return True
+
     def _relayed_mixed(self) -> None:
         leg = self.leg
         assert leg is not None
         leg.release()
+        outcome = self.outcome
+        if not outcome.client_gone or outcome.status >= 500:
+            leg.observe(outcome.status >= 500 or outcome.failure is not None)
         try:
             account(self.ctx.router, self.endpoint, self.req.received, self.outcome, self.stream,
                     mixed=leg.ref)
@@ -197,8 +289,11 @@ class InferenceRequest:
         pair = self.pair
         assert pair is not None
         pair.decode.release()
-        if self.outcome.client_gone:
+        outcome = self.outcome
+        if outcome.client_gone:
             pair.cancel_prefill()
+        if not outcome.client_gone or outcome.status >= 500:
+            pair.decode.observe(outcome.status >= 500 or outcome.failure is not None)
         self._account_pd(pair)
         self._end(None)
 
@@ -215,6 +310,9 @@ class InferenceRequest:
         if not self.pending:
             return
         self.outcome.client_gone = True
+        if self.ticket is not None:
+            self.ticket.cancel()
+            self.ticket = None
         if self.task is not None:
             self.task.cancel()     # PD: the pair's own cleanup releases its legs
         if self.exchange is not None:
@@ -237,4 +335,8 @@ class InferenceRequest:
             return
         self.pending = False
         self.req.conn.detach()
+        if self.trace is not None:
+            self.trace.end(error, self.req.conn.status, self.outcome)
         self.ctx.complete(self.req, self.endpoint, error)
+        if self.ctx.admission is not None:
+            self.ctx.admission.pump()      # this request's instance may have room now

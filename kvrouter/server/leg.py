@@ -6,7 +6,14 @@ request is two, a prefill and a decode leg, with the commit and reschedule rules
 instance, the leg takes a lease on its load, sends, and either gets the first answer bytes or a
 failure that it classifies (one mapping for both modes), with what the failure implies (the
 instance excluded from this request's next try, a health probe, a metric), and releases the
-lease.
+lease. Every answer or failure is reported to the outlier detector
+(:mod:`kvrouter.control.outlier`): 5xx answers and transport failures count against the
+instance, 4xx answers and client disconnects do not.
+
+A request is retried on another instance only before any byte of an answer reached the client:
+after a connect failure (``server.connect-retries``), or after a 500/502/503/504 answer
+(``server.status-retries``, within the router-wide
+:class:`~kvrouter.server.retry.RetryRatio`).
 """
 
 from __future__ import annotations
@@ -28,7 +35,6 @@ from kvrouter.instance import InstanceInfo, Role
 from kvrouter.load import Lease
 from kvrouter.policies.base import RequestView
 from kvrouter.registry import Instance
-from kvrouter.router import Router
 from kvrouter.server.context import Context
 from kvrouter.server.forward import InstanceRef
 
@@ -39,25 +45,6 @@ class Failure(Enum):
     CONNECT = "connect"        # no response status: another instance may serve it
     TIMEOUT = "timeout"        # no first body byte within the first-byte timeout: 504
     BROKEN = "broken"          # the answer broke off before its first body byte: 502
-
-
-class RetryBudget:
-    """Retries left for one reason (``kvrouter_retries_total{reason}`` counts those taken)."""
-
-    __slots__ = ("left", "reason", "router")
-
-    def __init__(self, router: Router, reason: str, left: int) -> None:
-        self.router = router
-        self.reason = reason
-        self.left = left
-
-    def take(self, reason: str | None = None) -> bool:
-        """Spend one retry (counted under ``reason``, by default the budget's own)."""
-        if self.left <= 0:
-            return False
-        self.left -= 1
-        self.router.metrics.retries.labels(reason or self.reason).inc()
-        return True
 
 
 class Leg:
@@ -83,6 +70,8 @@ class Leg:
         """Ask the role's policy for an instance (not one excluded) and take a lease on it;
         raises the 503 :class:`RouterError` when none is left."""
         sel = self.ctx.router.select(self.role, self.view, self.excluded, prefer)
+        if self.ctx.tracer is not None:
+            self.ctx.tracer.chose(self, sel)
         inst = sel.instance
         self.inst = inst
         ref = self.ref = self.ctx.refs.get(inst)
@@ -129,15 +118,26 @@ class Leg:
         if self.lease is not None:
             self.lease.release()
 
+    def observe(self, failed: bool) -> None:
+        """Report how the instance answered to the outlier detector."""
+        if self.ref is not None:
+            self.ctx.router.outliers.observe(self.ref.identity, failed)
+
+    def exclude(self) -> None:
+        """Leave the current instance out of this request's next tries."""
+        if self.ref is not None:
+            self.excluded.add(self.ref.identity)
+
     def failed(self, error: TransportError) -> tuple[Failure, errors.RouterError]:
         """Release the lease and classify ``error``: a connect failure excludes the instance
         from this request's next try and asks for a health probe."""
         self.release()
+        self.observe(True)
         router = self.ctx.router
         ref, inst = self.ref, self.inst
         assert ref is not None and inst is not None
         if isinstance(error, ConnectFailed):
-            self.excluded.add(ref.identity)
+            self.exclude()
             router.health.probe_soon(inst)
             router.metrics.errors.labels("connect_failed").inc()
             return Failure.CONNECT, errors.connect_failed(ref.url, str(error))

@@ -6,8 +6,9 @@ and the request commits to the decode at its first body byte (or its whole body 
 requests, which may ask to be rescheduled). The prefill is drained in the background and its
 lease released at its first byte. A failure before the commit cancels the other leg and, where
 the rules allow, tries a new pair: a connect failure (either side) or a prefill answering 429
-or 5xx-unavailable within ``server.connect-retries``, a decode asking to be rescheduled within
-``scheduler.pd-retry-count``. Nothing is retried after the commit.
+or 500/502/503/504 within ``server.connect-retries``, a decode answering 500/502/503/504
+within ``server.status-retries`` (and the router-wide retry budget), a decode asking to be
+rescheduled within ``scheduler.pd-retry-count``. Nothing is retried after the commit.
 :class:`kvrouter.server.inference.InferenceRequest` relays the committed answer.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -29,15 +31,16 @@ from kvrouter.registry import Instance
 from kvrouter.server.accounting import count_usage
 from kvrouter.server.context import Context
 from kvrouter.server.forward import forward_block, upstream_request
-from kvrouter.server.leg import Failure, Leg, RetryBudget
+from kvrouter.server.leg import Failure, Leg
 from kvrouter.server.relay import usage_of
+from kvrouter.server.retry import RETRY_STATUSES, RetryBudget
 
 log = logging.getLogger("kvrouter.pd")
 
 PD_ROLES = (Role.PREFILL, Role.DECODE)
 RESCHEDULE_BUFFER = 64 << 20     # a non-stream decode answer is read whole up to this size
 PREFILL_SCAN = 1 << 20           # prefill answer bytes kept for the error and usage scan
-RETRYABLE_PREFILL_STATUS = frozenset({429, 502, 503, 504})
+RETRYABLE_PREFILL_STATUS = RETRY_STATUSES | {429}
 
 
 @dataclass(slots=True)
@@ -49,7 +52,8 @@ class PrefillResult:
     error: errors.RouterError | None = None
     status: int = 0
     content_type: bytes = b"application/json"
-    body: bytes = b""
+    body: bytes = b""       # an error status's body
+    answer: bytes = b""     # a successful answer (its first MiB)
 
 
 @dataclass(slots=True)
@@ -75,10 +79,11 @@ async def dispatch(ctx: Context, req: Request, body: dict, stream: bool,
                    view: RequestView) -> Commit:
     """Try pairs until one commits or an error is final (raised, with the router headers of
     the last pair)."""
-    router, adapter = ctx.router, ctx.adapter
-    base = adapter.base_request_id(body)
+    router = ctx.router
+    base = ctx.adapters.default.base_request_id(body)
     connect = RetryBudget(router, "connect", router.cfg.server.connect_retries)
     reschedule = RetryBudget(router, "pd_reschedule", router.cfg.scheduler.pd_retry_count)
+    status = RetryBudget(router, "status", router.cfg.server.status_retries)
     excl_p: set[str] = set()
     excl_d: set[str] = set()
     last_error: errors.RouterError | None = None
@@ -89,6 +94,7 @@ async def dispatch(ctx: Context, req: Request, body: dict, stream: bool,
         decode = Leg(ctx, Role.DECODE, view, excl_d)
         try:
             p_ref = prefill.choose()
+            adapter = _adapter_of(ctx, p_ref.info)
             decode.choose(prefer=partial(_pairs_with, adapter, p_ref.info))
         except errors.RouterError:
             prefill.release()
@@ -98,10 +104,12 @@ async def dispatch(ctx: Context, req: Request, body: dict, stream: bool,
         rid = adapter.attempt_request_id(base, attempt)
         try_ = PdAttempt(rid, prefill.info, decode.info)
         p_body = adapter.prefill_body(body, try_)
-        d_body = adapter.decode_body(body, try_, p_body, None)
+        d_body: bytes | Callable[[bytes], bytes] = (
+            adapter.decode_body(body, try_, p_body, None) if adapter.concurrent_pd
+            else partial(adapter.decode_body, body, try_, p_body))
         tags = {"X-Router-Prefill-URL": p_ref.url, "X-Router-Decode-URL": decode.url,
                 "X-Router-Request-ID": rid}
-        pair = Pair(ctx, req, stream, prefill, decode, rid, p_body, d_body, headers)
+        pair = Pair(ctx, req, stream, adapter, prefill, decode, rid, p_body, d_body, headers)
         try:
             step = await pair.run()
         except errors.RouterError as e:
@@ -110,7 +118,19 @@ async def dispatch(ctx: Context, req: Request, body: dict, stream: bool,
         if step.error is not None:
             step.error.headers = tags
             last_error = step.error
-        if step.reschedule is not None:
+        if step.status_retry:
+            assert step.start is not None
+            if (status.left > 0
+                    and router.can_route(Role.DECODE, excl_d | {decode.identity}, view.model)
+                    and ctx.retries.take() and status.take()):
+                log.info("[request_id:%s] decode %s answered %d; retrying", rid, decode.url,
+                         step.start.up.status)
+                step.start.up.close()
+                decode.observe(True)
+                decode.exclude()
+                attempt += 1
+                continue
+        elif step.reschedule is not None:
             if reschedule.take():
                 if router.cfg.scheduler.pd_retry_exclude_decode:
                     excl_d.add(decode.identity)
@@ -140,6 +160,7 @@ class Step:
     prefill's own error reply."""
 
     start: DecodeStart | None = None
+    status_retry: bool = False           # the decode answered 5xx: another pair may do better
     reschedule: list[int] | None = None
     retry_reason: str | None = None
     error: errors.RouterError | None = None
@@ -147,13 +168,16 @@ class Step:
 
 
 class Pair:
-    """One attempt on one (prefill, decode) pair: both legs run as tasks."""
+    """One attempt on one (prefill, decode) pair: both legs run as tasks, at once, or the
+    decode once the prefill answered (``d_body`` is then made from that answer)."""
 
-    def __init__(self, ctx: Context, req: Request, stream: bool, prefill: Leg, decode: Leg,
-                 request_id: str, p_body: bytes, d_body: bytes, headers: bytes) -> None:
+    def __init__(self, ctx: Context, req: Request, stream: bool, adapter: EngineAdapter,
+                 prefill: Leg, decode: Leg, request_id: str, p_body: bytes,
+                 d_body: bytes | Callable[[bytes], bytes], headers: bytes) -> None:
         self.ctx = ctx
         self.req = req
         self.stream = stream
+        self.adapter = adapter
         self.prefill = prefill
         self.decode = decode
         self.request_id = request_id
@@ -173,29 +197,37 @@ class Pair:
 
     async def run(self) -> Step:
         p_task = self.p_task = asyncio.ensure_future(self._prefill())
-        d_task = asyncio.ensure_future(self._decode())
+        d_task: asyncio.Task | None = None
         step: Step | None = None
         try:
+            if not isinstance(self.d_body, bytes):      # the decode waits for the prefill
+                result: PrefillResult = await p_task
+                if result.failure is not None or result.status:
+                    step = self._after_prefill_failure(result)
+                    return step
+                self.d_body = self.d_body(result.answer)
+            d_task = asyncio.ensure_future(self._decode())
             pending: set[asyncio.Task] = {p_task, d_task}
             while True:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 if d_task in done:
                     step = self._after_decode(d_task)
                     return step
-                result: PrefillResult = p_task.result()
+                result = p_task.result()
                 if result.failure is None and result.status == 0:
                     continue        # prefill answered: wait for the decode
                 d_task.cancel()
                 step = self._after_prefill_failure(result)
                 return step
         finally:
-            if not d_task.done():
+            if d_task is not None and not d_task.done():
                 d_task.cancel()
-            elif (not d_task.cancelled() and d_task.exception() is None
+            elif (d_task is not None and not d_task.cancelled() and d_task.exception() is None
                   and (step is None or step.start is not d_task.result())):
                 d_task.result().up.close()  # a decode answer nobody will relay
-            committed = step is not None and step.start is not None and \
-                step.retry_reason is None and step.reschedule is None
+            committed = (step is not None and step.start is not None
+                         and step.retry_reason is None and step.reschedule is None
+                         and not step.status_retry)
             if not committed:
                 self.cancel_prefill()
                 self.decode.release()
@@ -206,10 +238,10 @@ class Pair:
         if exc is None:
             start: DecodeStart = d_task.result()
             if not self.stream and start.eof and start.up.status == 200:
-                tokens = self.ctx.adapter.reschedule_tokens(start.first)
+                tokens = self.adapter.reschedule_tokens(start.first)
                 if tokens is not None:
                     return Step(start=start, reschedule=tokens)
-            return Step(start=start)
+            return Step(start=start, status_retry=start.up.status in RETRY_STATUSES)
         self.cancel_prefill()
         if not isinstance(exc, TransportError):
             raise exc
@@ -260,6 +292,8 @@ class Pair:
                 return PrefillResult(failure, err)
             if lease is not None:
                 lease.release()
+            if self.ctx.admission is not None:
+                self.ctx.admission.pump()          # the prefill is done: room for another
             parts, size, chunk = [first], len(first), first
             try:
                 while chunk:
@@ -269,19 +303,22 @@ class Pair:
                         size += len(chunk)
             except TransportError as e:
                 up.close()
+                leg.observe(True)
                 return PrefillResult(Failure.BROKEN, errors.prefill_failed(leg.url, str(e)))
             status, sse, ctype = up.status, up.is_sse, _content_type(up)
             up.release()
             raw = b"".join(parts)
             if not 200 <= status < 300:
+                leg.observe(status >= 500)
                 return PrefillResult(status=status, content_type=ctype, body=raw)
-            msg = self.ctx.adapter.prefill_error(raw, sse)
+            msg = self.adapter.prefill_error(raw, sse)
+            leg.observe(msg is not None)
             if msg is not None:
                 return PrefillResult(Failure.BROKEN, errors.prefill_failed(leg.url, msg))
             prompt, cached = usage_of(raw)
             if prompt is not None and leg.ref is not None:
                 count_usage(self.ctx.router, leg.ref, prompt, cached)
-            return PrefillResult()
+            return PrefillResult(answer=raw)
         finally:
             if lease is not None:
                 lease.release()
@@ -290,6 +327,7 @@ class Pair:
         """Send to the decode; return at its first body byte, or its whole body for
         non-stream answers (which may ask for a reschedule)."""
         leg = self.decode
+        assert isinstance(self.d_body, bytes)
         up, first = await leg.open(
             upstream_request(self.req, leg.target, self.headers, self.d_body))
         if self.stream or up.is_sse or not first:
@@ -304,8 +342,18 @@ class Pair:
         return DecodeStart(up, b"".join(parts), eof=False)
 
 
+def _adapter_of(ctx: Context, prefill: InstanceInfo) -> EngineAdapter:
+    adapter = ctx.adapters.get(prefill.engine)
+    if adapter is None:
+        raise errors.RouterError(
+            501, f"PD dispatch is not supported for {prefill.engine} instances",
+            "invalid_request_error", "pd_not_supported")
+    return adapter
+
+
 def _pairs_with(adapter: EngineAdapter, prefill: InstanceInfo, decode: Instance) -> bool:
-    return adapter.can_pair(prefill, decode.info)
+    """A decode of the prefill's engine that can take its KV cache."""
+    return decode.info.engine == prefill.engine and adapter.can_pair(prefill, decode.info)
 
 
 def _content_type(up: Upstream) -> bytes:

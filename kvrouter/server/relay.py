@@ -7,8 +7,14 @@ with a ``Content-Length`` keeps it (raw bytes); otherwise chunked (HTTP/1.1 clie
 close-delimited (HTTP/1.0 clients). A slow client pauses reading from the instance; a client
 that goes away closes the instance connection.
 
-Per chunk the relay keeps only what it needs: the last body bytes (an SSE stream that breaks
-after a complete event ends with a ``stream_interrupted`` event, which needs the last two) and,
+Honest streams: an OpenAI-style SSE stream must end with ``data: [DONE]``. One that ends
+without it (the instance closed cleanly mid-answer) or breaks off after a complete event is
+ended by the router with a ``stream_interrupted`` error event and ``data: [DONE]``, so the
+client knows the answer is incomplete; one that breaks mid-event is aborted (the client sees a
+broken connection), since no event can be appended to a half-written one.
+
+Per chunk the relay keeps only what it needs: the last body bytes (at least
+:data:`TAIL_BYTES`, for the two checks above) and,
 when asked, usage: an SSE chunk is searched for ``"prompt_tokens"`` (a substring test), a
 non-SSE body (up to 1 MiB) once at the end; the numbers are read next to the keys, no JSON is
 parsed. Everything the accounting needs goes into the request's :class:`Outcome`.
@@ -30,6 +36,8 @@ log = logging.getLogger("kvrouter.relay")
 
 INTERRUPTED = (b'data: {"error":{"message":"upstream stream interrupted: %s",'
                b'"type":"backend_error","code":"stream_interrupted"}}\n\n' b"data: [DONE]\n\n")
+DONE = b"data: [DONE]"
+TAIL_BYTES = 32                  # enough to see ``data: [DONE]`` and the blank line after it
 USAGE_SCAN_LIMIT = 1 << 20
 USAGE_KEY = b'"prompt_tokens"'
 CACHED_KEY = b'"cached_tokens"'
@@ -62,8 +70,7 @@ class Relay:
     """One relayed response: a body sink for :meth:`Upstream.relay` that writes to the client
     and fills the :class:`Outcome`; ``on_done()`` is called once, when it is over."""
 
-    __slots__ = ("conn", "on_done", "outcome", "parts", "prev", "scan", "size", "sse", "tail",
-                 "up")
+    __slots__ = ("conn", "on_done", "outcome", "parts", "scan", "size", "sse", "tail", "up")
 
     def __init__(self, conn: HttpConnection, up: Upstream, sse: bool, scan: bool,
                  outcome: Outcome) -> None:
@@ -73,7 +80,6 @@ class Relay:
         self.scan = scan
         self.outcome = outcome
         self.tail = b""
-        self.prev = b""
         self.parts: list[bytes] = []
         self.size = 0
         self.on_done: Callable[[], None] | None = None
@@ -81,15 +87,21 @@ class Relay:
     # -- body sink (called by the instance connection) -----------------------------------------
     def chunk(self, data: bytes) -> None:
         self.conn.write(data)
-        self.prev = self.tail
-        self.tail = data
+        self.tail = data if len(data) >= TAIL_BYTES else (self.tail + data)[-2 * TAIL_BYTES:]
         if self.scan:
             self._observe(data)
 
     def end(self) -> None:
-        self.conn.detach()
-        self.conn.finish()
+        conn = self.conn
+        conn.detach()
         self.up.release()
+        if self.sse and 200 <= self.outcome.status < 300 and not self._done_sent():
+            self.outcome.interrupted = True
+            log.warning("backend %s ended a stream without %s", self.up.target.key, DONE.decode())
+            if self.tail[-2:] != b"\n\n":
+                conn.write(b"\n\n")       # close the last, unterminated, event
+            conn.write(INTERRUPTED % b"the stream ended without [DONE]")
+        conn.finish()
         self._resolve()
 
     def fail(self, exc: BodyFailed) -> None:
@@ -98,7 +110,8 @@ class Relay:
         conn.detach()
         self.up.close()
         log.warning("backend %s body failed mid-relay: %s", self.up.target.key, exc)
-        if self.sse and self._last_two() == b"\n\n" and not conn.closed:
+        if self.sse and self.tail[-2:] == b"\n\n" and not conn.closed:
+            self.outcome.interrupted = True
             conn.write(INTERRUPTED % str(exc).replace('"', "'").encode())
             conn.finish()
         else:
@@ -129,9 +142,8 @@ class Relay:
                 parts[0] if len(parts) == 1 else b"".join(parts))
         self.parts = []
 
-    def _last_two(self) -> bytes:
-        tail = self.tail
-        return tail[-2:] if len(tail) >= 2 else (self.prev[-1:] + tail)[-2:]
+    def _done_sent(self) -> bool:
+        return self.tail.rstrip().endswith(DONE)
 
     def _observe(self, data: bytes) -> None:
         if self.sse:
@@ -185,16 +197,11 @@ def start_relay(conn: HttpConnection, up: Upstream, first: bytes, extra: bytes,
         r.tail = first
         if scan_usage:
             r._observe(first)
-    if conn.closed or up.done:
-        if conn.closed:
-            outcome.client_gone = True
-            up.close()
-        else:
-            conn.finish()
-            up.release()
-        r._complete()
-        on_done()
+    r.on_done = on_done
+    if conn.closed:
+        r.client_lost()
+    elif up.done:
+        r.end()             # the whole answer came with its head
     else:
-        r.on_done = on_done
         conn.attach(r.client_lost, up)
         up.relay(r)

@@ -7,6 +7,14 @@ parameters; ``--block-size``, ``--num-gpu-blocks``, ``--max-num-seqs``,
 ``--max-num-batched-tokens`` and ``--timing`` override it. Instance ``i`` seeds its jitter
 with ``--seed + i``.
 
+``--engine vllm|sglang|llamacpp`` shows that engine's HTTP surface instead of FastDeploy's
+(``/metrics`` names, health, tokenize and abort endpoints, usage in streams: see
+:mod:`kvrouter.sim.instance`); such instances are mixed and never register (list them in the
+router's register.yaml), so ``--router`` is a usage error with them.
+
+``--tls-cert``/``--tls-key`` serve HTTPS (the instances register as ``https://``; their
+heartbeat reads their own health in-process), ``--tls-client-ca`` requires client certificates.
+
 Prints ``sim instance <role> <url> ready`` per instance, runs until SIGINT/SIGTERM, then
 stops cleanly (exit 0). Usage errors exit 2; bind/startup errors exit 1.
 """
@@ -19,19 +27,36 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from kvrouter.sim.config import ROLES, SimConfig
+from kvrouter.sim.config import ENGINES, ROLES, SimConfig
 from kvrouter.sim.core.params import DEFAULT_PRESET, PRESETS, TIMING_MODELS
 from kvrouter.sim.instance import SimInstance
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvrouter sim",
-                                description="Run simulated FastDeploy instances.")
+                                description="Run simulated inference instances "
+                                            "(FastDeploy by default).",
+                                epilog="Answers are 'tok0 tok1 tok2 …': one token each for the "
+                                       "simulator, several for any real tokenizer, so a "
+                                       "benchmark client must count tokens from the usage the "
+                                       "answers report (aiperf --use-server-token-count). "
+                                       "Without ignore_eos an answer stops after "
+                                       "--output-tokens. See the README's 'Benchmark with "
+                                       "your own client'.")
     p.add_argument("--instances", "-n", type=int, default=1, help="number of instances (default 1)")
     p.add_argument("--role", choices=ROLES, default="mixed", help="instance role (default mixed)")
+    p.add_argument("--engine", choices=ENGINES, default="fastdeploy",
+                   help="whose HTTP surface to show (default fastdeploy; the others are mixed "
+                        "and never register)")
     p.add_argument("--router", default=None,
                    help="router host:port to heartbeat to (none: no registration)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--tls-cert", default=None,
+                   help="serve HTTPS with this PEM certificate (with --tls-key); registers as "
+                        "https://")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", default=None,
+                   help="require client certificates issued by this PEM CA (mutual TLS)")
     p.add_argument("--port-base", type=int, default=0,
                    help="first API port; 0 = ephemeral (default)")
     p.add_argument("--connector-port-base", type=int, default=0,
@@ -40,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve /metrics on separate ports from this base (0 = ephemeral); "
                         "default: API port")
     p.add_argument("--time-scale", type=float, default=1.0,
-                   help="multiply all model times (default 1.0)")
+                   help="multiply all model times: 1.0 = as fast as the preset's hardware, "
+                        "2 = half as fast (default 1.0)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
                    help=f"engine model preset (default {DEFAULT_PRESET})")
     p.add_argument("--timing", choices=TIMING_MODELS, default=None,
@@ -49,20 +75,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="running slots (default: preset, 256)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="token budget per engine step (default: preset, 8192)")
-    p.add_argument("--max-concurrency", type=int, default=512)
+    p.add_argument("--max-concurrency", type=int, default=512,
+                   help="requests beyond this many at once get 429, as FastDeploy's "
+                        "--max-concurrency (default 512)")
     p.add_argument("--num-gpu-blocks", type=int, default=None,
                    help="KV cache blocks (default: from the preset's memory budget or "
                         "measured capacity)")
     p.add_argument("--block-size", type=int, default=None,
                    help="tokens per KV block (default: preset, 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the step-time jitter (default 0)")
-    p.add_argument("--output-tokens", type=int, default=16, help="natural answer length in tokens")
-    p.add_argument("--served-model-name", default="default")
-    p.add_argument("--max-model-len", type=int, default=8192)
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--output-tokens", type=int, default=16,
+                   help="natural answer length in tokens: an answer ends here (finish_reason "
+                        "stop) unless max_tokens is lower; a request with ignore_eos: true "
+                        "gets max_tokens instead. Raise it when a benchmark expects long "
+                        "answers (default 16)")
+    p.add_argument("--served-model-name", default="default",
+                   help="the model name in /v1/models and answers; any name is accepted "
+                        "(default 'default')")
+    p.add_argument("--max-model-len", type=int, default=8192,
+                   help="longest prompt + answer in tokens; longer prompts get 400 "
+                        "(default 8192)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: no key)")
     p.add_argument("--version", default=None, help="model version reported at registration")
     p.add_argument("--transfer-protocol", default="ipc,rdma", help="comma list (default ipc,rdma)")
-    p.add_argument("--heartbeat-period", type=float, default=5.0)
+    p.add_argument("--heartbeat-period", type=float, default=5.0,
+                   help="seconds between registrations with --router (default 5.0)")
     p.add_argument("--first-heartbeat-delay", type=float, default=0.0,
                    help="delay before the first registration (default 0; FastDeploy waits one "
                         "period)")
@@ -71,11 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
     """One :class:`SimConfig` per instance (ports and jitter seeds offset by the index)."""
+    if args.engine != "fastdeploy" and args.router:
+        raise ValueError(f"a {args.engine} instance never registers: list it in the router's "
+                         "register.yaml instead of passing --router")
     protocols = [x.strip() for x in args.transfer_protocol.split(",") if x.strip()]
     configs: list[SimConfig] = []
     for i in range(args.instances):
         configs.append(SimConfig(
-            role=args.role, host=args.host,
+            role=args.role, engine=args.engine, host=args.host,
             port=args.port_base + i if args.port_base else 0,
             connector_port=(args.connector_port_base + i if args.connector_port_base else
                             (None if args.role == "mixed" else 0)),
@@ -87,7 +128,8 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
             block_size=args.block_size, seed=args.seed + i, output_tokens=args.output_tokens,
             served_model_name=args.served_model_name, max_model_len=args.max_model_len,
             api_key=args.api_key, version=args.version, transfer_protocol=protocols,
-            device_ids=[str(i)], heartbeat_period=args.heartbeat_period))
+            device_ids=[str(i)], heartbeat_period=args.heartbeat_period,
+            tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca))
     return configs
 
 

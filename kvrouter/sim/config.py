@@ -1,4 +1,5 @@
-"""Configuration and fault knobs of a simulated FastDeploy instance.
+"""Configuration and fault knobs of a simulated instance (FastDeploy's HTTP surface, or the
+one of another engine named by ``engine``).
 
 :class:`SimConfig` is fixed when the instance starts (except the registration fields
 ``is_paused``, ``version`` and ``connected_decodes``, which are read on every heartbeat).
@@ -19,12 +20,15 @@ from typing import Any
 from kvrouter.sim.core.params import EngineParams, make_params
 
 ROLES = ("mixed", "prefill", "decode")
+#: the engines whose HTTP surface an instance can show (kvrouter.sim.instance)
+ENGINES = ("fastdeploy", "vllm", "sglang", "llamacpp")
 
 
 @dataclass
 class SimConfig:
     # --- identity / sockets -------------------------------------------------------
     role: str = "mixed"                      # mixed | prefill | decode
+    engine: str = "fastdeploy"               # whose HTTP surface: one of ENGINES
     host: str = "127.0.0.1"                  # bind address ("::1" works)
     port: int = 0                            # 0 = ephemeral (the bound port is in SimInstance.port)
     advertise_host: str | None = None        # host_ip sent to the router (default: host)
@@ -40,6 +44,11 @@ class SimConfig:
     is_paused: bool = False
     connected_decodes: list[dict[str, Any]] = field(default_factory=list)
     load_delay: float = 0.0                  # real seconds before start() binds (model "loading")
+    # HTTPS on the API and metrics ports (PEM files; None: plain HTTP); tls_client_ca: require
+    # a client certificate issued by it (mutual TLS)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
 
     # --- API surface ----------------------------------------------------------------
     served_model_name: str = "default"
@@ -95,6 +104,15 @@ class SimConfig:
         self.role = str(self.role).lower()
         if self.role not in ROLES:
             raise ValueError(f"invalid role {self.role!r}; expected one of {ROLES}")
+        self.engine = str(self.engine).lower()
+        if self.engine not in ENGINES:
+            raise ValueError(f"invalid engine {self.engine!r}; expected one of {ENGINES}")
+        if self.engine != "fastdeploy" and self.role != "mixed":
+            raise ValueError(f"engine {self.engine} is simulated in the mixed role only")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca needs tls_cert")
         if self.time_scale < 0:
             raise ValueError("time_scale must be >= 0")
         # Resolve the preset's values for the fields left to it (so they are ints afterwards).

@@ -18,6 +18,32 @@ The engine is :class:`~kvrouter.sim.engine.RealtimeEngine` (the engine core of
 ``decode`` with the modelled KV transfer time
 (:meth:`SimInstance.transfer_delay`). ``GET /sim/requests`` (API port) serves the per-request
 ground truth for reports; the router never calls it.
+
+``SimConfig.engine`` (``kvrouter sim --engine``) shows another engine's HTTP surface over the
+same engine model, as /work/shared/research/real-engines.md describes it (mixed role only):
+
+=============  ============================  ============================  ==================
+               vllm                          sglang                        llamacpp
+=============  ============================  ============================  ==================
+/metrics       ``vllm:*`` ``{engine,         ``sglang:*`` ``{model_name,   ``llamacpp:*``, no
+               model_name}``                 tp_rank}``                    labels
+/health        200 empty                     200 empty                     200 ``{"status":
+                                                                           "ok"}``; else 503
+                                                                           ``Loading model``
+tokenize       ``/tokenize`` ``{"prompt"}``  ``/tokenize`` ``{"prompt"}``  ``/tokenize``
+               or ``{"messages"}`` →         → ``{"tokens"}``              ``{"content"}`` →
+               ``{"tokens"}``                                              ``{"tokens"}``
+abort          ``/inference/v1/abort_        ``/abort_request``            none (404)
+               requests`` ``{"request_ids"   ``{"rid"}`` or
+               :[…]}``                       ``{"abort_all":true}``
+stream usage   ``include_usage``             ``include_usage``             chat:
+                                                                           ``include_usage``;
+                                                                           completions: always
+=============  ============================  ============================  ==================
+
+None of them registers with a router (no heartbeat), answers 429 over ``max_concurrency``
+(requests queue) or adds FastDeploy's space after the first chat event. Answer bodies keep
+FastDeploy's fields.
 """
 
 from __future__ import annotations
@@ -26,6 +52,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import struct
 import time
 import uuid
@@ -187,12 +214,17 @@ class SimInstance:
 
     # ------------------------------------------------------------------ lifecycle
     @property
+    def scheme(self) -> str:
+        return "https" if self.config.tls_cert else "http"
+
+    @property
     def url(self) -> str:
-        return f"http://{_bracket(self._local_host())}:{self.port}"
+        return f"{self.scheme}://{_bracket(self._local_host())}:{self.port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{_bracket(self._local_host())}:{self.metrics_port or self.port}/metrics"
+        return (f"{self.scheme}://{_bracket(self._local_host())}:"
+                f"{self.metrics_port or self.port}/metrics")
 
     @property
     def advertise_host(self) -> str:
@@ -220,9 +252,11 @@ class SimInstance:
             self._session = aiohttp.ClientSession()
         try:
             api = self._make_app("api")
-            self.port = await self._bind(api, self.port)
+            tls = self._tls()
+            self.port = await self._bind(api, self.port, tls)
             if self.metrics_port is not None:
-                self.metrics_port = await self._bind(self._make_app("metrics"), self.metrics_port)
+                self.metrics_port = await self._bind(self._make_app("metrics"), self.metrics_port,
+                                                     tls)
             if self.connector_port is not None:
                 self.connector_port = await self._bind(self._make_connector_app(),
                                                        self.connector_port)
@@ -231,12 +265,24 @@ class SimInstance:
             raise
         log.info("sim %s instance listening on %s", self.config.role, self.url)
 
-    async def _bind(self, app: web.Application, port: int) -> int:
+    def _tls(self) -> ssl.SSLContext | None:
+        cfg = self.config
+        if not cfg.tls_cert:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        if cfg.tls_client_ca:
+            ctx.load_verify_locations(cafile=cfg.tls_client_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    async def _bind(self, app: web.Application, port: int,
+                    tls: ssl.SSLContext | None = None) -> int:
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                                shutdown_timeout=self.config.shutdown_timeout)
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, self.host, port, reuse_address=True)
+        site = web.TCPSite(runner, self.host, port, reuse_address=True, ssl_context=tls)
         await site.start()
         return int(runner.addresses[0][1])
 
@@ -271,7 +317,8 @@ class SimInstance:
         cfg = self.config
         return {
             "role": cfg.role,
-            "host_ip": self.advertise_host,
+            "host_ip": (f"https://{_bracket(self.advertise_host)}" if cfg.tls_cert
+                        else self.advertise_host),
             "port": self.port,
             "connector_port": self.connector_port,
             "engine_worker_queue_port": cfg.engine_worker_queue_port,
@@ -295,15 +342,19 @@ class SimInstance:
         (3 s timeout); if 200, POST the payload to ``{router}/register`` (5 s timeout).
         Returns the POST status, or 0 when the probe failed (nothing POSTed) or the POST did
         not get a status."""
+        self._check_registers()
         cfg = self.config
         session = self._client()
         rec = HeartbeatRecord(time=time.time(), health_status=None, register_status=None)
         self.heartbeats.append(rec)
         try:
-            probe_timeout = aiohttp.ClientTimeout(total=cfg.health_probe_timeout)
-            async with session.get(self.url + "/health", timeout=probe_timeout) as r:
-                await r.read()
-                rec.health_status = r.status
+            if cfg.tls_cert:   # over TLS it would need to trust its own CA (and certificate)
+                rec.health_status = self.knobs.health_status
+            else:
+                probe_timeout = aiohttp.ClientTimeout(total=cfg.health_probe_timeout)
+                async with session.get(self.url + "/health", timeout=probe_timeout) as r:
+                    await r.read()
+                    rec.health_status = r.status
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             rec.error = f"health probe failed: {exc!r}"
             return 0
@@ -328,6 +379,7 @@ class SimInstance:
                         first_delay: float | None = None) -> asyncio.Task[None]:
         """Loop for the instance's life: sleep → :meth:`register_once`. The first sleep is
         ``first_delay`` (default: ``period``), like FastDeploy."""
+        self._check_registers()
         if self._heartbeat_task is not None and not self._heartbeat_task.done():
             self._heartbeat_task.cancel()
         period = self.config.heartbeat_period if period is None else period
@@ -345,6 +397,12 @@ class SimInstance:
 
         self._heartbeat_task = asyncio.get_running_loop().create_task(loop())
         return self._heartbeat_task
+
+    def _check_registers(self) -> None:
+        """Only FastDeploy instances register with a router; the others are listed in its
+        register.yaml."""
+        if self.config.engine != "fastdeploy":
+            raise ValueError(f"a {self.config.engine} instance never calls /register")
 
     async def stop_heartbeat(self) -> None:
         task, self._heartbeat_task = self._heartbeat_task, None
@@ -377,15 +435,22 @@ class SimInstance:
         if listener == "metrics":
             app.router.add_get("/metrics", self._metrics)
             return app
+        engine = self.config.engine
         app.router.add_get("/health", self._health)
-        app.router.add_route("GET", "/ping", self._health)
-        app.router.add_route("POST", "/ping", self._health)
+        if engine in ("fastdeploy", "vllm"):
+            app.router.add_route("GET", "/ping", self._health)
+            app.router.add_route("POST", "/ping", self._health)
         app.router.add_get("/v1/models", self._models)
         if self.metrics_port is None:
             app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
-        app.router.add_post("/v1/abort_requests", self._abort)
+        if engine == "fastdeploy":
+            app.router.add_post("/v1/abort_requests", self._abort)
+        elif engine == "vllm":
+            app.router.add_post("/inference/v1/abort_requests", self._abort_vllm)
+        elif engine == "sglang":
+            app.router.add_post("/abort_request", self._abort_sglang)
         # probes of peer routers, so sglang-router / vllm-router can
         # sit in front of the same instances
         for path in ("/server_info", "/get_server_info"):
@@ -429,6 +494,9 @@ class SimInstance:
                     resp = await handler(request)
                 except web.HTTPNotFound:
                     status = 404
+                    if self.config.engine == "llamacpp":
+                        return _json({"error": {"code": 404, "message": "File Not Found",
+                                                "type": "not_found_error"}}, 404)
                     return _json({"detail": "Not Found"}, 404)
                 except web.HTTPMethodNotAllowed:
                     status = 405
@@ -444,13 +512,19 @@ class SimInstance:
         k = self.knobs
         if k.health_delay > 0:
             await asyncio.sleep(k.health_delay)
+        if self.config.engine == "llamacpp" and not k.health_body:
+            if k.health_status == 200:
+                return _json({"status": "ok"})
+            return _json({"error": {"code": 503, "message": "Loading model",
+                                    "type": "unavailable_error"}}, k.health_status)
         return web.Response(status=k.health_status, body=k.health_body)
 
     async def _models(self, request: web.Request) -> web.Response:
         cfg = self.config
         name = cfg.served_model_name
+        owner = "FastDeploy" if cfg.engine == "fastdeploy" else cfg.engine
         card = {
-            "id": name, "object": "model", "created": self.created, "owned_by": "FastDeploy",
+            "id": name, "object": "model", "created": self.created, "owned_by": owner,
             "root": cfg.model_root or name, "parent": None, "max_model_len": cfg.max_model_len,
             "permission": [{
                 "id": f"modelperm-{name}", "object": "model_permission", "created": self.created,
@@ -458,6 +532,9 @@ class SimInstance:
                 "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
                 "organization": "*", "group": None, "is_blocking": False}],
         }
+        if cfg.engine == "llamacpp":    # llama-server also lists the model ollama-style
+            return _json({"models": [{"name": name, "model": name, "type": "model"}],
+                          "object": "list", "data": [card]})
         return _json({"object": "list", "data": [card]})
 
     # ------------------------------------------------------------------ peer-router probes
@@ -510,25 +587,50 @@ class SimInstance:
         return await self._render(request, "chat")
 
     async def _tokenize(self, request: web.Request) -> web.Response:
-        """vLLM-style ``/tokenize`` (``prompt`` or ``messages``; vllm-router's fallback when
-        render is missing): ``{"tokens", "count", "max_model_len"}``."""
+        """``/tokenize`` with the same tokens as the inference path, in the engine's shape:
+
+        * fastdeploy: ``prompt``, ``text`` or ``messages`` → ``{"tokens", "input_ids",
+          "count", "max_model_len"}`` (a FastDeploy-style tokenizer service's ``input_ids``,
+          and vllm-router's fallback when render is missing reads ``tokens``);
+        * vllm: ``prompt`` or ``messages`` → ``{"count", "max_model_len", "tokens",
+          "token_strs"}``, neither → 400;
+        * sglang: ``prompt`` → ``{"tokens", "count", "max_model_len"}``, none → 400;
+        * llamacpp: ``content`` → ``{"tokens"}`` (no ``content``: ``{"tokens":[]}``, 200).
+        """
         try:
             data = _json_object(await request.read())
         except _BadRequest as exc:
             return _json(exc.body, exc.status)
         cfg = self.config
-        if isinstance(data.get("messages"), list):
+        engine = cfg.engine
+        if engine == "llamacpp":
+            content = data.get("content", "")
+            ids = list(content) if _int_list(content) else \
+                tokenize(str(content), cfg.chars_per_token) if content else []
+            return _json({"tokens": ids})
+        if engine != "sglang" and isinstance(data.get("messages"), list):
             ids = tokenize(render_chat(data["messages"]), cfg.chars_per_token)
         else:
-            prompt = data.get("prompt", data.get("text", ""))
+            prompt = data.get("prompt") if engine != "fastdeploy" else \
+                data.get("prompt", data.get("text", data.get("message", "")))
+            if prompt is None:
+                return _json(P.error_body("prompt is required", param="prompt",
+                                          code="missing_required_parameter"), 400)
             ids = list(prompt) if _int_list(prompt) else tokenize(str(prompt), cfg.chars_per_token)
-        return _json({"tokens": ids, "count": len(ids), "max_model_len": cfg.max_model_len})
+        answer: dict[str, Any] = {"tokens": ids, "count": len(ids),
+                                  "max_model_len": cfg.max_model_len}
+        if engine == "fastdeploy":
+            answer["input_ids"] = ids
+        elif engine == "vllm":
+            answer["token_strs"] = None
+        return _json(answer)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         k = self.knobs
         if k.metrics_delay > 0:
             await asyncio.sleep(k.metrics_delay)
-        text = render(self.gauges(), self.engine.stats, self.http_stats, k.metrics_override)
+        text = render(self.gauges(), self.engine.stats, self.http_stats, k.metrics_override,
+                      self.config.engine, self.config.served_model_name)
         return web.Response(status=k.metrics_status, body=text.encode(),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
@@ -593,6 +695,11 @@ class SimInstance:
             return _json(P.error_body("req_ids must be a non-empty list of strings or abort_all "
                                       "must be true", code="missing_required_parameter",
                                       param="req_ids"), 400)
+        return _json({"code": 200, "msg": "success", **self._abort_ids(ids, abort_all)})
+
+    def _abort_ids(self, ids: list[str], abort_all: bool = False) -> dict[str, list]:
+        """Abort running, waiting and hand-off-waiting requests by id (with or without the
+        ``chatcmpl-``/``cmpl-`` prefix), or all: ``{"aborted": [...], "not_found": [...]}``."""
         if abort_all:
             done = self.engine.abort_all()
             waiting = self.handoffs.abort_all()
@@ -614,7 +721,33 @@ class SimInstance:
                     not_found.append(given)
         aborted = [{"request_id": rid, "generated_tokens": n} for rid, n in done]
         aborted += [{"request_id": rid, "generated_tokens": 0} for rid in waiting]
-        return _json({"code": 200, "msg": "success", "aborted": aborted, "not_found": not_found})
+        return {"aborted": aborted, "not_found": not_found}
+
+    async def _abort_vllm(self, request: web.Request) -> web.Response:
+        """vLLM's ``POST /inference/v1/abort_requests`` ``{"request_ids": [...]}`` (the engine's
+        own ids; no abort-all). The answer lists what was found (the sim's report)."""
+        try:
+            data = _json_object(await request.read())
+        except _BadRequest as exc:
+            return _json(exc.body, exc.status)
+        ids = data.get("request_ids")
+        if not isinstance(ids, list) or not all(isinstance(r, str) for r in ids):
+            return _json(P.error_body("request_ids must be a list of strings",
+                                      param="request_ids"), 400)
+        return _json(self._abort_ids(ids))
+
+    async def _abort_sglang(self, request: web.Request) -> web.Response:
+        """SGLang's ``POST /abort_request`` ``{"rid": id}`` or ``{"abort_all": true}``: 200 with
+        an empty body, found or not."""
+        try:
+            data = _json_object(await request.read())
+        except _BadRequest as exc:
+            return _json(exc.body, exc.status)
+        rid = data.get("rid", "")
+        if not isinstance(rid, str):
+            return _json(P.error_body("rid must be a string", param="rid"), 400)
+        self._abort_ids([rid] if rid else [], abort_all=data.get("abort_all") is True)
+        return web.Response(status=200)
 
     async def _handoff(self, request: web.Request) -> web.Response:
         try:
@@ -647,9 +780,13 @@ class SimInstance:
             body = k.reply_body
             if not isinstance(body, (bytes, str)):
                 body = P.dumps(body if body is not None else {})
-            return web.Response(status=k.reply_status,
-                                body=body if isinstance(body, bytes) else body.encode(),
-                                content_type=P.JSON_CONTENT_TYPE)
+            raw_body = body if isinstance(body, bytes) else body.encode()
+            try:                        # a text body that is not JSON is labelled as text
+                orjson.loads(raw_body)
+                ctype = P.JSON_CONTENT_TYPE
+            except orjson.JSONDecodeError:
+                ctype = "text/plain"
+            return web.Response(status=k.reply_status, body=raw_body, content_type=ctype)
         if k.sse_script is not None:
             return await self._script(request, list(k.sse_script))
         raw = await request.read()
@@ -657,7 +794,7 @@ class SimInstance:
             data = _json_object(raw)
         except _BadRequest as exc:
             return _json(exc.body, exc.status)
-        if self.in_flight >= self.config.max_concurrency:
+        if self.in_flight >= self.config.max_concurrency and self.config.engine == "fastdeploy":
             return _json(P.too_many_requests_body(self.config.max_concurrency), 429)
         self.in_flight += 1
         try:
@@ -759,7 +896,8 @@ class SimInstance:
             kind=kind, id=("chatcmpl-" if kind == "chat" else "cmpl-") + req.request_id,
             created=int(time.time()), model=req.model, prompt_token_ids=req.prompt_ids,
             return_token_ids=req.return_token_ids, include_usage=req.include_usage,
-            continuous_usage=req.continuous_usage)
+            continuous_usage=req.continuous_usage, extra_space=cfg.engine == "fastdeploy",
+            usage_in_final=cfg.engine == "llamacpp" and kind == "completion")
         gen = GenRequest(
             request_id=req.request_id, prompt_token_ids=req.prompt_ids + req.completion_ids,
             max_tokens=req.max_tokens, ignore_eos=req.ignore_eos,
@@ -894,7 +1032,7 @@ class SimInstance:
                 await emit(ctx.token_chunk("", None, gen.finish_reason or "abort",
                                            round(loop.time() - t0, 6),
                                            P.usage(n_prompt, n_out, gen.cached_tokens)))
-            if ctx.include_usage:
+            if ctx.include_usage and not ctx.usage_in_final:
                 await emit(ctx.usage_chunk(P.usage(n_prompt, n_out, gen.cached_tokens)))
             await emit(P.DONE)
             assert resp is not None

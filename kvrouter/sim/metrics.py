@@ -1,8 +1,14 @@
-"""Prometheus text of a simulated instance, with FastDeploy's exact ``fastdeploy:*`` names.
+"""Prometheus text of a simulated instance, with FastDeploy's exact ``fastdeploy:*`` names, or
+another engine's (``render(..., engine=...)``).
 
-The text mimics what ``prometheus_client`` prints for a real instance: ``# HELP``/``# TYPE``
-lines, unlabeled gauges with float values (``fastdeploy:num_requests_running 3.0``),
-counters with a ``_total`` sample, histograms with ``_bucket``/``_count``/``_sum``.
+The FastDeploy text mimics what ``prometheus_client`` prints for a real instance: ``# HELP``/
+``# TYPE`` lines, unlabeled gauges with float values (``fastdeploy:num_requests_running 3.0``),
+counters with a ``_total`` sample, histograms with ``_bucket``/``_count``/``_sum``. The other
+engines' pages carry the series kvrouter and peer routers read, under their names and labels
+(/work/shared/research/real-engines.md): vLLM's ``vllm:*`` labelled ``{engine,model_name}``,
+SGLang's ``sglang:*`` labelled ``{model_name,tp_rank}``, llama.cpp's unlabelled ``llamacpp:*``
+with integral values printed as integers. All are computed from the same FastDeploy gauges and
+counters of the engine model.
 """
 
 from __future__ import annotations
@@ -137,12 +143,35 @@ def _esc(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+Family = tuple[str, str, str, list[tuple[str, str]]]   # name, help, type, samples
+
+#: the engines whose pages :func:`render` writes
+ENGINE_PAGES = ("fastdeploy", "vllm", "sglang", "llamacpp")
+
+
 def render(gauges: Mapping[str, float], stats: EngineStats, http: HttpStats,
-           override: Mapping[str, float | str | None] | None = None) -> str:
-    """Exposition text. ``override`` maps a *sample* name (e.g. ``fastdeploy:num_requests_running``
-    or ``fastdeploy:requests_number_total``) to a value; ``None`` drops the sample; a string is
-    written verbatim; names not present are appended as bare samples."""
-    families: list[tuple[str, str, str, list[tuple[str, str]]]] = []
+           override: Mapping[str, float | str | None] | None = None,
+           engine: str = "fastdeploy", model_name: str = "default") -> str:
+    """Exposition text of ``engine``'s page. ``override`` maps a *sample* name (e.g.
+    ``fastdeploy:num_requests_running`` or ``fastdeploy:requests_number_total``, labels
+    included for a labelled one) to a value; ``None`` drops the sample; a string is written
+    verbatim; names not present are appended as bare samples."""
+    if engine == "fastdeploy":
+        families = _fastdeploy_families(gauges, stats, http)
+    elif engine == "vllm":
+        families = _vllm_families(gauges, stats, f'engine="0",model_name="{_esc(model_name)}"')
+    elif engine == "sglang":
+        families = _sglang_families(gauges, stats, f'model_name="{_esc(model_name)}",tp_rank="0"')
+    elif engine == "llamacpp":
+        families = _llamacpp_families(gauges, stats)
+    else:
+        raise ValueError(f"no metrics page for engine {engine!r}")
+    return _write(families, override)
+
+
+def _fastdeploy_families(gauges: Mapping[str, float], stats: EngineStats,
+                         http: HttpStats) -> list[Family]:
+    families: list[Family] = []
     for name, help_ in GAUGES.items():
         families.append((name, help_, "gauge", [(name, fmt_value(gauges.get(name, 0.0)))]))
     for name, help_ in COUNTERS.items():
@@ -164,7 +193,109 @@ def render(gauges: Mapping[str, float], stats: EngineStats, http: HttpStats,
                                         f'method="{_esc(m)}",path="{_esc(p)}"'))
     families.append(("http_request_duration_seconds", "Latency with only few buckets by handler.",
                      "histogram", dur_samples))
+    return families
 
+
+def _labelled(name: str, labels: str, value: float) -> tuple[str, str]:
+    return (f"{name}{{{labels}}}", fmt_value(value))
+
+
+def _vllm_families(g: Mapping[str, float], stats: EngineStats, labels: str) -> list[Family]:
+    """vLLM (v1 engine): the scheduler gauges, prefix-cache and token counters, latency
+    histograms."""
+    c = stats.counters
+    h = stats.histograms
+    out: list[Family] = [
+        (name, help_, "gauge", [_labelled(name, labels, g.get(src, 0.0))])
+        for name, help_, src in (
+            ("vllm:num_requests_running", "Number of requests in model execution batches.",
+             "fastdeploy:num_requests_running"),
+            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+             "fastdeploy:num_requests_waiting"),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+             "fastdeploy:gpu_cache_usage_perc"))]
+    for name, help_, src in (
+            ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried "
+             "tokens.", "fastdeploy:prompt_tokens_total"),
+            ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+             "fastdeploy:prefix_cache_token_num"),
+            ("vllm:prompt_tokens", "Number of prefill tokens processed.",
+             "fastdeploy:prompt_tokens_total"),
+            ("vllm:generation_tokens", "Number of generation tokens processed.",
+             "fastdeploy:generation_tokens_total")):
+        out.append((name, help_, "counter", [_labelled(f"{name}_total", labels, c.get(src, 0.0))]))
+    for name, help_, src in (
+            ("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+             "fastdeploy:time_to_first_token_seconds"),
+            ("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+             "fastdeploy:e2e_request_latency_seconds"),
+            ("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for "
+             "request.", "fastdeploy:request_queue_time_seconds")):
+        out.append((name, help_, "histogram", h[src].samples(name, labels)))
+    return out
+
+
+def _sglang_families(g: Mapping[str, float], stats: EngineStats, labels: str) -> list[Family]:
+    """SGLang: the scheduler gauges, token counters, latency histograms."""
+    c = stats.counters
+    h = stats.histograms
+    out: list[Family] = [
+        (name, help_, "gauge", [_labelled(name, labels, g.get(src, 0.0))])
+        for name, help_, src in (
+            ("sglang:num_running_reqs", "The number of running requests.",
+             "fastdeploy:num_requests_running"),
+            ("sglang:num_queue_reqs", "The number of requests in the waiting queue.",
+             "fastdeploy:num_requests_waiting"),
+            ("sglang:token_usage", "The token usage.", "fastdeploy:gpu_cache_usage_perc"),
+            ("sglang:cache_hit_rate", "The prefix cache hit rate.", "fastdeploy:hit_token_rate"))]
+    for name, help_, src in (
+            ("sglang:prompt_tokens", "Number of prefill tokens processed.",
+             "fastdeploy:prompt_tokens_total"),
+            ("sglang:generation_tokens", "Number of generation tokens processed.",
+             "fastdeploy:generation_tokens_total"),
+            ("sglang:cached_tokens", "Number of cached prompt tokens.",
+             "fastdeploy:prefix_cache_token_num"),
+            ("sglang:num_requests", "Number of requests processed.",
+             "fastdeploy:requests_number")):
+        out.append((name, help_, "counter", [_labelled(f"{name}_total", labels, c.get(src, 0.0))]))
+    for name, help_, src in (
+            ("sglang:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+             "fastdeploy:time_to_first_token_seconds"),
+            ("sglang:e2e_request_latency_seconds", "Histogram of End-to-end request latency in "
+             "seconds", "fastdeploy:e2e_request_latency_seconds")):
+        out.append((name, help_, "histogram", h[src].samples(name, labels)))
+    return out
+
+
+def _int_value(value: float) -> str:
+    """llama.cpp prints whole numbers without a fraction (``llamacpp:requests_processing 4``)."""
+    v = float(value)
+    return str(int(v)) if math.isfinite(v) and v.is_integer() else fmt_value(v)
+
+
+def _llamacpp_families(g: Mapping[str, float], stats: EngineStats) -> list[Family]:
+    """llama-server with ``--metrics``: token counters and the slot gauges (no KV-usage or
+    block gauge)."""
+    c = stats.counters
+    out: list[Family] = []
+    for name, help_, src in (
+            ("llamacpp:prompt_tokens_total", "Number of prompt tokens processed.",
+             "fastdeploy:prompt_tokens_total"),
+            ("llamacpp:prompt_tokens_cached_total", "Number of prompt tokens served from the "
+             "cache.", "fastdeploy:prefix_cache_token_num"),
+            ("llamacpp:tokens_predicted_total", "Number of generation tokens processed.",
+             "fastdeploy:generation_tokens_total")):
+        out.append((name, help_, "counter", [(name, _int_value(c.get(src, 0.0)))]))
+    for name, help_, src in (
+            ("llamacpp:requests_processing", "Number of requests processing.",
+             "fastdeploy:num_requests_running"),
+            ("llamacpp:requests_deferred", "Number of requests deferred.",
+             "fastdeploy:num_requests_waiting")):
+        out.append((name, help_, "gauge", [(name, _int_value(g.get(src, 0.0)))]))
+    return out
+
+
+def _write(families: list[Family], override: Mapping[str, float | str | None] | None) -> str:
     override = dict(override or {})
     lines: list[str] = []
     for name, help_, kind, samples in families:

@@ -3,6 +3,9 @@
 JSON is compact UTF-8 (as FastDeploy's pydantic ``model_dump_json``). Stream framing:
 ``data: <json>\\n\\n`` per event, except the first chat event (the role chunk), which is
 ``data: <json> \\n\\n`` (FastDeploy's extra space); the stream always ends ``data: [DONE]\\n\\n``.
+The other simulated engines use the same bodies with plain ``data: <json>\\n\\n`` framing
+(``ResponseContext.extra_space``), and llama.cpp puts ``usage`` in the last chunk of every
+completions stream (``ResponseContext.usage_in_final``).
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class ResponseContext:
     return_token_ids: bool = False
     include_usage: bool = False
     continuous_usage: bool = False
+    extra_space: bool = True       # FastDeploy's space after the first chat event
+    usage_in_final: bool = False   # the finishing chunk carries usage (llama.cpp completions)
 
     @property
     def chunk_object(self) -> str:
@@ -76,7 +81,7 @@ class ResponseContext:
             chunk = self._head(self.chunk_object) | {"choices": [{"index": 0, "delta": delta}]}
             if self.continuous_usage and cur_usage is not None:
                 chunk["usage"] = cur_usage
-            return sse_event(chunk, extra_space=True)
+            return sse_event(chunk, extra_space=self.extra_space)
         if self.return_token_ids:
             choice = {"index": 0, "text": "", "prompt_token_ids": list(self.prompt_token_ids),
                       "completion_token_ids": None}
@@ -98,7 +103,8 @@ class ResponseContext:
             choice["finish_reason"] = finish_reason
         choice["arrival_time"] = arrival_time
         chunk = self._head(self.chunk_object) | {"choices": [choice]}
-        if self.continuous_usage and cur_usage is not None:
+        final = self.usage_in_final and finish_reason is not None
+        if (self.continuous_usage or final) and cur_usage is not None:
             chunk["usage"] = cur_usage
         return sse_event(chunk)
 

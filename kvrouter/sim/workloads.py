@@ -57,6 +57,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from kvrouter.admission import Priority
 from kvrouter.prefix.hashing import block_hashes
 
 __all__ = [
@@ -84,6 +85,9 @@ class WorkloadRequest:
     prompt_tokens: list[int]       # token ids
     max_tokens: int                # output tokens to generate
     session_id: str | None = None
+    #: the admission queue's class and fair-share key (``x-kvrouter-priority``, the API key)
+    priority: Priority = Priority.DEFAULT
+    tenant: str = "default"
 
 
 # ---------------------------------------------------------------------------------- helpers

@@ -45,7 +45,8 @@ from kvrouter.load import LoadShare
 LOAD_FIELDS = tuple(f.name for f in dataclasses.fields(LoadShare))
 
 _INFO_FIELDS = tuple(f.name for f in dataclasses.fields(InstanceInfo))
-_TUPLES = frozenset({"transfer_protocol", "rdma_ports", "device_ids", "connected_decodes"})
+_TUPLES = frozenset({"transfer_protocol", "rdma_ports", "device_ids", "connected_decodes",
+                     "models"})
 
 
 def info_to_json(info: InstanceInfo) -> dict:

@@ -4,7 +4,11 @@ It reserves the listening address (a bound, non-listening ``SO_REUSEPORT`` socke
 the port when ``--port 0`` and keeps it while workers restart), makes one SEQPACKET link per
 pair of workers plus one control link per worker, forks the N workers (each runs the whole
 application and binds the address itself with ``SO_REUSEPORT``), prints ``Starting server on
-<host>:<port>`` once all of them serve, forwards SIGTERM/SIGINT and waits for them.
+<host>:<port>`` once all of them serve, forwards SIGTERM/SIGINT and waits for them: the first
+signal makes every worker drain (``server.shutdown-grace-secs``, SIGKILL :data:`STOP_MARGIN`
+seconds after it), a second one makes them exit at once. Both travel over the control links
+(``{"t": "stop"}``), not as signals: a worker may get the same signal from the terminal or from
+systemd (which signals the whole cgroup), and two signals would mean "at once".
 
 Why ``SO_REUSEPORT`` rather than one shared listening socket: with a shared socket every
 worker is woken for each new connection and the first to call ``accept`` wins; kvrouter
@@ -44,7 +48,7 @@ from kvrouter.workers.worker import WorkerContext
 
 log = logging.getLogger("kvrouter.workers")
 
-STOP_GRACE = 10.0          # seconds between SIGTERM and SIGKILL at shutdown
+STOP_MARGIN = 5.0          # SIGKILL this long after the workers' drain should have ended
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 SHARE_PREFIX_ENV = "KVROUTER_SHARE_PREFIX"   # "0": workers keep separate prefix indexes
@@ -141,7 +145,7 @@ class Supervisor:
             signal.set_wakeup_fd(old_wakeup)
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-            self._kill_all(signal.SIGKILL)
+            self._kill_all()
             self.selector.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
@@ -166,9 +170,9 @@ class Supervisor:
             if now >= self.stop_deadline:
                 live = [slot.pid for slot in self.slots if slot.pid is not None]
                 if live:
-                    log.warning("workers %s still running %gs after SIGTERM: killing them",
-                                live, STOP_GRACE)
-                self._kill_all(signal.SIGKILL)
+                    log.warning("workers %s still running after their shutdown grace: "
+                                "killing them", live)
+                self._kill_all()
             return
         for slot in self.slots:
             if slot.restart_at is not None and now >= slot.restart_at:
@@ -192,7 +196,10 @@ class Supervisor:
             return
         for signum in data:
             if signum in (signal.SIGTERM, signal.SIGINT):
-                self.stop(f"signal {signal.Signals(signum).name}")
+                if self.stopping:
+                    self._hurry()
+                else:
+                    self.stop(f"signal {signal.Signals(signum).name}")
 
     def stop(self, why: str, code: int | None = None) -> None:
         if code is not None and not self.exit_code:
@@ -200,27 +207,49 @@ class Supervisor:
         if self.stopping:
             return
         self.stopping = True
-        self.stop_deadline = time.monotonic() + STOP_GRACE
+        self.stop_deadline = time.monotonic() + self.cfg.server.shutdown_grace_secs + STOP_MARGIN
         log.info("stopping %d worker processes (%s)", self.count, why)
         for slot in self.slots:
             slot.restart_at = None
-        self._kill_all(signal.SIGTERM)
+        self._tell_all({"t": "stop"})
 
-    def _kill_all(self, sig: int) -> None:
+    def _hurry(self) -> None:
+        """A second signal while stopping: the workers exit at once."""
+        log.info("second signal: the workers stop at once")
+        self.stop_deadline = min(self.stop_deadline, time.monotonic() + STOP_MARGIN)
+        self._tell_all({"t": "stop", "now": True})
+
+    def _tell_all(self, msg: dict) -> None:
+        """``msg`` over each worker's control link; SIGTERM (drain) to one without a link."""
+        data = orjson.dumps(msg)
+        for slot in self.slots:
+            if slot.pid is None:
+                continue
+            try:
+                if slot.control is None:
+                    raise OSError("no control link")
+                slot.control.send(data)
+            except OSError:
+                try:
+                    os.kill(slot.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+    def _kill_all(self) -> None:
+        """SIGKILL every worker and reap it."""
         for slot in self.slots:
             if slot.pid is not None:
                 try:
-                    os.kill(slot.pid, sig)
+                    os.kill(slot.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        if sig == signal.SIGKILL:
-            for slot in self.slots:
-                if slot.pid is not None:
-                    try:
-                        os.waitpid(slot.pid, 0)
-                    except ChildProcessError:
-                        pass
-                    self._gone(slot)
+        for slot in self.slots:
+            if slot.pid is not None:
+                try:
+                    os.waitpid(slot.pid, 0)
+                except ChildProcessError:
+                    pass
+                self._gone(slot)
 
     def _control(self, slot: _Slot) -> None:
         sock = slot.control

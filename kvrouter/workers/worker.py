@@ -12,10 +12,11 @@ import asyncio
 import logging
 import os
 import socket
+from ssl import SSLContext
 
 import orjson
 
-from kvrouter.http.server import HttpServer, Listener, serve_sockets
+from kvrouter.http.server import DEFAULT_LIMITS, HttpServer, Limits, Listener, serve_sockets
 from kvrouter.http.sockets import Address, listening_sockets
 from kvrouter.workers.sync import WorkerSync
 
@@ -35,8 +36,8 @@ class WorkerContext:
         #: the routing state shared with the siblings: give it to the Router (``shared=``)
         self.shared = WorkerSync(number, count, peers, share_prefix=share_prefix)
         self._started = False
-        self._stop: asyncio.Event | None = None
-        self._orphaned = False
+        self._events: tuple[asyncio.Event, asyncio.Event] | None = None   # (stop, hurry)
+        self._asked = 0          # 1: drain and stop, 2: stop at once (before ``ready`` too)
 
     @property
     def leader(self) -> bool:
@@ -51,21 +52,33 @@ class WorkerContext:
         self.control.setblocking(False)
         asyncio.get_running_loop().add_reader(self.control.fileno(), self._control_readable)
 
-    async def listen(self, handler, max_body: int) -> tuple[Listener, HttpServer]:
+    async def listen(self, handler, max_body: int, ssl: SSLContext | None = None,
+                     limits: Limits = DEFAULT_LIMITS) -> tuple[Listener, HttpServer]:
         """Bind the supervisor's addresses with SO_REUSEPORT (same contract as start_server)."""
         return serve_sockets(handler, listening_sockets(self.addrs, reuse_port=True),
-                             max_body=max_body)
+                             max_body=max_body, ssl=ssl, limits=limits)
 
-    def ready(self, stop: asyncio.Event) -> None:
-        """Tell the supervisor this worker serves; ``stop`` is set if the supervisor leaves."""
-        self._stop = stop
-        if self._orphaned:
-            stop.set()
+    def ready(self, stop: asyncio.Event, hurry: asyncio.Event) -> None:
+        """Tell the supervisor this worker serves. ``stop`` (drain, then exit) is set when the
+        supervisor says so or leaves, ``hurry`` (exit at once) when it says so again.
+
+        The supervisor tells its workers over the control link rather than by signal: a
+        SIGTERM sent to the whole process group or cgroup (Ctrl-C, systemd) would otherwise
+        reach a worker twice, and the second one means "at once"."""
+        self._events = (stop, hurry)
+        if self._asked:
+            self._ask(self._asked)
             return
         try:
             self.control.send(orjson.dumps({"t": "ready", "pid": os.getpid()}))
         except OSError:
             stop.set()
+
+    def _ask(self, level: int) -> None:
+        self._asked = max(self._asked, level)
+        if self._events is not None:
+            for event in self._events[:self._asked]:
+                event.set()
 
     def _control_readable(self) -> None:
         while True:
@@ -82,6 +95,8 @@ class WorkerContext:
             if data.get("t") == "peer" and self._started:
                 for fd in fds:
                     self.shared.add_peer(int(data["w"]), socket.socket(fileno=fd))
+            elif data.get("t") == "stop":
+                self._ask(2 if data.get("now") else 1)
             else:
                 for fd in fds:
                     os.close(fd)
@@ -91,9 +106,7 @@ class WorkerContext:
         if self.control.fileno() >= 0:
             loop.remove_reader(self.control.fileno())
         log.warning("worker %d: the supervisor is gone; stopping", self.number)
-        self._orphaned = True
-        if self._stop is not None:
-            self._stop.set()
+        self._ask(1)
 
     def close(self) -> None:
         self.shared.close()

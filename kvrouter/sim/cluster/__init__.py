@@ -18,6 +18,15 @@ KV bytes per token / link bandwidth`` (missing = prompt tokens not already cache
 decode core); the prefill core keeps the blocks until the transfer is over
 (``release_prefill``). The client's TTFT is the decode core's first token.
 
+Admission (``admission=True``; off by default): the router-side queue of
+:mod:`kvrouter.admission`, the same class the server runs, in front of the mixed (PD: prefill)
+instances. An arriving request is offered to the queue; it waits while no candidate has
+headroom (``Headroom`` over each instance's router ``Load`` and its latest fresh snapshot, as
+the server) and is routed when the queue admits it: the policy runs then. The queue is
+pumped after every event that frees capacity (a first token, an end, a scrape) and expired
+every 0.1 s while requests wait; requests it rejects end with ``rejected`` set and never
+reach an instance. A request's TTFT counts from its arrival, queue time included.
+
 ``policy="oracle"`` selects :class:`OraclePolicy`, a cluster-side policy with the same
 ``select`` signature that sees every core's true prefix cache and queued prefill work and picks
 the lowest estimated TTFT (a bound on what routing can achieve, not a deployable policy).

@@ -9,8 +9,10 @@ import heapq
 import math
 import random
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
+from kvrouter.admission import AdmissionQueue, Headroom, Reject, Ticket
 from kvrouter.backends.snapshot import MetricsSnapshot
 from kvrouter.config import SchedulerConfig
 from kvrouter.instance import InstanceInfo, Role
@@ -47,7 +49,12 @@ from kvrouter.sim.workloads import WorkloadRequest
 __all__ = ["Sim", "run_cluster"]
 
 # event kinds (ints: cheap to compare; the heap orders by (time, seq) only)
-_ARRIVE, _STEP_END, _WAKE, _RELEASE_PREFILL, _TIMEOUT, _SCRAPE, _SWEEP, _SAMPLE = range(8)
+_ARRIVE, _STEP_END, _WAKE, _RELEASE_PREFILL, _TIMEOUT, _SCRAPE, _SWEEP, _SAMPLE, _EXPIRE = range(9)
+
+#: seconds between the admission queue's timeout checks while requests wait (the server's
+#: ``kvrouter.server.queueing.EXPIRY_PERIOD``; each check also pumps the queue)
+EXPIRY_PERIOD = 0.1
+_RECENT_ADMISSIONS = 64      # admissions the service-time estimate looks back on (as the server)
 
 
 
@@ -57,7 +64,8 @@ class Sim:
                  core_factory: CoreFactory, decode_policy: str | None,
                  scrape_interval: float | None, request_timeout: float | None,
                  link_bandwidth: float | None, transfer_setup: float | None,
-                 kv_bytes_per_token: float | None, sample_interval: float | None) -> None:
+                 kv_bytes_per_token: float | None, sample_interval: float | None,
+                 admission: bool = False) -> None:
         self.workload = sorted(workload, key=lambda r: r.arrival)
         self.cfg = cfg
         self.now = 0.0
@@ -139,6 +147,21 @@ class Sim:
         self._router_inflight = 0
         self.samples: list[tuple[float, int, float]] = []
 
+        # the admission queue (kvrouter.admission, the server's code) in front of the mixed
+        # (PD: prefill) instances; None: every request is bound at arrival, as before
+        self.admission: AdmissionQueue | None = None
+        if admission:
+            self.admit_role = Role.MIXED if pd is None else Role.PREFILL
+            self.headroom = Headroom(cfg.max_inflight_per_instance,
+                                     cfg.max_queued_prefill_tokens_per_instance)
+            self.admission = AdmissionQueue(self._has_room, queue_size=cfg.queue_size,
+                                            timeout=cfg.queue_timeout_secs, clock=clock,
+                                            service_time=self._service_time)
+        self._pump_due = False              # capacity may have freed during this event
+        self._expiry_pending = False
+        self._admitted_at: list[float] = []
+        self.queue_peak = 0
+
     # -- infrastructure ----------------------------------------------------------------------
     def clock(self) -> float:
         return self.now
@@ -151,7 +174,8 @@ class Sim:
         """Integrate the in-system counts up to ``now`` (call before any count changes)."""
         dt = self.now - self.last_change
         if dt > 0:
-            self.in_system_integral += self.outstanding * dt
+            queued = self.admission.size if self.admission is not None else 0
+            self.in_system_integral += (self.outstanding + queued) * dt
             self.router_integral += self._router_inflight * dt
             self.last_change = self.now
 
@@ -185,7 +209,8 @@ class Sim:
         pop = heapq.heappop
         while heap:
             t, _, kind, a, b = pop(heap)
-            if self.next_arrival >= len(self.workload) and self.outstanding == 0:
+            if self.next_arrival >= len(self.workload) and self.outstanding == 0 and (
+                    self.admission is None or not self.admission.size):
                 break
             self.now = t
             if kind == _STEP_END:
@@ -209,7 +234,13 @@ class Sim:
             elif kind == _SAMPLE and self.sample_interval:   # only queued when set
                 self._sample()
                 self._push(t + self.sample_interval, _SAMPLE)
+            elif kind == _EXPIRE:
+                self._expire()
+            if self._pump_due:
+                self._pump()
         self._account_time()
+        if self.admission is not None:      # bound late or rejected: back in arrival order
+            self.results.sort(key=lambda r: r.index)
         return ClusterResult(
             results=self.results,
             policy=next(iter(self.policies.values())).name if self.pd is None
@@ -224,6 +255,10 @@ class Sim:
             samples=self.samples,
             final_load={n.inst.url: (n.inst.load.requests, n.inst.load.tokens)
                         for n in self.nodes},
+            admission=self.admission is not None,
+            rejections=({r.value: n for r, n in self.admission.rejected.items()}
+                        if self.admission is not None else {}),
+            queue_peak=self.queue_peak,
         )
 
     # -- cores -------------------------------------------------------------------------------
@@ -278,6 +313,7 @@ class Sim:
             if fl.creq is None:
                 assert fl.p_lease is not None
                 fl.p_lease.release()                         # P released at its first token
+                self._pump_due = self.admission is not None
                 self._prefill_done(fl, node)
                 self._start_decode(fl)
                 touched.append(fl.node)
@@ -286,6 +322,7 @@ class Sim:
         if res.ttft is None:
             res.ttft = now - res.arrival
             fl.lease.release_tokens()                        # mixed: tokens at the first token
+            self._pump_due = self.admission is not None
             if fl.pnode is None:
                 self._prefill_done(fl, node)
         elif fl.last_token_at is not None:
@@ -360,7 +397,7 @@ class Sim:
                 res.preemptions = fl.creq.preemptions
                 res.cached_tokens = fl.creq.cached_tokens
                 if fl.creq.first_scheduled_at is not None:
-                    res.queue_time = fl.creq.first_scheduled_at - res.arrival
+                    res.queue_time = fl.creq.first_scheduled_at - res.arrival - res.router_wait
             self._prefill_done(fl, fl.node)
         else:
             p = fl.p_creq
@@ -369,7 +406,7 @@ class Sim:
             res.preemptions = p.preemptions
             res.output_tokens = p.output_tokens
             if p.first_scheduled_at is not None:
-                res.queue_time = p.first_scheduled_at - res.arrival
+                res.queue_time = p.first_scheduled_at - res.arrival - res.router_wait
             if fl.creq is not None:
                 res.output_tokens += fl.creq.output_tokens
                 res.preemptions += fl.creq.preemptions
@@ -386,6 +423,7 @@ class Sim:
         self.outstanding -= 1
         self._router_inflight = self._router_inflight_now()
         self.end = max(self.end, self.now)
+        self._pump_due = self.admission is not None
 
     def _on_timeout(self, fl: Flight) -> None:
         if fl.done:
@@ -406,11 +444,19 @@ class Sim:
     # -- routing -----------------------------------------------------------------------------
     def _on_arrive(self, i: int) -> None:
         self._account_time()
-        req = self.workload[i]
         self.next_arrival = i + 1
         if self.next_arrival < len(self.workload):
             self._push(max(self.now, self.workload[self.next_arrival].arrival), _ARRIVE,
                        self.next_arrival)
+        if self.admission is None:
+            self._bind(i)
+        else:
+            self._offer(i)
+
+    def _bind(self, i: int, router_wait: float = 0.0) -> None:
+        """Route request ``i`` now (the policy runs, leases are taken) and hand it to its
+        core(s); ``router_wait``: how long it waited in the admission queue."""
+        req = self.workload[i]
         prompt = req.prompt_tokens
         view = RequestView(prompt=prompt, tokens=prompt, token_estimate=len(prompt),
                            hashes=(block_hashes(prompt, self.cfg.cache_block_size)
@@ -423,7 +469,7 @@ class Sim:
             node = self.nodes_by_identity[sel.instance.identity]
             lease = node.inst.load.acquire(len(prompt), now, prefill=sel.prefill_estimate)
             res = RequestResult(i, rid, req.arrival, node.inst.url, len(prompt), req.max_tokens,
-                                req.session_id, strategy=sel.strategy)
+                                req.session_id, strategy=sel.strategy, router_wait=router_wait)
             fl = Flight(req, res, node, lease)
             creq = CoreRequest(request_id=rid, prompt_tokens=prompt, max_tokens=req.max_tokens,
                                phase=PHASE_FULL, arrival=now)
@@ -440,7 +486,7 @@ class Sim:
             lease = dnode.inst.load.acquire(len(prompt), now, prefill=dsel.prefill_estimate)
             res = RequestResult(i, rid, req.arrival, dnode.inst.url, len(prompt), req.max_tokens,
                                 req.session_id, prefill_instance=pnode.inst.url,
-                                strategy=sel.strategy)
+                                strategy=sel.strategy, router_wait=router_wait)
             fl = Flight(req, res, dnode, lease, pnode=pnode, p_lease=p_lease)
             p_creq = CoreRequest(request_id=rid, prompt_tokens=prompt, max_tokens=1,
                                  phase=PHASE_PREFILL, arrival=now)
@@ -460,8 +506,83 @@ class Sim:
             est = len(fl.req.prompt_tokens) - self.cached(prefill_node, fl.req.prompt_tokens)
             fl.prefill_estimate = est
             prefill_node.pending_prefill += est
-        if self.request_timeout is not None:
-            self._push(self.now + self.request_timeout, _TIMEOUT, fl)
+        if self.request_timeout is not None:         # from arrival: queue time counts
+            self._push(max(self.now, fl.res.arrival + self.request_timeout), _TIMEOUT, fl)
+
+    # -- admission (kvrouter.admission: the queue the server runs, driven in virtual time) ---
+    def _has_room(self) -> bool:
+        """Whether some candidate has headroom: router-side load, corrected by the engine's
+        gauges from its latest fresh snapshot (as ``kvrouter.server.queueing``)."""
+        room = self.headroom.has_room
+        now = self.now
+        for inst in self.candidates[self.admit_role]:
+            snap = inst.fresh_snapshot(now)
+            if snap is None:
+                if room(inst.load, None, None):
+                    return True
+            elif room(inst.load, snap.max_batch_size, snap.waiting):
+                return True
+        return False
+
+    def _service_time(self) -> float:
+        """Seconds between two recent admissions from the queue (0 when unknown), which the
+        queue uses to answer early a request that would miss its deadline."""
+        recent = self._admitted_at
+        if len(recent) < 2:
+            return 0.0
+        return (recent[-1] - recent[0]) / (len(recent) - 1)
+
+    def _offer(self, i: int) -> None:
+        q = self.admission
+        assert q is not None
+        req = self.workload[i]
+        t = Ticket(req.priority, req.tenant, _unset, partial(self._rejected, i),
+                   deadline=self.now + q.timeout)
+        t.admit = partial(self._admitted, i, t)
+        if q.offer(t):
+            self._bind(i)
+            return
+        if t.queue is None:                      # rejected at once
+            return
+        self.queue_peak = max(self.queue_peak, q.size)
+        if not self._expiry_pending:
+            self._expiry_pending = True
+            self._push(self.now + EXPIRY_PERIOD, _EXPIRE)
+
+    def _admitted(self, i: int, t: Ticket) -> None:
+        recent = self._admitted_at
+        recent.append(self.now)
+        if len(recent) > _RECENT_ADMISSIONS:
+            del recent[:_RECENT_ADMISSIONS // 2]
+        self._bind(i, self.now - t.enqueued)
+
+    def _rejected(self, i: int, why: Reject) -> None:
+        """The queue answered request ``i`` (429/503 in the server): it never meets the SLO."""
+        req = self.workload[i]
+        res = RequestResult(i, f"req-{i}", req.arrival, "", len(req.prompt_tokens),
+                            req.max_tokens, req.session_id, end=self.now,
+                            finish_reason="rejected", error=why.value, rejected=why.value,
+                            router_wait=self.now - req.arrival)
+        self.results.append(res)
+        self.end = max(self.end, self.now)
+
+    def _pump(self) -> None:
+        """Admit what fits now; deferred to the end of the event that freed capacity, so that
+        a core is never handed a request in the middle of its own step's events."""
+        self._pump_due = False
+        if self.admission is not None and self.admission.size:
+            self._account_time()
+            self.admission.pump()
+
+    def _expire(self) -> None:
+        q = self.admission
+        assert q is not None
+        self._account_time()
+        q.expire()
+        self._pump()
+        self._expiry_pending = bool(q.size)
+        if q.size:
+            self._push(self.now + EXPIRY_PERIOD, _EXPIRE)
 
     # -- background tasks --------------------------------------------------------------------
     def _scrape(self) -> None:
@@ -478,6 +599,7 @@ class Sim:
                 max_batch_size=gauge(g, "max_batch_size"),
                 gpu_cache_usage_perc=gauge(g, "gpu_cache_usage_perc"))
             n.inst.load.on_snapshot(now)
+        self._pump_due = self.admission is not None      # the engines' queues may be empty now
 
     def _sample(self) -> None:
         total = 0.0
@@ -486,6 +608,10 @@ class Sim:
             total += (gauge(g, "running") or 0.0) + (gauge(g, "waiting") or 0.0)
         self.samples.append((self.now, self.outstanding, total))
 
+
+
+def _unset() -> None:
+    raise AssertionError("a ticket's admit is set right after it is made")
 
 
 def _normalise_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -510,7 +636,8 @@ def run_cluster(workload: Sequence[WorkloadRequest], *, policy: str, instances: 
                 link_bandwidth: float | None = None,
                 transfer_setup: float | None = None,
                 kv_bytes_per_token: float | None = None,
-                sample_interval: float | None = None) -> ClusterResult:
+                sample_interval: float | None = None,
+                admission: bool = False) -> ClusterResult:
     """Simulate ``workload`` on a routed cluster in virtual time; deterministic per ``seed``.
 
     ``policy``: any ``kvrouter.policies`` name or ``"oracle"`` (mixed policy, or the prefill
@@ -525,6 +652,14 @@ def run_cluster(workload: Sequence[WorkloadRequest], *, policy: str, instances: 
     missing_tokens × kv_bytes_per_token / link_bandwidth`` (bytes/s); each defaults to the
     core's ``params`` (``pd_rdma_setup``, ``kv_bytes_per_token``, ``pd_rdma_bw``: 10 ms,
     preset KV size, 50 GB/s). ``sample_interval``: record in-system counts periodically.
+
+    ``admission``: requests wait in the router's admission queue (:mod:`kvrouter.admission`,
+    the server's code) while no mixed (PD: prefill) instance has headroom, and are routed
+    when they leave it; the limits are the scheduler settings ``max-inflight-per-instance``,
+    ``max-queued-prefill-tokens-per-instance``, ``queue-size`` and ``queue-timeout-secs``
+    (0 = no limit, as in the server); a request's ``priority`` and ``tenant`` order the
+    queue. Rejected requests end with ``rejected`` set (``ClusterResult.rejections``).
+    Off (the default), every request is routed at arrival and results are as before.
     """
     cfg = dataclasses.replace(SchedulerConfig(), **_normalise_overrides(scheduler_overrides))
     if core_factory is None:
@@ -537,5 +672,6 @@ def run_cluster(workload: Sequence[WorkloadRequest], *, policy: str, instances: 
                core_factory=core_factory, decode_policy=decode_policy,
                scrape_interval=scrape_interval, request_timeout=request_timeout,
                link_bandwidth=link_bandwidth, transfer_setup=transfer_setup,
-               kv_bytes_per_token=kv_bytes_per_token, sample_interval=sample_interval)
+               kv_bytes_per_token=kv_bytes_per_token, sample_interval=sample_interval,
+               admission=admission)
     return sim.run()

@@ -33,7 +33,11 @@ class RequestResult:
     preemptions: int = 0
     finish_reason: str | None = None  # the core's reason ("length"), or the error below
     error: str | None = None          # None: completed; else "timeout", "abort",
-                                      # "pd_reschedule", "length" (can never fit), "rejected"
+                                      # "pd_reschedule", "length" (can never fit), "rejected",
+                                      # or the admission queue's reason (``rejected``)
+    router_wait: float = 0.0          # time in the router's admission queue (in ``ttft``)
+    rejected: str | None = None       # answered by the admission queue without an instance
+                                      # (a ``Reject`` value: queue_full, queue_timeout, ...)
 
     @property
     def ok(self) -> bool:
@@ -80,6 +84,14 @@ class ClusterResult:
     final_load: dict[str, tuple[int, int]] = field(default_factory=dict)
     """Router ``Load`` (requests, tokens) per instance URL at the end (all zero when every
     lease was released)."""
+    admission: bool = False           # requests went through the admission queue
+    rejections: dict[str, int] = field(default_factory=dict)
+    """Requests the admission queue answered without an instance, by ``Reject`` value."""
+    queue_peak: int = 0               # most requests waiting in the admission queue at once
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.rejections.values())
 
     @property
     def span(self) -> float:

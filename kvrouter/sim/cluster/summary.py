@@ -45,9 +45,12 @@ def summarize(results: Sequence[RequestResult]) -> dict[str, Any]:
     percentiles over completed requests (ITLs pooled over all their token gaps);
     ``token_hit_rate`` = Σ cached / Σ prompt tokens of the requests that reached a core
     (including aborted and timed-out ones); ``per_instance`` counts routed requests.
+    ``rejected``: requests the admission queue answered without an instance (not in
+    ``failed``, which counts the routed ones that did not complete).
     """
     done = [r for r in results if r.ok]
-    failed = len(results) - len(done)
+    rejected = sum(1 for r in results if r.rejected is not None)
+    failed = len(results) - len(done) - rejected
     ttfts = [r.ttft for r in done if r.ttft is not None]
     itls = [x for r in done for x in r.itls]
     e2es = [r.e2e for r in done if r.e2e is not None]
@@ -55,11 +58,13 @@ def summarize(results: Sequence[RequestResult]) -> dict[str, Any]:
     end = max((r.end for r in results if r.end is not None), default=start)
     span = end - start
     out_tokens = sum(r.output_tokens for r in done)
-    prompt = sum(r.prompt_tokens for r in results)
+    prompt = sum(r.prompt_tokens for r in results if r.rejected is None)
     cached = sum(r.cached_tokens for r in results)
     per_instance: dict[str, int] = {}
     per_prefill: dict[str, int] = {}
     for r in results:
+        if r.rejected is not None:
+            continue
         per_instance[r.instance] = per_instance.get(r.instance, 0) + 1
         if r.prefill_instance is not None:
             per_prefill[r.prefill_instance] = per_prefill.get(r.prefill_instance, 0) + 1
@@ -67,6 +72,7 @@ def summarize(results: Sequence[RequestResult]) -> dict[str, Any]:
         "requests": len(results),
         "completed": len(done),
         "failed": failed,
+        "rejected": rejected,
         "duration": span,
         "throughput": out_tokens / span if span > 0 else 0.0,
         "request_throughput": len(done) / span if span > 0 else 0.0,
