@@ -75,6 +75,7 @@ build() {
   [ -f "$src/CMakeLists.txt" ] || die "no vendored llama.cpp in the sdist ($src)"
   log "sdist llama-cpp-python $VERSION fetched and unpacked in $(since "$t0") s"
   local t1; t1=$(now)
+  log "building llama-server with $JOBS jobs (~6-12 minutes on 2 cores; progress in $KEY/build.log)"
   # shellcheck disable=SC2086  # CPU_FLAGS is a list of -D options
   if ! { nice -n 19 cmake -S "$src" -B "$work/build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release \
           -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \

@@ -169,7 +169,7 @@ async def test_a_conversation_keeps_its_instance_whichever_replica_serves_it(
 
 
 @bounded(60)
-async def test_independent_routers_lose_the_affinity(redis_server, replicas, sims, tmp_path):
+async def test_independent_routers_lose_the_affinity(redis_server, replicas, sims):
     """The control experiment: the same steps with two key prefixes (two groups that share
     nothing) go to the other instance."""
     rs = [(await replicas(redis_server.url, 1, merge(CACHE_AWARE, {"state": {
@@ -445,3 +445,53 @@ def test_demo_replicas_say_so_without_redis_server(tmp_path):
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 1
     assert "redis-server not found on PATH" in proc.stderr
+
+
+@bounded(60)
+async def test_a_tampered_registration_in_redis_is_not_routed(redis_server, replicas, sims):
+    """Redis is reachable by more than the routers: a record whose host could reach a header
+    is skipped (and logged), the valid one next to it is applied."""
+    import redis.asyncio as aioredis
+
+    (r,) = await replicas(redis_server.url, 1)
+    (a,) = await sims(1)
+    port = a.url.rsplit(":", 1)[1]
+    good = {"role": "mixed", "host": "127.0.0.1", "scheme": "http", "port": port,
+            "is_paused": False, "engine": "fastdeploy"}
+    bad = dict(good, host="127.0.0.1\r\nX-Evil: 1")
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        for info in (bad, good):
+            event = {"t": "reg", "id": f"{info['host']}:{port}", "v": [time.time(), 1],
+                     "i": info, "st": False}
+            await client.xadd("kvrouter:events", {"r": "someone", "e": json.dumps([event])})
+    finally:
+        await client.aclose()
+    await wait_for(lambda: everywhere([r], 1), timeout=3)
+    status, body = await get_json(r.url + "/registered")
+    assert status == 200 and [w["url"] for w in body["mixed"]] == [a.url]
+    assert body["unavailable"] == []
+    assert "skipped an unreadable stream entry" in r.log() and "invalid host" in r.log()
+
+
+@bounded(60)
+async def test_a_password_protected_redis(tmp_path, replicas, sims):
+    server = RedisServer(tmp_path / "auth", password="s3cret-pw")
+    await server.start()
+    try:
+        r0, r1 = await replicas(server.url, 2)
+        (a,) = await sims(1)
+        assert await a.register_once(r0.url) == 200
+        await wait_for(lambda: everywhere([r0, r1], 1), timeout=2)
+        assert await send(r1, "hello") == (200, a.url)
+        assert "s3cret" not in r0.log() + r1.log()
+        wrong = server.url.replace("s3cret-pw", "wrong-pw")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "kvrouter", "--port", "0", "--redis-url", wrong,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=str(tmp_path))
+        out, err = await proc.communicate()
+        text = (out + err).decode()
+        assert proc.returncode == 1 and "wrong-pw" not in text, text
+        assert f"cannot connect to Redis at redis://:***@127.0.0.1:{server.port}/0" in text
+    finally:
+        await server.stop()

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import orjson
 
+from kvrouter import errors
 from kvrouter.instance import InstanceInfo
 from kvrouter.jsondepth import check_depth
 
@@ -82,8 +84,18 @@ class EngineAdapter:
     concurrent_pd: ClassVar[bool] = True
 
     def base_request_id(self, body: dict) -> str:
-        """The id of a request across its legs and retries (a client's own, if it sent one)."""
-        raise NotImplementedError
+        """The id of a request across its legs and retries: the client's ``request_id``, or a
+        fresh UUID4 when absent, null or empty. It is echoed in ``X-Router-Request-ID`` and
+        logged, so anything but :data:`kvrouter.errors.REQUEST_ID_RE` is a 400 here, before
+        any instance is chosen."""
+        rid = body.get("request_id")
+        if rid is None or rid == "":
+            return str(uuid.uuid4())
+        if not isinstance(rid, str):
+            raise errors.invalid_value("request_id must be a string")
+        if not errors.REQUEST_ID_RE.fullmatch(rid):
+            raise errors.invalid_request_id()
+        return rid
 
     def attempt_request_id(self, base: str, attempt: int) -> str:
         return base if attempt == 0 else f"{base}-retry{attempt}"

@@ -5,10 +5,8 @@ an error inside a 2xx body. ``docs/fastdeploy.md`` describes the protocol."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any, ClassVar
 
-from kvrouter import errors
 from kvrouter.backends.base import EngineAdapter, PdAttempt, dumps, loads
 from kvrouter.instance import InstanceInfo
 
@@ -134,19 +132,6 @@ class FastDeployAdapter(EngineAdapter):
 
     def __init__(self, info_format: str = "flat") -> None:
         self.info_format = info_format   # server.disaggregate-info-format
-
-    def base_request_id(self, body: dict) -> str:
-        """The client's ``request_id``, or a fresh UUID4 when absent, null or empty. It is
-        echoed in ``X-Router-Request-ID`` and logged, so anything but
-        :data:`kvrouter.errors.REQUEST_ID_RE` is a 400 here, before any instance is chosen."""
-        rid = body.get("request_id")
-        if rid is None or rid == "":
-            return str(uuid.uuid4())
-        if not isinstance(rid, str):
-            raise errors.invalid_value("request_id must be a string")
-        if not errors.REQUEST_ID_RE.fullmatch(rid):
-            raise errors.invalid_request_id()
-        return rid
 
     def can_pair(self, prefill: InstanceInfo, decode: InstanceInfo) -> bool:
         return can_pair(prefill, decode)

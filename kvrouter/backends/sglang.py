@@ -9,10 +9,8 @@ answer goes to the client.
 from __future__ import annotations
 
 import random
-import uuid
 from typing import ClassVar
 
-from kvrouter import errors
 from kvrouter.backends.base import EngineAdapter, PdAttempt, dumps
 
 _ROOM_BITS = (1 << 63) - 1
@@ -26,14 +24,6 @@ class SglangAdapter(EngineAdapter):
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
-
-    def base_request_id(self, body: dict) -> str:
-        rid = body.get("rid", body.get("request_id"))
-        if rid is None or rid == "":
-            return uuid.uuid4().hex
-        if not isinstance(rid, str):
-            raise errors.invalid_value("request_id must be a string")
-        return rid
 
     def prefill_body(self, body: dict, attempt: PdAttempt) -> bytes:
         p = attempt.prefill

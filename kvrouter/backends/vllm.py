@@ -9,10 +9,8 @@ client's request plus those parameters, and its answer goes to the client.
 
 from __future__ import annotations
 
-import uuid
 from typing import ClassVar
 
-from kvrouter import errors
 from kvrouter.backends.base import EngineAdapter, PdAttempt, dumps, loads
 
 PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False,
@@ -25,14 +23,6 @@ class VllmAdapter(EngineAdapter):
 
     name: ClassVar[str] = "vllm"
     concurrent_pd: ClassVar[bool] = False
-
-    def base_request_id(self, body: dict) -> str:
-        rid = body.get("request_id")
-        if rid is None or rid == "":
-            return uuid.uuid4().hex
-        if not isinstance(rid, str):
-            raise errors.invalid_value("request_id must be a string")
-        return rid
 
     def prefill_body(self, body: dict, attempt: PdAttempt) -> bytes:
         prefill = {k: v for k, v in body.items() if k not in ("stream_options", "request_id")}

@@ -9,8 +9,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import replace
 
-import orjson
-
+from kvrouter.backends.base import loads
 from kvrouter.backends.engines import (
     ENGINES,
     FALLBACK_ENGINE,
@@ -179,7 +178,7 @@ class ModelsCache:
         if status != 200 or self.registry.get(inst.identity) is not inst:
             return
         try:
-            data = orjson.loads(body)
+            data = loads(body)      # nesting bounded: the cards are re-serialised later
         except ValueError:
             data = None
         items = data.get("data") if isinstance(data, dict) else None

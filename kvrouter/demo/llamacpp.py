@@ -43,13 +43,14 @@ MAX_INSTANCES = 16    # each server holds ~110 MB (model and KV cache)
 #: defaults of the flags whose sim defaults do not fit 2 tiny engines on 2 cores: about 20 s
 #: per policy once the engine is built
 DEFAULTS: dict[str, Any] = {"policies": "round_robin,cache_aware,kv_cost", "instances": 2,
-                            "requests": 30, "rate": 2.0}
+                            "requests": 20, "rate": 1.0}
 
-#: workloads sized for prompts of ≤ SLOT_CTX tokens and a ~1 ms/token prefill on one core:
-#: b2b has more groups (6) than a server has slots (4), so spreading every group over every
-#: server thrashes the slots, while 3 groups per server stay cached
+#: workloads sized for prompts of ≤ SLOT_CTX tokens, a prefill of ~1 ms per token on one core
+#: and a load that leaves the servers idle part of the time (a saturated server holds several
+#: copies of a hot prefix and evicts the others). b2b has twice as many groups (8) as a server
+#: has slots (4): spread over every server they thrash the slots, 4 per server stay cached.
 WORKLOAD_PARAMS: dict[str, dict[str, Any]] = {
-    "b2b": {"groups": 6, "context": 1000, "users": 4, "question": 16, "output": 16},
+    "b2b": {"groups": 8, "context": 400, "users": 4, "question": 16, "output": 8},
     "multigroup": {"groups": 6, "prefix_min": 400, "prefix_max": 1500, "question": 16,
                    "output": 16},
     "multiturn": {"system": 512, "turns": 4, "user": 64, "output": 16, "think": 1.0},

@@ -21,20 +21,24 @@ def redis_server_binary() -> str | None:
 
 
 class RedisServer:
-    """``redis-server`` on ``port`` (default: a free one), its files in ``workdir``."""
+    """``redis-server`` on ``port`` (default: a free one), its files in ``workdir``;
+    ``password``: clients must authenticate (``requirepass``)."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None,
+                 password: str | None = None) -> None:
         binary = redis_server_binary()
         if binary is None:
             raise FileNotFoundError(MISSING)
         self.binary = binary
         self.workdir = workdir
         self.port = port or free_port()
+        self.password = password
         self.proc: asyncio.subprocess.Process | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -47,6 +51,7 @@ class RedisServer:
             self.proc = await asyncio.create_subprocess_exec(
                 self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "yes",
+                *(["--requirepass", self.password] if self.password else []),
                 stdout=log, stderr=log, start_new_session=True)
         try:
             async with asyncio.timeout(timeout):
@@ -67,7 +72,9 @@ class RedisServer:
         try:
             writer.write(b"*1\r\n$4\r\nPING\r\n")
             await writer.drain()
-            return (await asyncio.wait_for(reader.readline(), 2)) == b"+PONG\r\n"
+            # without the password, redis answers -NOAUTH: it is up all the same
+            return (await asyncio.wait_for(reader.readline(), 2)).startswith((b"+PONG",
+                                                                               b"-NOAUTH"))
         except (OSError, TimeoutError):
             return False
         finally:

@@ -29,6 +29,7 @@ from typing import Protocol as TypingProtocol
 
 import httptools
 
+from kvrouter.http.response import header_value
 from kvrouter.http.sockets import set_nodelay
 
 KEEPALIVE_SECS = 15.0      # idle pooled connections are closed after this long
@@ -81,7 +82,7 @@ class Target:
         self.tls = tls
         shown = f"[{host}]" if ":" in host else host
         self.key = f"{'https' if tls else 'http'}://{shown}:{port}"
-        self.host_line = f"Host: {shown}:{port}\r\n".encode("latin-1")
+        self.host_line = b"Host: " + header_value(f"{shown}:{port}".encode()) + b"\r\n"
 
     def __repr__(self) -> str:
         return f"<Target {self.key}>"

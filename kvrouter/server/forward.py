@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from kvrouter.http.headers import HOP_BY_HOP, end_to_end
 from kvrouter.http.request import Request
+from kvrouter.http.response import header_block
 from kvrouter.http.upstream import Target
 from kvrouter.registry import Instance
 
@@ -49,7 +50,7 @@ class InstanceRef:
         self.url = info.url
         self.identity = info.identity
         self.target = Target(info.host, int(info.port), tls=info.scheme == "https")
-        self.mixed_tag = b"X-Router-Mixed-URL: " + self.url.encode("latin-1") + b"\r\n"
+        self.mixed_tag = header_block({"X-Router-Mixed-URL": self.url})
         self.usage_children: tuple | None = None  # backend prompt/cached token counters
 
 

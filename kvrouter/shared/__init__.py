@@ -5,7 +5,7 @@ calls it; the default shares nothing (one process, every method a no-op). Implem
 
 * :class:`kvrouter.workers.sync.WorkerSync`: the worker processes of one router
   (``kvrouter --workers N``), over socket pairs;
-* later, router replicas on many hosts sharing the same state through Redis.
+* :class:`kvrouter.shared.redis.RedisState`: router replicas on many hosts, through Redis.
 
 What is shared, and through which hook (each shaped so that either transport can carry it,
 see :mod:`kvrouter.workers.events`):

@@ -63,9 +63,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
+from kvrouter.backends.engines import ENGINES
 from kvrouter.config import ConfigError, StateConfig, redact_url
 from kvrouter.control.health import HealthMonitor
-from kvrouter.instance import Role
+from kvrouter.instance import Role, normalise_host
 from kvrouter.prefix.hashing import HashList
 from kvrouter.prefix.index import PrefixIndex, as_hash_array
 from kvrouter.shared import SharedState
@@ -645,6 +646,7 @@ class RedisState(SharedState):
             return                   # this replica's own register.yaml entry
         kind = event["t"]
         if kind == "reg":
+            check_info(event["i"])
             self.replica.apply_reg(event)
             self._published[ident] = event["i"]
         elif kind == "hl":
@@ -762,6 +764,31 @@ class ReplicaHealth(HealthMonitor):
     def remove(self, inst: Instance) -> None:
         if inst.static or self._state.leads_health:
             super().remove(inst)
+
+
+_PORT_FIELDS = ("port", "metrics_port", "connector_port", "engine_worker_queue_port",
+                "bootstrap_port")
+
+
+def check_info(data: dict) -> None:
+    """Raise ``ValueError`` unless a registration read from Redis has a host, scheme and
+    ports that ``POST /register`` would have accepted: they end up in URLs and in the
+    ``Host`` and ``X-Router-*-URL`` headers, and Redis is reachable by more than this router
+    (the other fields only reach JSON answers)."""
+    host, scheme = data.get("host"), data.get("scheme")
+    if not isinstance(host, str) or normalise_host(host) != ("http", host):
+        raise ValueError(f"invalid host {host!r}")
+    if scheme not in ("http", "https"):
+        raise ValueError(f"invalid scheme {scheme!r}")
+    for name in _PORT_FIELDS:
+        port = data.get(name)
+        if port not in (None, "") and not (isinstance(port, str) and port.isdigit()
+                                           and 0 < int(port) < 65536):
+            raise ValueError(f"invalid {name} {port!r}")
+    Role(data.get("role"))
+    engine = data.get("engine")
+    if engine is not None and engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}")
 
 
 def encode_records(records: _Records) -> tuple[bytes, bytes]:
