@@ -30,8 +30,12 @@ import enum
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kvrouter.load import Load
+
+if TYPE_CHECKING:
+    from kvrouter.registry import Instance
 
 
 class Priority(enum.IntEnum):
@@ -75,6 +79,41 @@ class Headroom:
         if self.max_prefill_tokens and load.prefill_tokens >= self.max_prefill_tokens:
             return False
         return not waiting  # the engine queues requests itself: it is full
+
+    def any_room(self, instances: Iterable[Instance], now: float) -> bool:
+        """Whether one of ``instances`` has room, by router-side load corrected by the
+        engine's gauges in its latest snapshot fresh at ``now``."""
+        for inst in instances:
+            snap = inst.fresh_snapshot(now)
+            if snap is None:
+                if self.has_room(inst.load, None, None):
+                    return True
+            elif self.has_room(inst.load, snap.max_batch_size, snap.waiting):
+                return True
+        return False
+
+
+class Pace:
+    """The recent pace of admissions: the queue's estimate of seconds between two of them
+    (for ``Retry-After`` and for answering early a request that would miss its deadline)."""
+
+    KEEP = 64
+
+    def __init__(self) -> None:
+        self._times: list[float] = []
+
+    def admitted(self, now: float) -> None:
+        times = self._times
+        times.append(now)
+        if len(times) > self.KEEP:
+            del times[:self.KEEP // 2]
+
+    def service_time(self) -> float:
+        """Seconds between two recent admissions (0 while unknown)."""
+        times = self._times
+        if len(times) < 2:
+            return 0.0
+        return (times[-1] - times[0]) / (len(times) - 1)
 
 
 class Ticket:

@@ -62,7 +62,8 @@ class Router:
                  if s.splitwise else {Role.MIXED: sch.policy})
         self.policies: dict[Role, Policy] = {
             role: make_policy(name, role.value, sch, self.index) for role, name in names.items()}
-        self.health = HealthMonitor(self.registry, self.transport, m, self.metrics)
+        self.health = HealthMonitor(self.registry, self.transport, m, self.metrics,
+                                    owns=self.shared.probes)
         self.scraper = MetricsScraper(self.registry, self.transport,
                                       sch.metrics_scrape_interval_secs,
                                       sch.metrics_scrape_timeout_secs, self.metrics)

@@ -219,3 +219,23 @@ def test_admission_default_limits_come_from_the_engine_and_the_slo(tmp_path):
         (3, 1024, 0.25)
     assert limits["max_prefill_tokens"] == pytest.approx(12_700, rel=0.02)
     assert bench_main(["policies", *TINY, "--admission", "on", "--queue-timeout", "0"]) == 2
+
+
+def test_live_admission_both_gets_429s_from_the_router(tmp_path):
+    """Live, the router gets the limits as ``scheduler.*`` keys: with one request in flight
+    per instance and two waiting, a burst is partly answered 429 (counted as ``rejected``);
+    without the queue (``queue-size: 0``) every request is served."""
+    j = tmp_path / "live.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvrouter", "bench", "policies", "--live", *TINY,
+         "--policies", "kv_cost", "--admission", "both", "--max-inflight", "1",
+         "--queue-size", "2", "--requests", "30", "--rate", "60", "--time-scale", "0.3",
+         "--json", str(j), "--no-plots"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    off, on = json.loads(j.read_text())
+    assert (off["admission"], on["admission"]) == (False, True)
+    assert off["completed"] == 30 and off["rejected"] == 0
+    assert on["rejected"] > 0 and on["failed"] == 0
+    assert on["completed"] + on["rejected"] == 30
+    assert on["slo_attainment"] * 30 <= on["completed"] + 1e-9

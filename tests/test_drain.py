@@ -54,8 +54,8 @@ async def refuses_new_connections(router) -> None:
         while True:
             try:
                 _, writer = await asyncio.open_connection(router.host, router.port)
-            except ConnectionRefusedError:
-                return
+            except (ConnectionRefusedError, ConnectionResetError):
+                return      # reset: the attempt was in the closed socket's backlog
             writer.close()
             await asyncio.sleep(0.02)
 

@@ -561,9 +561,9 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
                    f"{r['throughput_tok_s']:>7.0f} {_pct(r['slo_attainment']):>7} "
                    f"{r['slo_rps']:>7.2f}")
     out.append("(TTFT in model seconds, ITL in model milliseconds; hit = token hit rate at "
-               "the instances, bound = one unified LRU cache of the cluster's size; adm = "
-               "admission queue, rej = requests it rejected (429/503, missing the SLO); "
-               "SLO r/s = requests meeting the SLO per second of the run)")
+               "the instances, bound = one unified LRU cache of the cluster's size;\n adm = "
+               "the router's admission queue, rej = requests it rejected (429/503: they miss "
+               "the SLO), SLO r/s = requests meeting the SLO per second of the run)")
     gps = [r for r in rows if r["kind"] == "goodput"]
     if gps:
         s = gps[0]["slo"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvrouter.config import ManagerConfig
@@ -28,8 +29,10 @@ class HealthMonitor:
     """Owns every health probe and every health state transition."""
 
     def __init__(self, registry: Registry, transport: Transport, cfg: ManagerConfig,
-                 metrics: RouterMetrics) -> None:
+                 metrics: RouterMetrics, owns: Callable[[Instance], bool] = lambda i: True
+                 ) -> None:
         self.registry = registry
+        self.owns = owns        # probe and remove it here (routers sharing state split them)
         self.transport = transport
         self.cfg = cfg
         self.metrics = metrics
@@ -70,6 +73,8 @@ class HealthMonitor:
             log.info("Instance %s healthy again", inst.url)
 
     def remove(self, inst: Instance) -> None:
+        if not self.owns(inst):
+            return
         log.info("Removed unhealthy %s instance: %s", inst.role.value, inst.url)
         self.registry.remove(inst, "instance_removed")
 
@@ -88,7 +93,7 @@ class HealthMonitor:
         self._spawn(run())
 
     async def run_round(self) -> None:
-        instances = self.registry.all()
+        instances = [i for i in self.registry.all() if self.owns(i)]
         if instances:
             await asyncio.gather(*(self.probe(i) for i in instances))
 

@@ -38,7 +38,7 @@ from kvrouter.sim.workloads import make_workload
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "real_engine.sh"
 SLOTS = 4             # llama-server -np: requests decoded together, and prompts it keeps
 SLOT_CTX = 4096       # tokens per slot (-c is SLOTS × SLOT_CTX)
-MAX_INSTANCES = 16    # each server holds ~110 MB (model and KV cache)
+MAX_INSTANCES = 16    # each server maps the 80 MB model and holds a 64 MB KV cache
 
 #: defaults of the flags whose sim defaults do not fit 2 tiny engines on 2 cores: about 20 s
 #: per policy once the engine is built
@@ -51,10 +51,10 @@ DEFAULTS: dict[str, Any] = {"policies": "round_robin,cache_aware,kv_cost", "inst
 #: has slots (4): spread over every server they thrash the slots, 4 per server stay cached.
 WORKLOAD_PARAMS: dict[str, dict[str, Any]] = {
     "b2b": {"groups": 8, "context": 400, "users": 4, "question": 16, "output": 8},
-    "multigroup": {"groups": 6, "prefix_min": 400, "prefix_max": 1500, "question": 16,
-                   "output": 16},
-    "multiturn": {"system": 512, "turns": 4, "user": 64, "output": 16, "think": 1.0},
-    "nosharing": {"prompt_min": 200, "prompt_max": 1200, "output": 16},
+    "multigroup": {"groups": 8, "prefix_min": 200, "prefix_max": 800, "question": 16,
+                   "output": 8},
+    "multiturn": {"system": 300, "turns": 4, "user": 64, "output": 8, "think": 1.0},
+    "nosharing": {"prompt_min": 100, "prompt_max": 600, "output": 8},
 }
 
 
@@ -80,7 +80,7 @@ def ensure_engine() -> tuple[str, str]:
               "  - llama.cpp's llama-server, built from the source vendored in the "
               "llama-cpp-python sdist (downloaded from PyPI; needs cmake and a C++ compiler). "
               "The first build takes ~6-12 minutes on 2 cores; later runs reuse it.\n"
-              "  - a tiny random-weight llama model (dim 256, 4 layers, ~40 MB) with the "
+              "  - a tiny random-weight llama model (dim 256, 4 layers, 80 MB) with the "
               "real Llama-2 vocabulary (seconds).", file=sys.stderr, flush=True)
         # the script's progress lines go to our stderr
         found = subprocess.run(["bash", str(SCRIPT), "all"], stdout=subprocess.PIPE,

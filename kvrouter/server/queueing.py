@@ -7,7 +7,7 @@ import asyncio
 import time
 
 from kvrouter import errors
-from kvrouter.admission import AdmissionQueue, Headroom, Priority, Reject, Ticket
+from kvrouter.admission import AdmissionQueue, Headroom, Pace, Priority, Reject, Ticket
 from kvrouter.instance import Role
 from kvrouter.router import Router
 
@@ -25,27 +25,19 @@ class Admission:
         self.role = role
         self.headroom = Headroom(sch.max_inflight_per_instance,
                                  sch.max_queued_prefill_tokens_per_instance)
+        self.pace = Pace()
         self.queue = AdmissionQueue(self.has_room, queue_size=sch.queue_size,
                                     timeout=sch.queue_timeout_secs, clock=time.monotonic,
-                                    service_time=self._service_time)
+                                    service_time=self.pace.service_time)
         self._timer: asyncio.TimerHandle | None = None
-        self._admitted_at: list[float] = []     # recent admission times, for Retry-After
         m = router.metrics
         self._wait = [m.queue_wait.labels(name) for name in _NAMES]
         self._rejections = m.queue_rejections
         m.attach_queue(lambda name: self.queue.depth(Priority[name.upper()]), _NAMES)
 
     def has_room(self) -> bool:
-        room = self.headroom.has_room
-        now = time.monotonic()
-        for inst in self.router.registry.candidates(self.role):
-            snap = inst.fresh_snapshot(now)
-            if snap is None:
-                if room(inst.load, None, None):
-                    return True
-            elif room(inst.load, snap.max_batch_size, snap.waiting):
-                return True
-        return False
+        return self.headroom.any_room(self.router.registry.candidates(self.role),
+                                      time.monotonic())
 
     def offer(self, ticket: Ticket) -> bool:
         """``True``: dispatch now. Else the ticket waits (or was rejected at once)."""
@@ -59,10 +51,7 @@ class Admission:
         """Book-keeping of a ticket that left the queue for an instance."""
         now = time.monotonic()
         self._wait[ticket.priority].observe(now - ticket.enqueued)
-        recent = self._admitted_at
-        recent.append(now)
-        if len(recent) > 64:
-            del recent[:32]
+        self.pace.admitted(now)
 
     def pump(self) -> None:
         """Capacity may have freed: admit what now fits."""
@@ -85,13 +74,6 @@ class Admission:
 
     def drain(self) -> None:
         self.queue.drain()
-
-    def _service_time(self) -> float:
-        """Seconds between two recent admissions (0 when unknown)."""
-        recent = self._admitted_at
-        if len(recent) < 2:
-            return 0.0
-        return (recent[-1] - recent[0]) / (len(recent) - 1)
 
     def _expire(self) -> None:
         self._timer = None

@@ -12,13 +12,14 @@ RETRY_STATUSES = frozenset({500, 502, 503, 504})   # answers another instance ma
 
 class RetryRatio:
     """Router-wide cap on status retries: at most ``percent`` % of the requests of the last
-    ``window`` seconds (at least ``floor`` retries), so that a fleet that fails everywhere is
-    not sent extra load (Envoy's retry budget). Counts over two half-windows, the older one
+    ``window`` seconds (at least ``floor`` retries: enough for the failures an instance makes
+    before outlier ejection takes it out), so that a fleet that fails everywhere is not sent
+    extra load (Envoy's retry budget). Counts over two half-windows, the older one
     fading out linearly."""
 
     __slots__ = ("_cur", "_prev", "_start", "clock", "floor", "fraction", "half")
 
-    def __init__(self, percent: float, window: float = 10.0, floor: int = 3,
+    def __init__(self, percent: float, window: float = 10.0, floor: int = 10,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.fraction = percent / 100.0
         self.half = window / 2

@@ -58,6 +58,11 @@ class SharedState:
         the ``[stats]`` line (one of the routers sharing state does)."""
         return True
 
+    def probes(self, inst: Instance) -> bool:
+        """Whether this router's health rounds probe ``inst`` and may remove it (routers that
+        share health results split the work; one router owns everything)."""
+        return True
+
     def make_index(self, max_entries: int, ttl_secs: float) -> PrefixIndex:
         """The router's prefix index. One that shares prefix records is made with
         ``on_record=self.recorded``."""

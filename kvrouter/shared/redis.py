@@ -65,7 +65,6 @@ from redis.exceptions import RedisError, ResponseError
 
 from kvrouter.backends.engines import ENGINES
 from kvrouter.config import ConfigError, StateConfig, redact_url
-from kvrouter.control.health import HealthMonitor
 from kvrouter.instance import Role, normalise_host
 from kvrouter.prefix.hashing import HashList
 from kvrouter.prefix.index import PrefixIndex, as_hash_array
@@ -188,7 +187,7 @@ class RedisState(SharedState):
     @property
     def leader(self) -> bool:
         """Every replica runs its own static-file watch, scrapes and ``[stats]`` line; the
-        health rounds and timed removals follow the Redis lease (:class:`ReplicaHealth`)."""
+        health rounds and timed removals follow the Redis lease (:meth:`probes`)."""
         return True
 
     @property
@@ -197,6 +196,13 @@ class RedisState(SharedState):
         (then every replica keeps its own registry healthy)."""
         return self.leads or not self.connected
 
+    def probes(self, inst: Instance) -> bool:
+        """The lease holder probes (and removes) every instance, its results reach the others
+        as registry records, so N replicas do not probe each instance N times; the others
+        probe only their own ``register.yaml`` instances. While Redis is lost, every replica
+        probes everything."""
+        return inst.static or self.leads_health
+
     def make_index(self, max_entries: int, ttl_secs: float) -> PrefixIndex:
         return PrefixIndex(max_entries, ttl_secs, on_record=self.recorded)
 
@@ -204,9 +210,6 @@ class RedisState(SharedState):
         self.router = router
         self.replica = RegistryReplica(router.registry, self.me, self._emit)
         self.loads = LoadShares(router.registry)
-        # the seam has no hook for "which instances does this router probe": the router gets a
-        # health monitor that asks the lease
-        router.health = ReplicaHealth(router.health, self)
 
     async def open(self) -> None:
         """Connect, read the shared registry and the recent prefix records, start sharing (the
@@ -743,27 +746,6 @@ class RedisState(SharedState):
             await asyncio.sleep(0)
         log.info("replica %s: read %d recent stream entries (prefix index: %d entries)",
                  self.rid, applied, self.router.index.size)
-
-
-class ReplicaHealth(HealthMonitor):
-    """A replica's health monitor: the lease holder probes every instance (its results reach
-    the others as registry records, so N replicas do not probe each instance N times) and
-    alone removes the ones unhealthy for too long; the others probe only their own
-    ``register.yaml`` instances. While Redis is lost, every replica probes everything."""
-
-    def __init__(self, base: HealthMonitor, state: RedisState) -> None:
-        super().__init__(base.registry, base.transport, base.cfg, base.metrics)
-        self._state = state
-
-    async def run_round(self) -> None:
-        lead = self._state.leads_health
-        instances = [i for i in self.registry.all() if lead or i.static]
-        if instances:
-            await asyncio.gather(*(self.probe(i) for i in instances))
-
-    def remove(self, inst: Instance) -> None:
-        if inst.static or self._state.leads_health:
-            super().remove(inst)
 
 
 _PORT_FIELDS = ("port", "metrics_port", "connector_port", "engine_worker_queue_port",

@@ -1,28 +1,24 @@
 """The events worker processes exchange, as plain JSON objects (``"t"`` = the kind).
 
-They are written so that the roadmap's router *replicas* sharing state through Redis (the same
-:class:`~kvrouter.shared.SharedState` seam) can reuse them unchanged: each shared kind is
-either an idempotent, versioned record (last writer wins on ``v``) or a per-sender snapshot
-that replaces the sender's previous one, and times are wall-clock seconds (``time.time()``),
-not a process's monotonic clock.
+Each shared kind is either an idempotent, versioned record (last writer wins on ``v``) or a
+per-sender snapshot that replaces the sender's previous one, and times are wall-clock seconds
+(``time.time()``), not a process's monotonic clock: the same shapes router replicas share
+through Redis (:mod:`kvrouter.shared.redis`, which keeps its own key layout).
 
-=========  ==================================================  ==================================
-kind       fields                                              Redis equivalent (roadmap)
-=========  ==================================================  ==================================
-``reg``    ``id``, ``v``, ``i`` (registration), ``st`` static  hash ``inst:<id>`` field ``info``
-``hl``     ``id``, ``v``, ``s`` state, ``f``/``ok`` streaks,   hash ``inst:<id>`` field
-           ``since`` (wall clock or null)                      ``health``
-``del``    ``id``, ``v``, ``r`` reason                         ``DEL inst:<id>`` + tombstone
-``snap``   ``id``, ``s`` = [running, waiting, taken_at (wall), hash ``inst:<id>`` field ``snap``
-           available_gpu_block_num, max_batch_size,
-           gpu_cache_usage_perc]
-``load``   ``n`` sequence, ``l`` = {id: [R, T, prefill_tokens,  hash ``load:<replica>`` with a TTL,
-           prefill_leases, pending, pending_prefill,           summed on read
-           pending_prefill_leases]} (the sender's share)
-``rec``    ``r`` = [[id, [block hash, …]], …]                  ``prefix:<hash>`` → {id: ts}, TTL
-``sess``   ``s`` = [[role, session_id, id], …]                 ``session:<sid>`` → id, TTL
-``ctr``    ``c`` = the six ``[stats]`` counter totals          (per-replica scrape)
-=========  ==================================================  ==================================
+=========  ========================================================================
+kind       fields
+=========  ========================================================================
+``reg``    ``id``, ``v``, ``i`` (registration), ``st`` static
+``hl``     ``id``, ``v``, ``s`` state, ``f``/``ok`` streaks, ``since`` (wall clock or null)
+``del``    ``id``, ``v``, ``r`` reason
+``snap``   ``id``, ``s`` = [running, waiting, taken_at (wall), available_gpu_block_num,
+           max_batch_size, gpu_cache_usage_perc]
+``load``   ``n`` sequence, ``l`` = {id: [R, T, prefill_tokens, prefill_leases, pending,
+           pending_prefill, pending_prefill_leases]} (the sender's share)
+``rec``    ``r`` = [[id, [block hash, …]], …]
+``sess``   ``s`` = [[role, session_id, id], …]
+``ctr``    ``c`` = the six ``[stats]`` counter totals
+=========  ========================================================================
 
 Process-local kinds: ``hello`` (``w`` worker number, ``pid``), ``bar``/``ack`` (``id``: a
 barrier after a registration), ``mreq``/``mrep`` (``id``, ``m``: counter samples for a

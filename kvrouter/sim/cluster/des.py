@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
-from kvrouter.admission import AdmissionQueue, Headroom, Reject, Ticket
+from kvrouter.admission import AdmissionQueue, Headroom, Pace, Reject, Ticket
 from kvrouter.backends.snapshot import MetricsSnapshot
 from kvrouter.config import SchedulerConfig
 from kvrouter.instance import InstanceInfo, Role
@@ -54,7 +54,6 @@ _ARRIVE, _STEP_END, _WAKE, _RELEASE_PREFILL, _TIMEOUT, _SCRAPE, _SWEEP, _SAMPLE,
 #: seconds between the admission queue's timeout checks while requests wait (the server's
 #: ``kvrouter.server.queueing.EXPIRY_PERIOD``; each check also pumps the queue)
 EXPIRY_PERIOD = 0.1
-_RECENT_ADMISSIONS = 64      # admissions the service-time estimate looks back on (as the server)
 
 
 
@@ -150,16 +149,16 @@ class Sim:
         # the admission queue (kvrouter.admission, the server's code) in front of the mixed
         # (PD: prefill) instances; None: every request is bound at arrival, as before
         self.admission: AdmissionQueue | None = None
+        self.pace = Pace()
         if admission:
             self.admit_role = Role.MIXED if pd is None else Role.PREFILL
             self.headroom = Headroom(cfg.max_inflight_per_instance,
                                      cfg.max_queued_prefill_tokens_per_instance)
             self.admission = AdmissionQueue(self._has_room, queue_size=cfg.queue_size,
                                             timeout=cfg.queue_timeout_secs, clock=clock,
-                                            service_time=self._service_time)
+                                            service_time=self.pace.service_time)
         self._pump_due = False              # capacity may have freed during this event
         self._expiry_pending = False
-        self._admitted_at: list[float] = []
         self.queue_peak = 0
 
     # -- infrastructure ----------------------------------------------------------------------
@@ -511,34 +510,14 @@ class Sim:
 
     # -- admission (kvrouter.admission: the queue the server runs, driven in virtual time) ---
     def _has_room(self) -> bool:
-        """Whether some candidate has headroom: router-side load, corrected by the engine's
-        gauges from its latest fresh snapshot (as ``kvrouter.server.queueing``)."""
-        room = self.headroom.has_room
-        now = self.now
-        for inst in self.candidates[self.admit_role]:
-            snap = inst.fresh_snapshot(now)
-            if snap is None:
-                if room(inst.load, None, None):
-                    return True
-            elif room(inst.load, snap.max_batch_size, snap.waiting):
-                return True
-        return False
-
-    def _service_time(self) -> float:
-        """Seconds between two recent admissions from the queue (0 when unknown), which the
-        queue uses to answer early a request that would miss its deadline."""
-        recent = self._admitted_at
-        if len(recent) < 2:
-            return 0.0
-        return (recent[-1] - recent[0]) / (len(recent) - 1)
+        return self.headroom.any_room(self.candidates[self.admit_role], self.now)
 
     def _offer(self, i: int) -> None:
         q = self.admission
         assert q is not None
         req = self.workload[i]
-        t = Ticket(req.priority, req.tenant, _unset, partial(self._rejected, i),
-                   deadline=self.now + q.timeout)
-        t.admit = partial(self._admitted, i, t)
+        t = Ticket(req.priority, req.tenant, lambda: self._admitted(i, t),
+                   partial(self._rejected, i), deadline=self.now + q.timeout)
         if q.offer(t):
             self._bind(i)
             return
@@ -550,10 +529,7 @@ class Sim:
             self._push(self.now + EXPIRY_PERIOD, _EXPIRE)
 
     def _admitted(self, i: int, t: Ticket) -> None:
-        recent = self._admitted_at
-        recent.append(self.now)
-        if len(recent) > _RECENT_ADMISSIONS:
-            del recent[:_RECENT_ADMISSIONS // 2]
+        self.pace.admitted(self.now)
         self._bind(i, self.now - t.enqueued)
 
     def _rejected(self, i: int, why: Reject) -> None:
@@ -608,10 +584,6 @@ class Sim:
             total += (gauge(g, "running") or 0.0) + (gauge(g, "waiting") or 0.0)
         self.samples.append((self.now, self.outstanding, total))
 
-
-
-def _unset() -> None:
-    raise AssertionError("a ticket's admit is set right after it is made")
 
 
 def _normalise_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
