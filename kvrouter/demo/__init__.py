@@ -186,16 +186,8 @@ def main(argv: list[str]) -> int:
     print(report.table(rows))
     if n > 1:
         print(comparison(rows, policies, n))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    png, md = out / "demo.png", out / "demo.md"
-    report.plot(rows, png, f"kvrouter demo: {setup['deployment']}, {name}")
-    command = "kvrouter demo " + shlex.join(argv)
-    md.write_text(report.markdown(rows, setup, command.strip(), png.name))
-    print(f"wrote {png} and {md}", file=sys.stderr)
-    if args.json:
-        report.write_json(rows, Path(args.json))
-        print(f"wrote {args.json}", file=sys.stderr)
+    report.write_all(rows, setup, Path(args.out), f"kvrouter demo: {setup['deployment']}, {name}",
+                     "kvrouter demo " + shlex.join(argv), args.json)
     return 0 if all(r.failed == 0 for r in rows) else 1
 
 
