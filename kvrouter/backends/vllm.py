@@ -28,6 +28,7 @@ class VllmAdapter(EngineAdapter):
         prefill = {k: v for k, v in body.items() if k not in ("stream_options", "request_id")}
         prefill["stream"] = False
         prefill["max_tokens"] = 1
+        prefill["min_tokens"] = 1           # as vllm-router sends: the prefill emits one token
         if "max_completion_tokens" in prefill:
             prefill["max_completion_tokens"] = 1
         prefill["kv_transfer_params"] = PREFILL_PARAMS

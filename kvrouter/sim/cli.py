@@ -9,8 +9,11 @@ with ``--seed + i``.
 
 ``--engine vllm|sglang|llamacpp`` shows that engine's HTTP surface instead of FastDeploy's
 (``/metrics`` names, health, tokenize and abort endpoints, usage in streams: see
-:mod:`kvrouter.sim.instance`); such instances are mixed and never register (list them in the
-router's register.yaml), so ``--router`` is a usage error with them.
+:mod:`kvrouter.sim.instance`); such instances never register (list them in the router's
+register.yaml), so ``--router`` is a usage error with them. vllm and sglang also run as
+``--role prefill|decode`` with their PD hand-offs (:mod:`kvrouter.sim.pd`); an SGLang
+prefill's bootstrap server listens on ``--bootstrap-port`` (+ i), and each such instance
+prints its register.yaml entry (``sim register.yaml entry: {json}``) after its ready line.
 
 ``--tls-cert``/``--tls-key`` serve HTTPS (the instances register as ``https://``; their
 heartbeat reads their own health in-process), ``--tls-client-ca`` requires client certificates.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import sys
 from collections.abc import Sequence
@@ -46,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", "-n", type=int, default=1, help="number of instances (default 1)")
     p.add_argument("--role", choices=ROLES, default="mixed", help="instance role (default mixed)")
     p.add_argument("--engine", choices=ENGINES, default="fastdeploy",
-                   help="whose HTTP surface to show (default fastdeploy; the others are mixed "
-                        "and never register)")
+                   help="whose HTTP surface to show (default fastdeploy; the others never "
+                        "register; llamacpp is mixed only)")
     p.add_argument("--router", default=None,
                    help="router host:port to heartbeat to (none: no registration)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -61,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first API port; 0 = ephemeral (default)")
     p.add_argument("--connector-port-base", type=int, default=0,
                    help="first connector port for prefill/decode; 0 = ephemeral (default)")
+    p.add_argument("--bootstrap-port", type=int, default=None,
+                   help="SGLang prefill: first bootstrap port (instance i: + i); the decode "
+                        "pulls the KV from it (default: ephemeral)")
     p.add_argument("--metrics-port-base", type=int, default=None,
                    help="serve /metrics on separate ports from this base (0 = ephemeral); "
                         "default: API port")
@@ -112,6 +119,12 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
     if args.engine != "fastdeploy" and args.router:
         raise ValueError(f"a {args.engine} instance never registers: list it in the router's "
                          "register.yaml instead of passing --router")
+    if args.bootstrap_port is not None:
+        if (args.engine, args.role) != ("sglang", "prefill"):
+            raise ValueError("--bootstrap-port is for --engine sglang --role prefill")
+        if not 0 <= args.bootstrap_port <= 65535 - args.instances:
+            raise ValueError(f"invalid --bootstrap-port: {args.bootstrap_port}")
+        args.connector_port_base = args.bootstrap_port
     protocols = [x.strip() for x in args.transfer_protocol.split(",") if x.strip()]
     configs: list[SimConfig] = []
     for i in range(args.instances):
@@ -157,6 +170,9 @@ async def _run(args: argparse.Namespace, configs: list[SimConfig]) -> int:
                 inst.start_heartbeat(args.router, period=args.heartbeat_period,
                                      first_delay=args.first_heartbeat_delay)
             print(f"sim instance {inst.config.role} {inst.url} ready", flush=True)
+            if inst.config.engine != "fastdeploy" and inst.config.role != "mixed":
+                entry = json.dumps(inst.register_entry(), separators=(",", ":"))
+                print(f"sim register.yaml entry: {entry}", flush=True)
         await stop.wait()
     finally:
         await asyncio.gather(*(inst.stop() for inst in instances), return_exceptions=True)

@@ -22,6 +22,8 @@ from kvrouter.sim.core.params import EngineParams, make_params
 ROLES = ("mixed", "prefill", "decode")
 #: the engines whose HTTP surface an instance can show (kvrouter.sim.instance)
 ENGINES = ("fastdeploy", "vllm", "sglang", "llamacpp")
+#: the engines with a simulated PD hand-off (kvrouter.sim.pd)
+PD_ENGINES = ("fastdeploy", "vllm", "sglang")
 
 
 @dataclass
@@ -107,7 +109,7 @@ class SimConfig:
         self.engine = str(self.engine).lower()
         if self.engine not in ENGINES:
             raise ValueError(f"invalid engine {self.engine!r}; expected one of {ENGINES}")
-        if self.engine != "fastdeploy" and self.role != "mixed":
+        if self.engine not in PD_ENGINES and self.role != "mixed":
             raise ValueError(f"engine {self.engine} is simulated in the mixed role only")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")

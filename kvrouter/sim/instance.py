@@ -20,7 +20,9 @@ The engine is :class:`~kvrouter.sim.engine.RealtimeEngine` (the engine core of
 ground truth for reports; the router never calls it.
 
 ``SimConfig.engine`` (``kvrouter sim --engine``) shows another engine's HTTP surface over the
-same engine model, as /work/shared/research/real-engines.md describes it (mixed role only):
+same engine model, as /work/shared/research/real-engines.md describes it; vllm and sglang
+also in the prefill and decode roles, with their PD hand-offs (:mod:`kvrouter.sim.pd`: the
+decode pulls the prefill's KV from its connector port, for SGLang its bootstrap port):
 
 =============  ============================  ============================  ==================
                vllm                          sglang                        llamacpp
@@ -76,7 +78,13 @@ from kvrouter.sim.pd import (
     HandoffAborted,
     HandoffError,
     HandoffStore,
+    KvSource,
+    block_key,
     parse_disaggregate_info,
+    parse_kv_source,
+    parse_room,
+    pull_kv,
+    room_key,
     send_handoff,
 )
 from kvrouter.sim.tokens import render_chat, tokenize
@@ -194,6 +202,10 @@ class SimInstance:
         self.core_params = cfg.engine_params()
         self.engine: Engine = engine or build_engine(cfg)
         self.handoffs = HandoffStore(ttl=cfg.handoff_ttl)
+        # vLLM/SGLang prefill: finished prefills' KV, kept for the decode's pull (by key)
+        self.kv_outbox = HandoffStore(ttl=cfg.handoff_ttl)
+        self.engine_id = f"sim-{uuid.uuid4().hex[:12]}"   # vLLM's remote_engine_id
+        self._next_block = 0     # vLLM remote_block_ids: never reused, so they name a transfer
         self.http_stats = HttpStats()
         self.received: list[ReceivedRequest] = []
         self.handoffs_received: list[dict[str, Any]] = []   # payloads POSTed to our connector
@@ -291,6 +303,7 @@ class SimInstance:
         runners, self._runners = self._runners, []
         self.engine.abort_all()
         self.handoffs.abort_all()
+        self.kv_outbox.abort_all()
         for runner in runners:
             with contextlib.suppress(Exception):
                 await runner.cleanup()
@@ -331,6 +344,22 @@ class SimInstance:
             "version": cfg.version,
             "connected_decodes": list(cfg.connected_decodes),
         }
+
+    @property
+    def bootstrap_port(self) -> int | None:
+        """An SGLang prefill's bootstrap server: its connector port."""
+        if self.config.engine == "sglang" and self.config.role == "prefill":
+            return self.connector_port
+        return None
+
+    def register_entry(self) -> dict[str, Any]:
+        """This instance as a router's register.yaml entry (vLLM and SGLang never call
+        ``/register``): role, address, engine, and an SGLang prefill's ``bootstrap_port``."""
+        entry: dict[str, Any] = {"role": self.config.role, "host_ip": self.advertise_host,
+                                 "port": self.port, "engine": self.config.engine}
+        if self.bootstrap_port is not None:
+            entry["bootstrap_port"] = self.bootstrap_port
+        return entry
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -470,6 +499,7 @@ class SimInstance:
     def _make_connector_app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/handoff", self._handoff)
+        app.router.add_post("/kv/pull", self._kv_pull)
         return app
 
     def _middleware_for(self, listener: str) -> Any:
@@ -760,6 +790,48 @@ class SimInstance:
         self.handoffs.deliver(payload)
         return _json({"code": 200, "msg": "success"})
 
+    async def _kv_pull(self, request: web.Request) -> web.Response:
+        """A vLLM/SGLang decode takes a prefill's KV (kvrouter.sim.pd): an SGLang room is
+        awaited up to ``handoff_timeout`` (the prefill leg may still run), vLLM blocks must
+        be there already; 404 when there is none."""
+        try:
+            data = _json_object(await request.read())
+        except _BadRequest as exc:
+            return _json(exc.body, exc.status)
+        key = data.get("key")
+        if not isinstance(key, str) or not key or len(key) > 1 << 20:
+            return _json(P.error_body("key must be a non-empty string", param="key"), 400)
+        wait = self.config.handoff_timeout if key.startswith("room:") else 0.0
+        try:
+            record = await self.kv_outbox.wait(key, wait)
+        except (TimeoutError, HandoffAborted):
+            return _json(P.error_body(f"no KV cache held for {key[:100]}", code="not_found"),
+                         404)
+        return _json(record)
+
+    def _engine_pd(self, data: dict[str, Any],
+                   req: _Parsed) -> tuple[str | None, dict[str, Any] | None, KvSource | None]:
+        """A vLLM/SGLang PD leg: (the key a prefill keeps its KV under, fields added to its
+        answer, the decode's KV source); all ``None`` for a request served whole."""
+        cfg = self.config
+        if cfg.role == "decode":
+            assert cfg.num_gpu_blocks is not None   # resolved by SimConfig
+            return None, None, parse_kv_source(cfg.engine, data, cfg.num_gpu_blocks)
+        if cfg.engine == "sglang":
+            room = data.get("bootstrap_room")
+            return (None if room is None else room_key(parse_room(room))), None, None
+        params = data.get("kv_transfer_params")
+        if not isinstance(params, dict) or params.get("do_remote_decode") is not True:
+            return None, None, None
+        assert cfg.block_size is not None
+        n = max(1, -(-(len(req.prompt_ids) + len(req.completion_ids)) // cfg.block_size))
+        ids = list(range(self._next_block, self._next_block + n))
+        self._next_block += n
+        return block_key(ids), {"kv_transfer_params": {
+            "do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": ids,
+            "remote_engine_id": self.engine_id, "remote_host": self.advertise_host,
+            "remote_port": self.connector_port, "tp_size": cfg.tp_size}}, None
+
     # ------------------------------------------------------------------ inference
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         return await self._inference(request, "chat")
@@ -892,6 +964,18 @@ class SimInstance:
                                           code="missing_required_parameter",
                                           param="request_id"), 400)
             phase = "prefill" if cfg.role == "prefill" else "decode"
+        publish: str | None = None
+        extra: dict[str, Any] | None = None
+        source: KvSource | None = None
+        if cfg.engine in ("vllm", "sglang") and cfg.role != "mixed":
+            try:
+                publish, extra, source = self._engine_pd(data, req)
+            except DisaggError as exc:
+                return _json(P.error_body(f"invalid PD fields: {exc}"), 400)
+            if publish is not None:
+                phase = "prefill"
+            elif source is not None:
+                phase = "decode"
         ctx = P.ResponseContext(
             kind=kind, id=("chatcmpl-" if kind == "chat" else "cmpl-") + req.request_id,
             created=int(time.time()), model=req.model, prompt_token_ids=req.prompt_ids,
@@ -911,8 +995,7 @@ class SimInstance:
             resp = await self._prepare(request, req.stream)
             await asyncio.sleep(k.first_byte_delay)
 
-        if phase == "decode":
-            assert target is not None
+        if phase == "decode" and target is not None:
             timeout = k.handoff_timeout if k.handoff_timeout is not None else cfg.handoff_timeout
             try:
                 handoff = await self.handoffs.wait(req.request_id, timeout)
@@ -931,16 +1014,47 @@ class SimInstance:
             proto = handoff.get("transfer_protocol")
             proto = proto if proto in ("ipc", "rdma") else target.transfer_protocol
             gen.transfer_delay = self.transfer_delay(proto, len(gen.prompt_token_ids))
+        elif source is not None:
+            timeout = k.handoff_timeout if k.handoff_timeout is not None else cfg.handoff_timeout
+            try:
+                kv = await pull_kv(self._client(), source, timeout=timeout)
+            except TimeoutError:
+                return await self._fail(request, resp, req.stream, 504, P.error_body(
+                    f"decode timed out after {timeout}s pulling the KV cache of "
+                    f"{source.key[:100]}", type_="timeout_error", code="timeout"))
+            except HandoffError as exc:
+                return await self._fail(request, resp, req.stream, 500, P.error_body(
+                    str(exc), type_="internal_error", code="connection_error"))
+            if kv.get("prompt_tokens") != len(gen.prompt_token_ids):
+                return await self._fail(request, resp, req.stream, 400, P.error_body(
+                    f"the pulled KV cache holds {kv.get('prompt_tokens')!r} tokens, the prompt "
+                    f"has {len(gen.prompt_token_ids)}"))
+            first = kv.get("first_token")
+            if isinstance(first, int) and not isinstance(first, bool):
+                gen.first_token_id = first
+            gen.transfer_delay = self.transfer_delay("rdma", len(gen.prompt_token_ids))
 
         if req.stream:
-            return await self._stream(request, ctx, gen, target, resp)
-        return await self._non_stream(request, ctx, gen, target, resp, raw)
+            return await self._stream(request, ctx, gen, target, resp, publish)
+        return await self._non_stream(request, ctx, gen, target, resp, raw, publish, extra)
 
-    async def _tokens(self, gen: GenRequest,
-                      target: DisaggTarget | None) -> AsyncGenerator[TokenOut, None]:
-        """Engine tokens; a prefill hands the request to the decode before its first token."""
+    async def _tokens(self, gen: GenRequest, target: DisaggTarget | None,
+                      publish: str | None = None) -> AsyncGenerator[TokenOut, None]:
+        """Engine tokens; a prefill hands the request to the decode before its first token
+        (FastDeploy: pushed to ``target``; vLLM/SGLang: kept under ``publish`` for the pull)."""
         async with contextlib.aclosing(self.engine.generate(gen)) as tokens:
             async for tok in tokens:
+                if publish is not None and gen.phase == "prefill":
+                    self.kv_outbox.deliver({"request_id": publish, "first_token": tok.token_id,
+                                            "prompt_tokens": len(gen.prompt_token_ids),
+                                            "engine_id": self.engine_id})
+                    publish = None
+                    release = getattr(self.engine, "release_prefill", None)
+                    if release is not None:
+                        release(gen.request_id, gen)   # the KV is in the outbox now
+                elif gen.phase == "decode" and self.config.engine != "fastdeploy":
+                    # the pulled KV counts as cached, as vLLM counts a connector's tokens
+                    gen.cached_tokens = len(gen.prompt_token_ids)
                 if target is not None and gen.phase == "prefill":
                     payload = {"request_id": gen.request_id, "first_token": tok.token_id,
                                "prompt_tokens": len(gen.prompt_token_ids),
@@ -989,8 +1103,8 @@ class SimInstance:
         return resp
 
     async def _stream(self, request: web.Request, ctx: P.ResponseContext, gen: GenRequest,
-                      target: DisaggTarget | None,
-                      resp: web.StreamResponse | None) -> web.StreamResponse:
+                      target: DisaggTarget | None, resp: web.StreamResponse | None,
+                      publish: str | None = None) -> web.StreamResponse:
         k = self.knobs
         loop = asyncio.get_running_loop()
         t0 = loop.time()
@@ -1012,7 +1126,7 @@ class SimInstance:
         final_sent = False
         n_out = 0
         try:
-            async with contextlib.aclosing(self._tokens(gen, target)) as tokens:
+            async with contextlib.aclosing(self._tokens(gen, target, publish)) as tokens:
                 async for tok in tokens:
                     if not first_sent:
                         first = ctx.first_chunk(P.usage(n_prompt, 0, gen.cached_tokens))
@@ -1046,12 +1160,13 @@ class SimInstance:
 
     async def _non_stream(self, request: web.Request, ctx: P.ResponseContext, gen: GenRequest,
                           target: DisaggTarget | None, resp: web.StreamResponse | None,
-                          raw: bytes) -> web.StreamResponse:
+                          raw: bytes, publish: str | None = None,
+                          extra: dict[str, Any] | None = None) -> web.StreamResponse:
         k = self.knobs
         texts: list[str] = []
         ids: list[int] = []
         try:
-            async with contextlib.aclosing(self._tokens(gen, target)) as tokens:
+            async with contextlib.aclosing(self._tokens(gen, target, publish)) as tokens:
                 async for tok in tokens:
                     texts.append(tok.text)
                     ids.append(tok.token_id)
@@ -1060,6 +1175,8 @@ class SimInstance:
                 str(exc), type_="internal_error", code="connection_error"))
         body = ctx.full_response("".join(texts), ids, gen.finish_reason or "abort",
                                  P.usage(len(gen.prompt_token_ids), len(ids), gen.cached_tokens))
+        if extra:
+            body.update(extra)
         if k.echo:
             body["echo"] = {"body": raw.decode("utf-8", "replace"),
                             "headers": {str(k): v for k, v in request.headers.items()}}

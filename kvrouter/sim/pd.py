@@ -8,6 +8,15 @@
   matches it with the decode's own HTTP request in either order (early hand-offs are kept
   for ``ttl`` seconds).
 * :func:`send_handoff` is the prefill side; it fails fast when the connector is unreachable.
+
+vLLM and SGLang hand-offs (``SimConfig.engine``) go the other way: the decode pulls the KV from
+the prefill's connector port (vLLM: ``remote_host``/``remote_port`` of ``kv_transfer_params``,
+the NIXL side channel; SGLang: ``bootstrap_host``/``bootstrap_port``, the bootstrap server),
+``POST /kv/pull`` with ``{"key"}``: the prefill's ``remote_block_ids`` (vLLM, answered at once)
+or ``"room:<bootstrap_room>"`` (SGLang, held until the prefill has run, since both legs start
+together). The prefill keeps each finished prefill's KV in a :class:`HandoffStore` by that key
+for ``handoff_ttl`` seconds; one pull takes it. :func:`parse_kv_source` validates the decode's
+side of either protocol.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from orjson import loads as orjson_loads
 
 PROTOCOLS = ("ipc", "rdma")
 
@@ -167,3 +177,88 @@ async def send_handoff(session: aiohttp.ClientSession, target: DisaggTarget,
                 raise HandoffError(f"decode connector {url} answered {resp.status}")
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise HandoffError(f"decode connector {url} unreachable: {exc!r}") from exc
+
+
+MAX_ROOM = (1 << 63) - 1
+
+
+@dataclass(frozen=True)
+class KvSource:
+    """Where a vLLM/SGLang decode pulls its prompt's KV from, and under which key."""
+
+    host: str
+    port: int
+    key: str
+    wait: bool            # SGLang: the prefill may still be running; vLLM: it has answered
+    engine_id: str | None = None   # vLLM: the prefill engine that must hold the blocks
+
+
+def block_key(block_ids: list[int]) -> str:
+    return "blocks:" + ",".join(map(str, block_ids))
+
+
+def room_key(room: int) -> str:
+    return f"room:{room}"
+
+
+def parse_room(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ROOM:
+        raise DisaggError(f"invalid bootstrap_room: {value!r}")
+    return value
+
+
+def parse_kv_source(engine: str, data: dict[str, Any], max_blocks: int) -> KvSource | None:
+    """The decode's KV source in a request body, ``None`` when it has to compute the prompt
+    itself (vLLM: no ``kv_transfer_params.do_remote_prefill``; SGLang: no
+    ``bootstrap_room``). Raises :class:`DisaggError` (→ 400) on malformed fields."""
+    if engine == "vllm":
+        params = data.get("kv_transfer_params")
+        if params is None:
+            return None
+        if not isinstance(params, dict):
+            raise DisaggError("kv_transfer_params must be an object")
+        if params.get("do_remote_prefill") is not True:
+            return None
+        ids = params.get("remote_block_ids")
+        if (not isinstance(ids, list) or not ids or len(ids) > max_blocks
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in ids)):
+            raise DisaggError(f"remote_block_ids must be 1 to {max_blocks} integers")
+        engine_id = params.get("remote_engine_id")
+        if not isinstance(engine_id, str) or not engine_id or len(engine_id) > 256:
+            raise DisaggError(f"invalid remote_engine_id: {engine_id!r}")
+        return KvSource(_ip(params.get("remote_host"), "remote_host"),
+                        _port(params.get("remote_port"), "remote_port"), block_key(ids),
+                        wait=False, engine_id=engine_id)
+    if engine == "sglang":
+        if data.get("bootstrap_room") is None:
+            return None
+        room = parse_room(data.get("bootstrap_room"))
+        return KvSource(_ip(data.get("bootstrap_host"), "bootstrap_host"),
+                        _port(data.get("bootstrap_port"), "bootstrap_port"), room_key(room),
+                        wait=True)
+    return None
+
+
+async def pull_kv(session: aiohttp.ClientSession, source: KvSource, *,
+                  timeout: float) -> dict[str, Any]:
+    """The prefill's KV record for ``source.key`` (``{first_token, prompt_tokens,
+    engine_id}``); raises :class:`HandoffError` when it is unreachable or has none, and
+    ``TimeoutError`` when it did not answer within ``timeout``."""
+    url = connector_url(source.host, source.port).removesuffix("/handoff") + "/kv/pull"
+    try:
+        async with session.post(url, json={"key": source.key},
+                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            raw = await resp.read()
+            if resp.status != 200:
+                raise HandoffError(f"prefill {url} answered {resp.status}: {raw[:200]!r}")
+            record = orjson_loads(raw)
+    except TimeoutError:
+        raise
+    except (aiohttp.ClientError, OSError, ValueError) as exc:
+        raise HandoffError(f"prefill {url} unreachable: {exc!r}") from exc
+    if not isinstance(record, dict):
+        raise HandoffError(f"prefill {url} answered a non-object")
+    if source.engine_id is not None and record.get("engine_id") != source.engine_id:
+        raise HandoffError(f"prefill {url} is engine {record.get('engine_id')!r}, "
+                           f"not {source.engine_id!r}")
+    return record
