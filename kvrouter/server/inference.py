@@ -93,11 +93,12 @@ class InferenceRequest:
             self.trace = ctx.tracer.start(self.req, self.endpoint, ctx.router.mode)
         ctx.retries.request()
         try:
-            priority = parse_priority(self.req.header(PRIORITY_HEADER))
-            if priority is None:
-                raise errors.invalid_value(
-                    "x-kvrouter-priority must be one of interactive, default, batch")
-            self.priority = priority
+            if ctx.admission is not None:      # only the queue reads it: no cost without
+                priority = parse_priority(self.req.header(PRIORITY_HEADER))
+                if priority is None:
+                    raise errors.invalid_value(
+                        "x-kvrouter-priority must be one of interactive, default, batch")
+                self.priority = priority
             body = self.body = parse_json_object(self.req.body)
             self.stream = body.get("stream") is True
             view = fast_view(body, self.endpoint) if ctx.fast_views else None

