@@ -225,8 +225,9 @@ async def shared_prefix_hit_rate(router, servers, seed: int) -> tuple[float, dic
 
 @bounded(240)
 async def test_cache_aware_routing_beats_round_robin_on_vllm(servers, router_factory, tmp_path):
-    """Each server keeps 4 of the 5 prefixes: round_robin cycles all 5 through both (LRU keeps
-    none long enough), cache_aware pins each group to one server."""
+    """Each server keeps 4 of the 5 prefixes: round_robin cycles all 5 through both, so LRU
+    evicts most before their reuse (0.17 seen), while cache_aware pins each group to one server
+    (0.74 seen, the best possible)."""
     rates: dict[str, object] = {}
     for seed, policy in enumerate(("round_robin", "cache_aware"), start=100):
         router = await front(router_factory, tmp_path, servers, policy)
@@ -235,7 +236,7 @@ async def test_cache_aware_routing_beats_round_robin_on_vllm(servers, router_fac
         await router.stop()
     print(f"\n[real-vllm] hit rates: {rates}", file=sys.stderr)
     assert rates["cache_aware"] >= 0.5, rates
-    assert rates["cache_aware"] >= 3 * rates["round_robin"], rates   # type: ignore[operator]
+    assert rates["cache_aware"] >= 2.5 * rates["round_robin"], rates   # type: ignore[operator]
 
 
 @bounded(60)
@@ -247,8 +248,8 @@ async def test_metrics_scraped_without_failures(servers, router_factory, tmp_pat
                  "vllm:kv_cache_usage_perc"):
         assert samples(page, name), name
     router = await front(router_factory, tmp_path, servers, "fd_remote_metrics_score",
-                         **{"metrics-scrape-interval-secs": 0.2,
-                            "metrics-scrape-timeout-secs": 1})
+                         **{"metrics-scrape-interval-secs": 0.5,
+                            "metrics-scrape-timeout-secs": 0.5})
 
     async def scraped():
         got = samples(await metrics_text(router.url), "kvrouter_metrics_scrape_total")
