@@ -630,7 +630,9 @@ class UpstreamPool:
         fut = self.loop.create_future()
 
         def done(up: Upstream | None, first: bytes, error: TransportError | None) -> None:
-            if fut.done():
+            if fut.done():      # cancelled, and answered before the cancel reached the exchange
+                if up is not None:
+                    up.close()
                 return
             if error is not None:
                 fut.set_exception(error)
@@ -642,6 +644,9 @@ class UpstreamPool:
             up, first = await fut
         except asyncio.CancelledError:
             exchange.cancel()
+            # answered before the cancel: the connection is only in ``fut``, nobody else closes it
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                fut.result()[0].close()
             raise
         more = up._parts          # body bytes that arrived while this coroutine waited
         if more:
