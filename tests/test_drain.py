@@ -13,7 +13,7 @@ import signal
 import aiohttp
 import orjson
 import pytest
-from harness import bounded
+from harness import bounded, closed_by_server, read_response
 
 CHAT = {"model": "default", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -58,24 +58,6 @@ async def refuses_new_connections(router) -> None:
                 return      # reset: the attempt was in the closed socket's backlog
             writer.close()
             await asyncio.sleep(0.02)
-
-
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-    headers = {}
-    for line in head[1:]:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    return int(head[0].split()[1]), headers, await reader.readexactly(
-        int(headers["content-length"]))
-
-
-async def closed_by_server(reader: asyncio.StreamReader) -> bool:
-    try:
-        return await asyncio.wait_for(reader.read(), 10) == b""
-    except ConnectionError:
-        return True
 
 
 async def draining_health(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

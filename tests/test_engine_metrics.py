@@ -224,12 +224,9 @@ def test_abort_endpoints():
         assert ENGINES[name].abort is None
 
 
-def test_usage_fields():
-    answer = {"usage": {"prompt_tokens": 1001, "completion_tokens": 3,
-                        "prompt_tokens_details": {"cached_tokens": 896}}}
-    assert FASTDEPLOY.usage.of(answer) == (1001, 896)
-    assert FASTDEPLOY.usage.of({"usage": {"prompt_tokens": 5}}) == (5, None)
-    assert FASTDEPLOY.usage.of({"choices": []}) == (None, None)
-    assert FASTDEPLOY.usage.stream == "include_usage"
-    py = ENGINES["llama-cpp-python"].usage
-    assert py.of(answer) == (1001, None) and py.stream == "never"
+def test_stream_usage_per_engine():
+    """Who is asked for stream usage (the engines that add only the usage event for it), who
+    says it in ``timings``, and who is left alone."""
+    asked = {n for n, e in ENGINES.items() if e.usage.ask}
+    assert asked == {"fastdeploy", "vllm", "sglang"}
+    assert {n for n, e in ENGINES.items() if e.usage.timings} == {"llamacpp"}

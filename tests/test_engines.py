@@ -6,7 +6,6 @@ tokenizer is called. The instances are ``kvrouter sim --engine X`` (``SimConfig.
 from __future__ import annotations
 
 import asyncio
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,16 @@ import orjson
 import pytest
 import yaml
 from aiohttp import web
-from harness import Fleet, RouterProcess, bounded, get_json, post_json, wait_for
+from harness import (
+    Fleet,
+    RouterProcess,
+    bounded,
+    get_json,
+    metrics_text,
+    post_json,
+    sample,
+    wait_for,
+)
 
 from kvrouter.sim import SimInstance
 from kvrouter.sim.tokens import render_chat, tokenize
@@ -54,21 +62,6 @@ async def workers(router: RouterProcess) -> dict[str, dict]:
 
 async def engines(router: RouterProcess) -> dict[str, str | None]:
     return {url: w["engine"] for url, w in (await workers(router)).items()}
-
-
-async def metrics_text(router: RouterProcess) -> str:
-    async with aiohttp.ClientSession() as s, s.get(router.url + "/metrics") as r:
-        return await r.text()
-
-
-def counter(text: str, name: str, **labels: str) -> float:
-    """The sum of ``name``'s samples carrying all ``labels``."""
-    total = 0.0
-    for m in re.finditer(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text, re.M):
-        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
-        if all(have.get(k) == v for k, v in labels.items()):
-            total += float(m.group(2))
-    return total
 
 
 async def stream_directly(inst: SimInstance, **extra: object) -> bytes:
@@ -164,11 +157,11 @@ async def test_scrapes_recognition_and_remote_metrics_policy(fleet: Fleet, engin
         assert headers["X-Router-Mixed-URL"] == idle.url
     text = await metrics_text(r)
     for inst in (busy, idle):
-        assert counter(text, "kvrouter_metrics_scrape_total", url=inst.url,
+        assert sample(text, "kvrouter_metrics_scrape_total", url=inst.url,
                        result="success") > 0
-        assert counter(text, "kvrouter_metrics_scrape_total", url=inst.url,
+        assert sample(text, "kvrouter_metrics_scrape_total", url=inst.url,
                        result="failure") == 0
-    assert counter(text, "kvrouter_selections_total", strategy="policy") == 4
+    assert sample(text, "kvrouter_selections_total", strategy="policy") == 4
     for task in load:
         task.cancel()
 
@@ -204,9 +197,9 @@ async def test_unusable_metrics_are_logged_once_per_instance(fleet: Fleet) -> No
     # recognised as engines without metrics: never scraped again, never a failure
     assert hits[acme.removeprefix("http://")] == 1 and hits[bare.removeprefix("http://")] == 1
     text = await metrics_text(r)
-    assert counter(text, "kvrouter_metrics_scrape_total", url=wrong,
+    assert sample(text, "kvrouter_metrics_scrape_total", url=wrong,
                    result="failure") >= 3
-    assert counter(text, "kvrouter_metrics_scrape_total", url=acme) == 0
+    assert sample(text, "kvrouter_metrics_scrape_total", url=acme) == 0
     log = r.log()
     unknown = [line for line in log.splitlines() if "use no known engine's names" in line]
     assert len(unknown) == 1 and acme in unknown[0] and "acme:running, acme_up" in unknown[0]
@@ -357,7 +350,7 @@ async def test_llamacpp_completion_streams_feed_the_usage_counters(fleet: Fleet)
         await resp.read()
 
     async def counted() -> float:
-        return counter(await metrics_text(r), "kvrouter_backend_prompt_tokens_total",
+        return sample(await metrics_text(r), "kvrouter_backend_prompt_tokens_total",
                        url=inst.url)
     assert await wait_for(counted) == len(tokenize(prompt))
 

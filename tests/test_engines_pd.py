@@ -1,8 +1,9 @@
 """vLLM and SGLang PD end to end: a ``--splitwise`` router process in front of ``kvrouter sim
 --engine vllm|sglang --role prefill|decode`` instances listed in its register.yaml. The decode
-pulls the prefill's KV over loopback (vLLM: from ``kv_transfer_params.remote_host:remote_port``;
-SGLang: from ``bootstrap_host:bootstrap_port`` by ``bootstrap_room``), so an answer only comes
-back when the router sent each leg what its protocol needs."""
+pulls the prefill's KV over loopback (vLLM: from ``kv_transfer_params.remote_host:remote_port``,
+or with P2pNcclConnector from the prefill the ``X-Request-Id`` names; SGLang: from
+``bootstrap_host:bootstrap_port`` by ``bootstrap_room``), so an answer only comes back when the
+router sent each leg what its protocol needs."""
 
 from __future__ import annotations
 
@@ -16,8 +17,16 @@ import aiohttp
 import orjson
 import pytest
 import yaml
-from harness import Fleet, RouterProcess, bounded, get_json, wait_for
-from test_engines import counter, metrics_text
+from harness import (
+    Fleet,
+    RouterProcess,
+    bounded,
+    get_json,
+    metrics_text,
+    post_json,
+    sample,
+    wait_for,
+)
 
 from kvrouter.sim import SimInstance
 from kvrouter.sim.tokens import render_chat, tokenize
@@ -36,14 +45,15 @@ async def pd_router(fleet: Fleet, prefills: list[SimInstance],
                                "scheduler": {"prefill-policy": "round_robin"}}, "--splitwise")
 
 
-async def chat(router: RouterProcess, stream: bool) -> tuple[int, dict, dict]:
-    """One chat through the router: status, headers, and the answer (a stream's text and
-    usage gathered into one object)."""
-    body = dict(CHAT, stream=stream)
+async def chat(router: RouterProcess, stream: bool, headers: dict | None = None,
+               **extra: object) -> tuple[int, dict, dict]:
+    """One chat through the router (``extra`` added to the body): status, headers, and the
+    answer (a stream's text and usage gathered into one object)."""
+    body = dict(CHAT, stream=stream, **extra)
     if stream:
         body["stream_options"] = {"include_usage": True}
     async with aiohttp.ClientSession() as s, \
-            s.post(router.url + "/v1/chat/completions", json=body) as r:
+            s.post(router.url + "/v1/chat/completions", json=body, headers=headers) as r:
         raw = await r.read()
         headers = dict(r.headers)
         if not stream or r.status != 200:
@@ -85,11 +95,18 @@ async def test_vllm_pd_two_stages_through_the_router(fleet: Fleet) -> None:
     p = await fleet.sim(engine="vllm", role="prefill", time_scale=0.01)
     d = await fleet.sim(engine="vllm", role="decode", time_scale=0.01)
     router = await pd_router(fleet, [p], [d])
+    rids = []
     for stream in (False, True):
-        status, headers, answer = await chat(router, stream)
+        status, headers, answer = await chat(router, stream, {"X-Request-Id": "client-chosen"})
         assert status == 200, answer
         assert headers["X-Router-Decode-URL"] == d.url
         check_answer(stream, answer)
+        rids.append(headers["X-Router-Request-ID"])
+        if not stream:       # vLLM's own id is the header's: the one its abort endpoint takes
+            assert answer["id"] == "chatcmpl-" + rids[-1]
+    for inst in (p, d):      # the router's request id, on both legs, instead of the client's
+        assert [r.headers.getall("X-Request-Id") for r in inst.inference_requests] == \
+            [[rid] for rid in rids]
     to_p, to_d = sent(p), sent(d)
     assert len(to_p) == len(to_d) == 2
     for prefill_body in to_p:
@@ -106,6 +123,72 @@ async def test_vllm_pd_two_stages_through_the_router(fleet: Fleet) -> None:
         to_d[1]["kv_transfer_params"]["remote_block_ids"]
     assert await phases(p) == ["prefill", "prefill"]
     assert await phases(d) == ["decode", "decode"]
+
+
+P2P = {"engine": "vllm", "kv_connector": "P2pNcclConnector", "time_scale": 0.01}
+
+
+def p2p_id(prefill: SimInstance, decode: SimInstance, suffix: str) -> str:
+    return (f"___prefill_addr_127.0.0.1:{prefill.connector_port}"
+            f"___decode_addr_127.0.0.1:{decode.connector_port}_{suffix}")
+
+
+@bounded(60)
+async def test_vllm_p2p_nccl_request_id_names_both_connectors(fleet: Fleet) -> None:
+    """With a kv_zmq_address on both sides, both legs carry vLLM's P2P NCCL request id (the
+    prefill's and the decode's ZMQ addresses, then the request id with ``% : # _``
+    percent-encoded) and the prefill no kv_transfer_params; the decode fetches the KV from
+    the prefill the id names. A decode without the connector is never paired with them."""
+    p = await fleet.sim(role="prefill", **P2P)
+    d = await fleet.sim(role="decode", **P2P)
+    nixl = await fleet.sim(engine="vllm", role="decode", time_scale=0.01)
+    assert p.register_entry()["kv_zmq_address"] == f"127.0.0.1:{p.connector_port}"
+    router = await pd_router(fleet, [p], [nixl, d])     # the policy's first choice: nixl
+    for stream in (False, True, False):
+        status, headers, answer = await chat(router, stream, {"X-Request-Id": "client"},
+                                             request_id="__x:1#y%" if stream else None)
+        assert status == 200, answer
+        assert headers["X-Router-Decode-URL"] == d.url
+        check_answer(stream, answer)
+        rid = headers["X-Router-Request-ID"]
+        xrid = p2p_id(p, d, "%5F%5Fx%3A1%23y%25" if stream else rid)
+        for inst in (p, d):
+            assert inst.inference_requests[-1].headers.getall("X-Request-Id") == [xrid]
+        if not stream:
+            assert answer["id"] == "chatcmpl-" + xrid
+    assert not nixl.inference_requests
+    for prefill_body in sent(p):
+        assert prefill_body["max_tokens"] == 1 and "kv_transfer_params" not in prefill_body
+    assert all("kv_transfer_params" not in b for b in sent(d))
+    assert await phases(p) == ["prefill"] * 3
+    assert await phases(d) == ["decode"] * 3
+
+
+@bounded(30)
+async def test_sim_p2p_nccl_legs_need_their_addresses(fleet: Fleet) -> None:
+    """The simulated P2pNcclConnector pair: a leg without the addresses in its id is a 400 (a
+    real one stops its engine), and so is a decode whose id names another decode."""
+    p = await fleet.sim(role="prefill", **P2P)
+    d = await fleet.sim(role="decode", **P2P)
+    other = await fleet.sim(role="decode", **P2P)
+    async with aiohttp.ClientSession() as s:
+        async def post(inst: SimInstance, xrid: str | None) -> tuple[int, dict]:
+            headers = {"X-Request-Id": xrid} if xrid is not None else {}
+            async with s.post(inst.url + "/v1/chat/completions", json=CHAT,
+                              headers=headers) as r:
+                return r.status, await r.json()
+
+        for inst in (p, d):
+            status, body = await post(inst, None)
+            assert status == 400 and "does not contain hostname and port" in \
+                body["error"]["message"]
+        status, body = await post(p, p2p_id(p, d, "one"))
+        assert status == 200
+        status, body = await post(other, p2p_id(p, d, "one"))
+        assert status == 400 and "names decode" in body["error"]["message"]
+        status, body = await post(d, p2p_id(p, d, "one"))
+        assert status == 200, body
+        assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == PROMPT_TOKENS
 
 
 @bounded(60)
@@ -127,11 +210,13 @@ async def test_sglang_pd_one_room_for_both_legs_through_the_router(fleet: Fleet)
     assert await phases(d) == ["decode", "decode"]
 
 
-@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+@pytest.mark.parametrize("engine", ["vllm", "sglang", "P2pNcclConnector"])
 @bounded(60)
 async def test_pd_dead_prefill_is_retried_on_another(fleet: Fleet, engine: str) -> None:
-    prefills = await fleet.sims_sorted(2, engine=engine, role="prefill", time_scale=0.01)
-    decodes = await fleet.sims_sorted(2, engine=engine, role="decode", time_scale=0.01)
+    """(P2pNcclConnector: the retry's id names the new prefill.)"""
+    cfg = P2P if engine == "P2pNcclConnector" else {"engine": engine, "time_scale": 0.01}
+    prefills = await fleet.sims_sorted(2, role="prefill", **cfg)
+    decodes = await fleet.sims_sorted(2, role="decode", **cfg)
     router = await pd_router(fleet, prefills, decodes)
     dead, live = prefills
     await dead.close_port()
@@ -141,7 +226,7 @@ async def test_pd_dead_prefill_is_retried_on_another(fleet: Fleet, engine: str) 
         assert headers["X-Router-Prefill-URL"] == live.url
         check_answer(stream, answer)
     assert len(sent(live)) == 3 and not sent(dead)
-    assert counter(await metrics_text(router), "kvrouter_retries_total", reason="connect") >= 1
+    assert sample(await metrics_text(router), "kvrouter_retries_total", reason="connect") >= 1
 
 
 @bounded(30)
@@ -174,6 +259,52 @@ async def test_decode_alone_computes_the_prompt_and_rejects_bad_pd_fields(fleet:
         async def released() -> bool:     # the prefill stops waiting when the decode leaves
             return not p.kv_outbox.waiting()
         await wait_for(released, 5)
+
+
+@bounded(40)
+async def test_vllm_pd_request_is_aborted_by_its_request_id(fleet: Fleet) -> None:
+    """``/v1/abort_requests`` with ``chatcmpl-<request id>`` stops a vLLM PD request's decode:
+    vLLM took the router's request id from ``X-Request-Id``."""
+    p = await fleet.sim(engine="vllm", role="prefill", time_scale=0.01)
+    d = await fleet.sim(engine="vllm", role="decode", time_scale=0.01)
+    router = await pd_router(fleet, [p], [d])
+    d.knobs.itl = 0.05
+    running = fleet.spawn(chat(router, True, request_id="abort-me", max_tokens=200,
+                               ignore_eos=True))
+
+    async def decoding() -> bool:
+        return d.gauges()["fastdeploy:num_requests_running"] >= 1
+    await wait_for(decoding)
+    status, body, _ = await post_json(router.url + "/v1/abort_requests",
+                                      {"req_ids": ["chatcmpl-abort-me"]})
+    assert status == 200, body
+    rows = {row["url"]: row for row in body["results"]}
+    assert [a["request_id"] for a in rows[d.url]["body"]["aborted"]] == ["abort-me"]
+    status, _, answer = await asyncio.wait_for(running, 10)
+    assert status == 200 and answer["usage"]["completion_tokens"] < 200
+
+
+@bounded(40)
+async def test_kv_zmq_address_is_checked_at_registration(fleet: Fleet) -> None:
+    """A ``kv_zmq_address`` ends up in a header the connector parses: anything but host:port
+    is refused by ``POST /register`` (400) and in register.yaml (the router does not start,
+    naming the file, the entry and the key)."""
+    router = await fleet.router(None, "--splitwise")
+    p = await fleet.sim(role="prefill", **P2P)
+    base = {"role": "prefill", "host_ip": "127.0.0.1", "port": p.port, "engine": "vllm"}
+    for bad in ("127.0.0.1", "127.0.0.1:0", "h_x:1", "a:1\r\nX-Evil: 1", "fe80::1:21001",
+                "x" * 300 + ":1", 21001):
+        status, body, _ = await post_json(router.url + "/register",
+                                          base | {"kv_zmq_address": bad})
+        assert status == 400 and "kv_zmq_address" in body["msg"], (bad, body)
+    status, body, _ = await post_json(router.url + "/register",
+                                      base | {"kv_zmq_address": "[::1]:21001"})
+    assert status == 200, body
+    path = fleet.tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"instances": [base | {"kv_zmq_address": "10.0.0.5"}]}))
+    with pytest.raises(RuntimeError, match=r"config error: \S*bad\.yaml: instances\[0\]: "
+                                           r"invalid InstanceInfo format:invalid kv_zmq_address"):
+        await fleet.router({"manager": {"register-path": str(path)}}, "--splitwise")
 
 
 @bounded(30)
@@ -220,3 +351,7 @@ async def test_sim_cli_sglang_prefill_prints_its_register_entry(tmp_path: Path) 
     done = subprocess.run([sys.executable, "-m", "kvrouter", "sim", "--engine", "vllm",
                            "--bootstrap-port", "9000"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "--bootstrap-port" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "kvrouter", "sim", "--engine", "sglang",
+                           "--role", "decode", "--kv-connector", "P2pNcclConnector"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "P2pNcclConnector is for vllm" in done.stderr

@@ -5,11 +5,10 @@ sent. Real router processes and simulated instances on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
-import re
 
 import aiohttp
 
-from harness import bounded, post_json
+from harness import bounded, metrics_text, post_json, register_all, sample
 
 TOKEN = "admin-token-for-the-explain-test"
 
@@ -24,26 +23,11 @@ async def explain(router, body: dict, query: str = "", headers: dict | None = No
     return await post_json(router.url + "/v1/route/explain" + query, body, headers=headers)
 
 
-async def metrics(router) -> str:
-    async with aiohttp.ClientSession() as s:
-        async with s.get(router.url + "/metrics") as r:
-            return await r.text()
-
-
-def gauge(text: str, name: str) -> float:
-    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
-
-
-async def registered(router, *instances) -> None:
-    for inst in instances:
-        assert await inst.register_once(router.url) == 200
-
-
 @bounded(60)
 async def test_cache_aware_pick_and_terms_and_nothing_recorded(router_factory, sims):
     router = await router_factory({"scheduler": {"policy": "cache_aware"}})
     a, b = await sims(2)
-    await registered(router, a, b)
+    await register_all(router, a, b)
     body = chat("alpha")
     status, first, _ = await explain(router, body)
     assert status == 200
@@ -63,10 +47,10 @@ async def test_cache_aware_pick_and_terms_and_nothing_recorded(router_factory, s
     # asking again changes nothing: same answer (a recorded prefix or selection would move it)
     status, again, _ = await explain(router, body)
     assert status == 200 and again == first
-    text = await metrics(router)
-    assert gauge(text, "kvrouter_prefix_index_blocks") == 0
+    text = await metrics_text(router)
+    assert sample(text, "kvrouter_prefix_index_blocks") == 0
     assert "kvrouter_selections_total{" not in text
-    assert gauge(text, "kvrouter_instance_in_flight_requests") == 0
+    assert sample(text, "kvrouter_instance_in_flight_requests") == 0
     assert a.inference_requests == [] and b.inference_requests == []
 
     # the real request goes where explain said; then explain sees the prefix it left
@@ -87,7 +71,7 @@ async def test_kv_cost_terms_match_the_real_decision(router_factory, sims):
                                                  "metrics-scrape-interval-secs": 60,
                                                  "metrics-scrape-timeout-secs": 1}})
     a, b = await sims(2)
-    await registered(router, a, b)
+    await register_all(router, a, b)
     # warm one instance with context "beta", then ask about a new question on it
     status, _, headers = await post_json(router.url + "/v1/chat/completions", chat("beta"))
     assert status == 200
@@ -114,7 +98,7 @@ async def test_generic_terms_show_the_load_in_flight(router_factory, sims):
     """A policy without its own explain (request_num) lists every candidate's counters."""
     router = await router_factory()
     a, b = await sims(2)
-    await registered(router, a, b)
+    await register_all(router, a, b)
     a.knobs.header_delay = 3.0                   # holds the first request (request_num → a)
     async with aiohttp.ClientSession() as s:
         held = asyncio.ensure_future(s.post(router.url + "/v1/completions",
@@ -140,7 +124,7 @@ async def test_pd_gives_the_prefill_and_the_decode_pick(router_factory, sims):
                                                  "kv-cost-exploration": 0}}, "--splitwise")
     prefills = await sims(2, role="prefill")
     decodes = await sims(2, role="decode")
-    await registered(router, *prefills, *decodes)
+    await register_all(router, *prefills, *decodes)
     body = chat("gamma")
     status, ex, _ = await explain(router, body)
     assert status == 200 and ex["mode"] == "splitwise"
@@ -163,7 +147,7 @@ async def test_bad_input_is_4xx_and_no_instance_is_503(router_factory, sims):
     status, body, _ = await explain(router, chat("delta"))
     assert status == 503 and body["error"]["code"] == "no_available_instance"
     (a,) = await sims(1)
-    await registered(router, a)
+    await register_all(router, a)
     status, body, _ = await post_json(router.url + "/v1/route/explain", data=b"{not json")
     assert status == 400 and body["error"]["code"] == "invalid_json"
     status, body, _ = await post_json(router.url + "/v1/route/explain", data=b"[1]")
@@ -182,7 +166,7 @@ async def test_explain_is_an_admin_route(router_factory, sims):
     router = await router_factory({"auth": {"admin-token": TOKEN, "api-keys": ["client-key"],
                                             "register-allow-cidrs": ["127.0.0.0/8"]}})
     (a,) = await sims(1)
-    await registered(router, a)
+    await register_all(router, a)
     status, body, _ = await explain(router, chat("eps"))
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
     status, body, _ = await explain(router, chat("eps"),

@@ -26,8 +26,8 @@ from functools import partial
 
 import aiohttp
 import pytest
-from harness import bounded, wait_for
-from test_input_validation import Malformed, Reply, open_fds, read_reply, registered
+from harness import bounded, register_all, wait_for
+from test_input_validation import Malformed, Reply, open_fds, read_reply
 
 from kvrouter.http.upstream import Target as UpstreamTarget
 from kvrouter.http.upstream import UpstreamPool
@@ -419,8 +419,8 @@ async def test_fuzz_mixed_and_pd_routers(router_factory, sims):
     a, b = await sims(2, **SIM)
     (p,) = await sims(1, role="prefill", **SIM)
     (d,) = await sims(1, role="decode", **SIM)
-    await registered(mixed, a, b)
-    await registered(pd, p, d)
+    await register_all(mixed, a, b)
+    await register_all(pd, p, d)
     # registrations name a bound port nothing listens on: every probe is refused at once, and
     # no fuzzed registration can point the routers at anything else on this machine
     dead = socket.socket()

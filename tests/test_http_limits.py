@@ -11,44 +11,13 @@ import sys
 
 import orjson
 import pytest
-from harness import bounded
-
-
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    """One response with a ``Content-Length`` (all the router's own answers have one)."""
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-    headers = {}
-    for line in head[1:]:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    return int(head[0].split()[1]), headers, await reader.readexactly(
-        int(headers["content-length"]))
-
-
-@contextlib.asynccontextmanager
-async def connect(router):
-    reader, writer = await asyncio.open_connection(router.host, router.port)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
-
-
-async def closed_by_server(reader: asyncio.StreamReader, timeout: float = 10) -> bool:
-    """True once the server closed the connection (end of file or reset)."""
-    try:
-        return await asyncio.wait_for(reader.read(), timeout) == b""
-    except ConnectionError:
-        return True
+from harness import bounded, closed_by_server, connect, read_response
 
 
 async def refused(router, request: bytes) -> tuple[int, dict, dict]:
     """Send ``request`` on a new connection; the answer (status, headers, JSON error), after
     which the router must have closed the connection."""
-    async with connect(router) as (r, w):
+    async with connect(router.port) as (r, w):
         w.write(request)
         status, headers, body = await read_response(r)
         assert await closed_by_server(r)
@@ -56,7 +25,7 @@ async def refused(router, request: bytes) -> tuple[int, dict, dict]:
 
 
 async def ok(router, request: bytes) -> int:
-    async with connect(router) as (r, w):
+    async with connect(router.port) as (r, w):
         w.write(request)
         return (await read_response(r))[0]
 
@@ -95,14 +64,14 @@ async def test_big_header_is_431_in_one_read_or_many(router_factory):
                                                          + b"\r\n"))
     assert status == 431 and headers["connection"] == "close"
     assert body["error"]["code"] == "headers_too_large" and "16384" in body["error"]["message"]
-    async with connect(router) as (r, w):      # two reads, each under the limit
+    async with connect(router.port) as (r, w):      # two reads, each under the limit
         w.write(b"GET /health HTTP/1.1\r\nX-One: " + b"1" * 10_000 + b"\r\n")
         await w.drain()
         await asyncio.sleep(0.2)
         w.write(b"X-Two: " + b"2" * 10_000 + b"\r\n\r\n")
         status, _, _ = await read_response(r)
         assert status == 431 and await closed_by_server(r)
-    async with connect(router) as (r, w):      # one endless header line, many small reads
+    async with connect(router.port) as (r, w):      # one endless header line, many small reads
         w.write(b"GET /health HTTP/1.1\r\nX-Slow: ")
         dribble = asyncio.ensure_future(send_slowly(w, [b"s" * 500] * 200, 0.002))
         status, headers, _ = await read_response(r)
@@ -124,7 +93,7 @@ async def test_many_headers_is_431(router_factory):
 @bounded(60)
 async def test_slow_head_gets_408_but_an_idle_connection_does_not(router_factory):
     router = await router_factory({"server": {"header-timeout-secs": 1}})
-    async with connect(router) as (idle_r, idle_w), connect(router) as (r, w):
+    async with connect(router.port) as (idle_r, idle_w), connect(router.port) as (r, w):
         w.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")
         # one header every 0.1 s, for 10 s: the head is never complete within 1 s
         dribble = asyncio.ensure_future(
@@ -142,7 +111,7 @@ async def test_slow_head_gets_408_but_an_idle_connection_does_not(router_factory
 @bounded(60)
 async def test_idle_keepalive_connection_is_closed(router_factory):
     router = await router_factory({"server": {"keepalive-timeout-secs": 1}})
-    async with connect(router) as (r, w):
+    async with connect(router.port) as (r, w):
         w.write(health())
         status, headers, _ = await read_response(r)
         assert status == 200 and "connection" not in headers      # kept alive
@@ -163,13 +132,13 @@ async def refused_total(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
 async def test_connection_cap_refuses_new_connections_and_counts_them(router_factory):
     router = await router_factory({"server": {"max-connections": 4}})
     async with contextlib.AsyncExitStack() as stack:
-        held = [await stack.enter_async_context(connect(router)) for _ in range(4)]
+        held = [await stack.enter_async_context(connect(router.port)) for _ in range(4)]
         assert await refused_total(*held[0]) == 0
         for r, w in held:                       # all four accepted and served
             w.write(health())
             assert (await read_response(r))[0] == 200
         for _ in range(2):
-            async with connect(router) as (r, _w):
+            async with connect(router.port) as (r, _w):
                 try:
                     status, headers, body = await read_response(r)
                 except (asyncio.IncompleteReadError, ConnectionError):

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+from collections.abc import Callable
 
 import orjson
 import pytest
+from harness import connect, read_head, read_response
 
 from kvrouter.config import RouterConfig
 from kvrouter.http.server import start_server
@@ -38,50 +40,6 @@ def on_loop(case):
     test.__name__ = case.__name__
     test.__doc__ = case.__doc__
     return test
-
-
-# -- raw client helpers -------------------------------------------------------------------------
-async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {}
-    for line in lines[1:]:
-        if line:
-            k, _, v = line.partition(":")
-            headers[k.strip().lower()] = v.strip()
-    return status, headers, head
-
-
-async def read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
-    if "content-length" in headers:
-        return await reader.readexactly(int(headers["content-length"]))
-    if headers.get("transfer-encoding") == "chunked":
-        out = b""
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
-            if size == 0:
-                await reader.readuntil(b"\r\n")
-                return out
-            out += await reader.readexactly(size)
-            assert await reader.readexactly(2) == b"\r\n"
-    return await reader.read()  # close-delimited
-
-
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    status, headers, _ = await read_head(reader)
-    return status, headers, await read_body(reader, headers)
-
-
-@contextlib.asynccontextmanager
-async def connect(port: int):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
 
 
 # -- part 1: the server protocol ----------------------------------------------------------------
@@ -319,10 +277,19 @@ async def router_app(*instances: FakeInstance, **server_cfg):
     cfg = RouterConfig()
     for k, v in server_cfg.items():
         setattr(cfg.server, k, v)
+    infos = [InstanceInfo(role=Role.MIXED, host="127.0.0.1", scheme="http", port=str(inst.port))
+             for inst in instances]
+    async with app_server(cfg, infos) as served:
+        yield served
+
+
+@contextlib.asynccontextmanager
+async def app_server(cfg: RouterConfig, infos: list[InstanceInfo]):
+    """The router's application for ``cfg`` in-process on a free port, ``infos`` registered:
+    ``(app, port, http server)``; everything closed after the block."""
     router = Router(cfg)
-    for inst in instances:
-        router.registry.add(InstanceInfo(role=Role.MIXED, host="127.0.0.1", scheme="http",
-                                         port=str(inst.port)))
+    for info in infos:
+        router.registry.add(info)
     s = cfg.server
     pool = UpstreamPool(s.connect_timeout_secs, s.first_byte_timeout_secs,
                         s.stream_idle_timeout_secs)
@@ -347,6 +314,17 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+def sse_script(*pieces: bytes, pause: float = 0.002) -> Callable:
+    """An SSE answer written as the given chunks, ``pause`` seconds apart, ended cleanly."""
+    async def script(inst, head, raw):
+        inst.transport.write(SSE_HEAD)
+        for p in pieces:
+            inst.transport.write(chunk(p))
+            await asyncio.sleep(pause)
+        inst.transport.write(b"0\r\n\r\n")
+    return script
+
+
 def post(path: str, body: bytes, version: bytes = b"1.1", extra: bytes = b"") -> bytes:
     return (b"POST %s HTTP/%s\r\nHost: x\r\nContent-Type: application/json\r\n%s"
             b"Content-Length: %d\r\n\r\n%s" % (path.encode(), version, extra, len(body), body))
@@ -359,15 +337,7 @@ def in_flight(app: App) -> int:
 @on_loop
 async def test_relay_framing_http10_and_11():
     events = [b"data: {\"i\":%d} \n\n" % i for i in range(5)] + [b"data: [DONE]\n\n"]
-
-    async def script(inst, head, body):
-        inst.transport.write(SSE_HEAD)
-        for e in events:
-            inst.transport.write(chunk(e))
-            await asyncio.sleep(0.005)
-        inst.transport.write(b"0\r\n\r\n")
-
-    fake = await FakeInstance(script).start()
+    fake = await FakeInstance(sse_script(*events, pause=0.005)).start()
     async with router_app(fake) as (_app, port, _http):
         async with connect(port) as (r, w):
             w.write(post("/v1/chat/completions", CHAT))

@@ -26,19 +26,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from harness import Fleet, RouterProcess, bounded, get_json, post_json, wait_for
+from harness import Fleet, RouterProcess, bounded, get_json, metrics_text, post_json, wait_for
 
 from kvrouter import __version__
 from kvrouter.logsetup import JsonFormatter
 
 CHAT = {"model": "default", "max_tokens": 4,
         "messages": [{"role": "user", "content": "hello there, router"}]}
-
-
-async def metrics_text(r: RouterProcess) -> str:
-    async with aiohttp.ClientSession() as s, s.get(r.url + "/metrics") as resp:
-        assert resp.status == 200
-        return await resp.text()
 
 
 def samples(text: str, name: str) -> list[float]:

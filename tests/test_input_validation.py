@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import orjson
 import pytest
-from harness import wait_for
+from harness import register_all, wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 2}
 INJECTED = ("x-injected", "set-cookie")
@@ -132,18 +132,13 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-async def registered(router, *instances) -> None:
-    for inst in instances:
-        assert await inst.register_once(router.url) == 200
-
-
 @pytest.fixture
 async def pd(router_factory, sims):
     """A PD router with one prefill and one decode instance registered."""
     router = await router_factory({}, "--splitwise")
     (p,) = await sims(1, role="prefill")
     (d,) = await sims(1, role="decode")
-    await registered(router, p, d)
+    await register_all(router, p, d)
     return router, p, d
 
 
@@ -152,7 +147,7 @@ async def mixed(router_factory, sims):
     """A mixed router with one instance registered."""
     router = await router_factory()
     (a,) = await sims(1)
-    await registered(router, a)
+    await register_all(router, a)
     return router, a
 
 

@@ -9,20 +9,9 @@ import aiohttp
 import orjson
 import pytest
 
-from harness import post_json, wait_for
+from harness import metrics_text, post_json, register_all, wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
-
-
-async def registered(router, *instances) -> None:
-    for inst in instances:
-        assert await inst.register_once(router.url) == 200
-
-
-async def metrics_text(router) -> str:
-    async with aiohttp.ClientSession() as s:
-        async with s.get(router.url + "/metrics") as r:
-            return await r.text()
 
 
 async def in_flight(router) -> float:
@@ -35,7 +24,7 @@ async def in_flight(router) -> float:
 async def test_invalid_json_is_400_json(router_factory, sims):  # docs/fastdeploy.md#errors
     router = await router_factory()
     (a,) = await sims(1)
-    await registered(router, a)
+    await register_all(router, a)
     status, body, headers = await post_json(router.url + "/v1/chat/completions", data=b"not json")
     assert status == 400
     assert headers["Content-Type"].startswith("application/json")
@@ -57,7 +46,7 @@ async def test_no_instance_is_503(router_factory):  # docs/fastdeploy.md#errors
 async def test_body_headers_and_path_pass_through_byte_exact(router_factory, sims):
     router = await router_factory()
     (a,) = await sims(1)
-    await registered(router, a)
+    await register_all(router, a)
     reply = b'{"id":"x","choices":[{"text":"\\u00e9 <b>"}],  "n": 12345678901234567890}'
     a.knobs.reply_status, a.knobs.reply_body = 200, reply
     sent = b'{"prompt":  "hi <b>",\n "max_tokens": 3, "seed": 12345678901234567890}'
@@ -79,7 +68,7 @@ async def test_body_headers_and_path_pass_through_byte_exact(router_factory, sim
 async def test_backend_error_status_is_not_masked(router_factory, sims, status):
     router = await router_factory()
     (a,) = await sims(1)
-    await registered(router, a)
+    await register_all(router, a)
     a.knobs.reply_status = status
     a.knobs.reply_body = {"error": {"message": "nope", "type": "invalid_request_error"}}
     got, body, _ = await post_json(router.url + "/v1/chat/completions", CHAT)
@@ -90,7 +79,7 @@ async def test_backend_error_status_is_not_masked(router_factory, sims, status):
 async def test_sse_relayed_byte_for_byte(router_factory, sims):  # docs/fastdeploy.md#relay
     router = await router_factory()
     (a,) = await sims(1)
-    await registered(router, a)
+    await register_all(router, a)
     script = [b'data: {"i":0} \n\n', b'data: {"i":1}\r\n\r\n', b"data: {\"i\":", b'2}\n\n',
               b"data: [DONE]\n\n"]
     a.knobs.sse_script = script
@@ -105,7 +94,7 @@ async def test_sse_relayed_byte_for_byte(router_factory, sims):  # docs/fastdepl
 async def test_real_stream_from_simulator(router_factory, sims):
     router = await router_factory()
     (a,) = await sims(1)
-    await registered(router, a)
+    await register_all(router, a)
     body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
     async with aiohttp.ClientSession() as s:
         async with s.post(router.url + "/v1/chat/completions", json=body) as r:
@@ -121,7 +110,7 @@ async def test_real_stream_from_simulator(router_factory, sims):
 async def test_connect_failure_retries_elsewhere_and_probes(router_factory, sims):
     router = await router_factory()
     a, b = await sims(2)
-    await registered(router, a, b)
+    await register_all(router, a, b)
     await a.close_port()  # still registered and healthy in the router
     status, body, headers = await post_json(router.url + "/v1/chat/completions", CHAT)
     assert status == 200
@@ -139,7 +128,7 @@ async def test_connect_failure_retries_elsewhere_and_probes(router_factory, sims
 async def test_connect_failure_with_no_alternative_is_502(router_factory, sims):
     router = await router_factory()
     (a,) = await sims(1)
-    await registered(router, a)
+    await register_all(router, a)
     await a.close_port()
     status, body, headers = await post_json(router.url + "/v1/chat/completions", CHAT)
     assert status == 502
@@ -152,7 +141,7 @@ async def test_connect_failure_with_no_alternative_is_502(router_factory, sims):
 async def test_mid_stream_reset_appends_error_event(router_factory, sims):
     router = await router_factory()
     (a,) = await sims(1)
-    await registered(router, a)
+    await register_all(router, a)
     a.knobs.drop_after_events = 3
     async with aiohttp.ClientSession() as s:
         async with s.post(router.url + "/v1/chat/completions",
@@ -169,7 +158,7 @@ async def test_mid_stream_reset_appends_error_event(router_factory, sims):
 async def test_non_stream_mid_body_reset_is_a_transport_error(router_factory, sims):
     router = await router_factory()
     (a,) = await sims(1)
-    await registered(router, a)
+    await register_all(router, a)
     a.knobs.drop_after_events = 1
     async with aiohttp.ClientSession() as s:
         with pytest.raises(aiohttp.ClientPayloadError):
@@ -187,7 +176,7 @@ async def _zero(router) -> bool:
 async def test_first_byte_timeout_is_504(router_factory, sims):
     router = await router_factory({"server": {"first-byte-timeout-secs": 0.5}})
     (a,) = await sims(1)
-    await registered(router, a)
+    await register_all(router, a)
     a.knobs.first_byte_delay = 3
     status, body, _ = await post_json(router.url + "/v1/chat/completions", CHAT)
     assert status == 504
@@ -198,7 +187,7 @@ async def test_first_byte_timeout_is_504(router_factory, sims):
 async def test_request_num_balances_in_flight(router_factory, sims):  # docs/fastdeploy.md#policies
     router = await router_factory({"scheduler": {"policy": "request_num"}})
     a, b = await sims(2)
-    await registered(router, a, b)
+    await register_all(router, a, b)
     a.knobs.first_byte_delay = b.knobs.first_byte_delay = 0.0
     async with aiohttp.ClientSession() as s:
         a.knobs.itl = 0.3  # a slow stream: 4 tokens × 0.3 s
@@ -223,7 +212,7 @@ async def _count(inst, n: int) -> bool:
 async def test_round_robin_sorted_order(router_factory, sims):  # docs/fastdeploy.md#policies
     router = await router_factory({"scheduler": {"policy": "round_robin"}})
     insts = await sims(3)
-    await registered(router, *reversed(insts))
+    await register_all(router, *reversed(insts))
     seen = []
     for _ in range(6):
         _, _, headers = await post_json(router.url + "/v1/chat/completions", CHAT)
@@ -235,7 +224,7 @@ async def test_round_robin_sorted_order(router_factory, sims):  # docs/fastdeplo
 async def test_inference_metrics(router_factory, sims):  # docs/fastdeploy.md#metrics
     router = await router_factory()
     (a,) = await sims(1)
-    await registered(router, a)
+    await register_all(router, a)
     status, _, _ = await post_json(router.url + "/v1/chat/completions", CHAT)
     assert status == 200
     text = await metrics_text(router)
@@ -252,7 +241,7 @@ async def test_inference_metrics(router_factory, sims):  # docs/fastdeploy.md#me
 async def test_client_disconnect_releases_counters(router_factory, sims):
     router = await router_factory()
     (a,) = await sims(1)
-    await registered(router, a)
+    await register_all(router, a)
     a.knobs.itl = 0.2
     async with aiohttp.ClientSession() as s:
         resp = await s.post(router.url + "/v1/chat/completions",
@@ -271,7 +260,7 @@ async def _gauge_zero(inst) -> bool:
 async def test_hundreds_of_concurrent_streams(router_factory, sims):
     router = await router_factory({"scheduler": {"policy": "request_num"}})
     insts = await sims(2, max_num_seqs=256, time_scale=0.01)
-    await registered(router, *insts)
+    await register_all(router, *insts)
     n = 300
     body = {**CHAT, "stream": True, "max_tokens": 8}
     connector = aiohttp.TCPConnector(limit=0)
@@ -294,7 +283,7 @@ async def test_openai_client(router_factory, sims):
     openai = pytest.importorskip("openai")
     router = await router_factory()
     (a,) = await sims(1)
-    await registered(router, a)
+    await register_all(router, a)
     client = openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="unused")
     try:
         out = await client.chat.completions.create(
@@ -313,7 +302,7 @@ async def test_openai_client(router_factory, sims):
 async def test_stream_idle_timeout_interrupts(router_factory, sims):
     router = await router_factory({"server": {"stream-idle-timeout-secs": 0.3}})
     (a,) = await sims(1)
-    await registered(router, a)
+    await register_all(router, a)
     a.knobs.itl = 1.0
     async with aiohttp.ClientSession() as s:
         async with s.post(router.url + "/v1/chat/completions",
@@ -327,7 +316,7 @@ async def test_stream_idle_timeout_interrupts(router_factory, sims):
 async def test_body_over_limit_is_413(router_factory, sims):  # docs/fastdeploy.md#errors
     router = await router_factory({"server": {"max-body-mb": 0.01}})
     (a,) = await sims(1)
-    await registered(router, a)
+    await register_all(router, a)
     big = {"messages": [{"role": "user", "content": "x" * 20000}]}
     status, body, headers = await post_json(router.url + "/v1/chat/completions", big)
     assert status == 413

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 
 import aiohttp
 import pytest
-from harness import bounded, wait_for
+from harness import bounded, metrics_text, sample, wait_for
 
 from kvrouter.config import ConfigError, OutlierConfig, RouterConfig, load_config
 from kvrouter.control.outlier import CONSECUTIVE, PROBATION, RATE, OutlierDetector
@@ -208,15 +207,6 @@ def test_config_keys_and_errors(tmp_path):
         assert str(err.value).startswith(f"config error: {path}: outlier.{key}: {reason}")
 
 
-def sample(text: str, name: str, **labels: str) -> float:
-    """The value of one sample (0 if absent); labels matched as a subset."""
-    for m in re.finditer(rf"^{name}(?:\{{([^}}]*)\}})? (\S+)$", text, re.M):
-        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            return float(m.group(2))
-    return 0.0
-
-
 # -- the router's wiring ----------------------------------------------------------------------
 def info(role: Role, port: int) -> InstanceInfo:
     return InstanceInfo(role=role, host="127.0.0.1", scheme="http", port=str(port))
@@ -268,11 +258,6 @@ async def test_router_caps_per_role_in_pd():
 CHAT_MAX_TOKENS = 2
 
 
-async def metrics_text(url: str) -> str:
-    async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
-        return await r.text()
-
-
 async def send(url: str, n: int, tag: str, concurrency: int = 4) -> list[int]:
     """``n`` chat requests (distinct prompts), ``concurrency`` at a time; their statuses."""
     statuses: list[int] = []
@@ -311,7 +296,7 @@ async def test_instance_answering_500_is_ejected_and_comes_back(router_factory, 
     warm = await send(router.url, 20, "warm-up")
 
     async def ejected() -> bool:
-        text = await metrics_text(router.url)
+        text = await metrics_text(router)
         return (sample(text, "kvrouter_outlier_ejections_total", url=bad.url,
                        reason="consecutive_failures") >= 1
                 and sample(text, "kvrouter_outlier_ejected_instances") == 1)
@@ -329,7 +314,7 @@ async def test_instance_answering_500_is_ejected_and_comes_back(router_factory, 
     await knobs(bad, reply_status=None)
 
     async def back() -> bool:
-        return sample(await metrics_text(router.url), "kvrouter_outlier_ejected_instances") == 0
+        return sample(await metrics_text(router), "kvrouter_outlier_ejected_instances") == 0
 
     await wait_for(back, timeout=10)
     before = [i.inference_count for i in insts]
@@ -354,6 +339,6 @@ async def test_instance_answering_4xx_is_not_ejected(router_factory, sims):
     statuses = await send(router.url, 40, "picky", concurrency=2)
     assert statuses.count(400) >= 20
     assert picky.inference_count - before >= 20
-    text = await metrics_text(router.url)
+    text = await metrics_text(router)
     assert sample(text, "kvrouter_outlier_ejected_instances") == 0
     assert "kvrouter_outlier_ejections_total{" not in text

@@ -10,7 +10,7 @@ import aiohttp
 import orjson
 import pytest
 
-from harness import post_json, wait_for
+from harness import metrics_text, post_json, register_all, wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
 FLAT_KEYS = {"prefill_ip", "decode_ip", "prefill_connector_port", "decode_connector_port",
@@ -21,15 +21,21 @@ async def pd_router(router_factory, config: dict | None = None):
     return await router_factory(config or {}, "--splitwise")
 
 
-async def registered(router, *instances) -> None:
-    for inst in instances:
-        assert await inst.register_once(router.url) == 200
+async def pd_cluster(router_factory, sims, prefills: int = 1, decodes: int = 1,
+                     config: dict | None = None):
+    """A PD router with ``prefills`` prefill and ``decodes`` decode instances registered:
+    ``(router, prefill instances, decode instances)``."""
+    router = await pd_router(router_factory, config)
+    ps = await sims(prefills, role="prefill")
+    ds = await sims(decodes, role="decode")
+    await register_all(router, *ps, *ds)
+    return router, ps, ds
 
 
 async def test_only_prefill_is_503(router_factory, sims):  # docs/fastdeploy.md#errors
     router = await pd_router(router_factory)
     (p,) = await sims(1, role="prefill")
-    await registered(router, p)
+    await register_all(router, p)
     status, body, _ = await post_json(router.url + "/v1/chat/completions", CHAT)
     assert status == 503
     assert body["error"]["message"] == "No available prefill/decode workers"
@@ -37,10 +43,7 @@ async def test_only_prefill_is_503(router_factory, sims):  # docs/fastdeploy.md#
 
 # docs/fastdeploy.md#pd-dispatch
 async def test_bodies_request_id_and_flat_info(router_factory, sims):
-    router = await pd_router(router_factory)
-    (p,) = await sims(1, role="prefill")
-    (d,) = await sims(1, role="decode")
-    await registered(router, p, d)
+    router, (p,), (d,) = await pd_cluster(router_factory, sims)
     status, body, headers = await post_json(router.url + "/v1/chat/completions", CHAT)
     assert status == 200
     (pr,) = p.inference_requests
@@ -64,10 +67,7 @@ async def test_bodies_request_id_and_flat_info(router_factory, sims):
 
 # docs/fastdeploy.md#commit-point, stream
 async def test_stream_relays_decode(router_factory, sims):
-    router = await pd_router(router_factory)
-    (p,) = await sims(1, role="prefill")
-    (d,) = await sims(1, role="decode")
-    await registered(router, p, d)
+    router, _, _ = await pd_cluster(router_factory, sims)
     async with aiohttp.ClientSession() as s:
         async with s.post(router.url + "/v1/chat/completions",
                           json={**CHAT, "stream": True}) as r:
@@ -80,10 +80,7 @@ async def test_stream_relays_decode(router_factory, sims):
 
 # docs/fastdeploy.md#request-ids
 async def test_request_id_rules_and_exact_json(router_factory, sims):
-    router = await pd_router(router_factory)
-    (p,) = await sims(1, role="prefill")
-    (d,) = await sims(1, role="decode")
-    await registered(router, p, d)
+    router, (p,), _ = await pd_cluster(router_factory, sims)
     raw = (b'{"messages":[{"role":"user","content":"<b>"}],"max_tokens":2,'
            b'"seed":12345678901234567890,"request_id":"abc"}')
     status, _, _ = await post_json(router.url + "/v1/chat/completions", data=raw)
@@ -121,11 +118,8 @@ async def test_transfer_protocol_choice(router_factory, sims, p_cfg, d_cfg, prot
 
 
 async def test_nested_format(router_factory, sims):  # docs/fastdeploy.md#disaggregate_info-formats
-    router = await pd_router(router_factory,
-                             {"server": {"disaggregate-info-format": "nested"}})
-    (p,) = await sims(1, role="prefill")
-    (d,) = await sims(1, role="decode")
-    await registered(router, p, d)
+    router, _, (d,) = await pd_cluster(
+        router_factory, sims, config={"server": {"disaggregate-info-format": "nested"}})
     status, _, _ = await post_json(router.url + "/v1/chat/completions", CHAT)
     assert status == 200
     info = orjson.loads(d.inference_requests[0].body)["disaggregate_info"]
@@ -138,10 +132,7 @@ async def test_nested_format(router_factory, sims):  # docs/fastdeploy.md#disagg
 # docs/fastdeploy.md#commit-point
 @pytest.mark.parametrize("stream", [False, True])
 async def test_decode_not_held_back_by_prefill_headers(router_factory, sims, stream):
-    router = await pd_router(router_factory)
-    (p,) = await sims(1, role="prefill")
-    (d,) = await sims(1, role="decode")
-    await registered(router, p, d)
+    router, (p,), _ = await pd_cluster(router_factory, sims)
     p.knobs.post_handoff_delay = 2.0
     loop = asyncio.get_running_loop()
     async with aiohttp.ClientSession() as s:
@@ -156,10 +147,7 @@ async def test_decode_not_held_back_by_prefill_headers(router_factory, sims, str
 
 # docs/fastdeploy.md#prefill-failures
 async def test_prefill_client_error_is_relayed(router_factory, sims):
-    router = await pd_router(router_factory)
-    (p,) = await sims(1, role="prefill")
-    (d,) = await sims(1, role="decode")
-    await registered(router, p, d)
+    router, (p,), (d,) = await pd_cluster(router_factory, sims)
     p.knobs.reply_status = 400
     p.knobs.reply_body = {"error": {"message": "bad max_tokens", "type": "invalid_request_error"}}
     status, body, headers = await post_json(router.url + "/v1/chat/completions", CHAT)
@@ -171,10 +159,7 @@ async def test_prefill_client_error_is_relayed(router_factory, sims):
 
 # docs/fastdeploy.md#prefill-failures
 async def test_prefill_429_retries_other_prefill(router_factory, sims):
-    router = await pd_router(router_factory)
-    p1, p2 = await sims(2, role="prefill")
-    (d,) = await sims(1, role="decode")
-    await registered(router, p1, p2, d)
+    router, (p1, p2), _ = await pd_cluster(router_factory, sims, prefills=2)
     p1.knobs.reply_status = 429
     p1.knobs.reply_body = {"detail": "Too many requests,current max concurrency is 512"}
     status, _, headers = await post_json(router.url + "/v1/chat/completions", CHAT)
@@ -184,10 +169,7 @@ async def test_prefill_429_retries_other_prefill(router_factory, sims):
 
 # docs/fastdeploy.md#prefill-failures
 async def test_prefill_in_body_error_is_502(router_factory, sims):
-    router = await pd_router(router_factory)
-    (p,) = await sims(1, role="prefill")
-    (d,) = await sims(1, role="decode")
-    await registered(router, p, d)
+    router, (p,), _ = await pd_cluster(router_factory, sims)
     p.knobs.reply_status = 200
     p.knobs.reply_body = {"error": {"message": "engine exploded", "type": "internal_error"}}
     status, body, _ = await post_json(router.url + "/v1/chat/completions", CHAT)
@@ -198,10 +180,7 @@ async def test_prefill_in_body_error_is_502(router_factory, sims):
 
 # docs/fastdeploy.md#retries-and-timeouts
 async def test_decode_connect_failure_retries_other_decode(router_factory, sims):
-    router = await pd_router(router_factory)
-    (p,) = await sims(1, role="prefill")
-    d1, d2 = await sims(2, role="decode")
-    await registered(router, p, d1, d2)
+    router, _, (d1, d2) = await pd_cluster(router_factory, sims, decodes=2)
     await d1.close_port()
     status, _, headers = await post_json(router.url + "/v1/chat/completions", CHAT)
     assert status == 200
@@ -210,10 +189,7 @@ async def test_decode_connect_failure_retries_other_decode(router_factory, sims)
 
 # docs/fastdeploy.md#commit-point
 async def test_client_disconnect_closes_both_legs(router_factory, sims):
-    router = await pd_router(router_factory)
-    (p,) = await sims(1, role="prefill")
-    (d,) = await sims(1, role="decode")
-    await registered(router, p, d)
+    router, _, (d,) = await pd_cluster(router_factory, sims)
     d.knobs.itl = 0.2
     async with aiohttp.ClientSession() as s:
         resp = await s.post(router.url + "/v1/chat/completions",
@@ -223,9 +199,7 @@ async def test_client_disconnect_closes_both_legs(router_factory, sims):
     await wait_for(lambda: _idle(d), 5)
 
     async def router_idle():
-        async with aiohttp.ClientSession() as s:
-            async with s.get(router.url + "/metrics") as r:
-                text = await r.text()
+        text = await metrics_text(router)
         values = re.findall(r"^kvrouter_instance_in_flight_\w+\{[^}]*\} (\S+)$", text, re.M)
         return values and all(float(v) == 0 for v in values)
 
@@ -234,10 +208,7 @@ async def test_client_disconnect_closes_both_legs(router_factory, sims):
 
 # docs/fastdeploy.md#prefill-failures
 async def test_prefill_reset_retries_other_prefill(router_factory, sims):
-    router = await pd_router(router_factory)
-    p1, p2 = await sims(2, role="prefill")
-    (d,) = await sims(1, role="decode")
-    await registered(router, p1, p2, d)
+    router, (p1, p2), (d,) = await pd_cluster(router_factory, sims, prefills=2)
     p1.knobs.reset_before_response = True
     status, body, headers = await post_json(router.url + "/v1/chat/completions",
                                             {**CHAT, "request_id": "r42"})
@@ -258,10 +229,7 @@ async def _idle(inst) -> bool:
 
 # docs/fastdeploy.md#prefill-failures
 async def test_prefill_reset_with_one_prefill_is_502(router_factory, sims):
-    router = await pd_router(router_factory)
-    (p,) = await sims(1, role="prefill")
-    (d,) = await sims(1, role="decode")
-    await registered(router, p, d)
+    router, (p,), (d,) = await pd_cluster(router_factory, sims)
     p.knobs.reset_before_response = True
     status, body, headers = await post_json(router.url + "/v1/chat/completions", CHAT)
     assert status == 502
@@ -274,10 +242,9 @@ async def test_prefill_reset_with_one_prefill_is_502(router_factory, sims):
 
 # docs/fastdeploy.md#in-flight-accounting
 async def test_prefill_load_released_at_first_byte(router_factory, sims):
-    router = await pd_router(router_factory, {"scheduler": {"prefill-policy": "process_tokens"}})
-    p1, p2 = await sims(2, role="prefill")
-    (d,) = await sims(1, role="decode")
-    await registered(router, p1, p2, d)
+    router, (p1, p2), (d,) = await pd_cluster(
+        router_factory, sims, prefills=2,
+        config={"scheduler": {"prefill-policy": "process_tokens"}})
     p1.knobs.first_byte_delay = 1.0
     d.knobs.handoff_timeout = 5
     async with aiohttp.ClientSession() as s:
@@ -299,10 +266,7 @@ async def _count(inst, n: int) -> bool:
 
 # docs/fastdeploy.md#reschedule-retries
 async def test_pd_reschedule_retries_non_stream(router_factory, sims):
-    router = await pd_router(router_factory)
-    (p,) = await sims(1, role="prefill")
-    d1, d2 = await sims(2, role="decode")
-    await registered(router, p, d1, d2)
+    router, _, (d1, d2) = await pd_cluster(router_factory, sims, decodes=2)
     d1.knobs.pd_reschedule_on = {1}
     status, body, headers = await post_json(router.url + "/v1/chat/completions",
                                             {**CHAT, "request_id": "r44"})
@@ -322,10 +286,7 @@ async def test_pd_reschedule_retries_non_stream(router_factory, sims):
 
 # docs/fastdeploy.md#reschedule-retries
 async def test_pd_reschedule_stream_not_retried(router_factory, sims):
-    router = await pd_router(router_factory)
-    (p,) = await sims(1, role="prefill")
-    d1, d2 = await sims(2, role="decode")
-    await registered(router, p, d1, d2)
+    router, _, (d1, d2) = await pd_cluster(router_factory, sims, decodes=2)
     d1.knobs.pd_reschedule_on = {1}
     async with aiohttp.ClientSession() as s:
         async with s.post(router.url + "/v1/chat/completions",
@@ -336,17 +297,12 @@ async def test_pd_reschedule_stream_not_retried(router_factory, sims):
 
 
 async def test_pd_metrics_and_counters_settle(router_factory, sims):
-    router = await pd_router(router_factory)
-    (p,) = await sims(1, role="prefill")
-    (d,) = await sims(1, role="decode")
-    await registered(router, p, d)
+    router, (p,), (d,) = await pd_cluster(router_factory, sims)
     results = await asyncio.gather(*(post_json(router.url + "/v1/chat/completions",
                                                {**CHAT, "stream": i % 2 == 0})
                                      for i in range(20)))
     assert all(r[0] == 200 for r in results)
-    async with aiohttp.ClientSession() as s:
-        async with s.get(router.url + "/metrics") as r:
-            text = await r.text()
+    text = await metrics_text(router)
     line = (f'inference_requests_total{{decode_worker="{d.url}",mixed_worker="",'
             f'prefill_worker="{p.url}",status_code="200"}} 20')
     assert line in text

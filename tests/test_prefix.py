@@ -166,15 +166,17 @@ def test_block_hashes_full_blocks_only_and_chained():
         block_hashes([1], 0)
 
 
-def test_block_hashes_stable_across_processes():
-    code = (
-        "from kvrouter.prefix.hashing import block_hashes;"
-        "print(block_hashes(list(range(100)), 8))"
-    )
-    out = subprocess.run(
+def printed_by_another_process(code: str, hash_seed: str) -> str:
+    """What ``code`` prints in a new interpreter with its own ``PYTHONHASHSEED``."""
+    return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True,
-        env={"PYTHONHASHSEED": "123"},
+        env={"PYTHONHASHSEED": hash_seed},
     ).stdout.strip()
+
+
+def test_block_hashes_stable_across_processes():
+    out = printed_by_another_process("from kvrouter.prefix.hashing import block_hashes;"
+                                     "print(block_hashes(list(range(100)), 8))", "123")
     assert out == str(block_hashes(list(range(100)), 8))
 
 
@@ -441,14 +443,8 @@ def test_hash_list_is_a_list_with_its_array():
 
 
 def test_text_hashes_stable_across_processes():
-    code = (
-        "from kvrouter.prefix.hashing import text_block_hashes;"
-        "print(text_block_hashes('système: 😀 ' * 40, 16))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
-        env={"PYTHONHASHSEED": "7"},
-    ).stdout.strip()
+    out = printed_by_another_process("from kvrouter.prefix.hashing import text_block_hashes;"
+                                     "print(text_block_hashes('système: 😀 ' * 40, 16))", "7")
     assert out == str(text_block_hashes("système: 😀 " * 40, 16))
 
 

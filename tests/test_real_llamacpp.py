@@ -17,9 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,29 +27,21 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-import yaml
-from harness import bounded, get_json, wait_for
+from harness import bounded, get_json, metrics_text, sample, wait_for
+from realengines import (
+    assert_scraped_without_failures,
+    free_port,
+    front,
+    post,
+    shared_prefix_hit_rate,
+    sse_events,
+    words,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "real_engine.sh"
 SLOTS = 4
 SLOT_CTX = 4096
-
-# ~1 token each (with the leading space) in the Llama-2 vocabulary
-_TEXT = ("the of and to in is was for that on with as by at from his her they this which time "
-         "people year way day man thing woman life child world school state family student group "
-         "country problem hand part place case week company system program question work number "
-         "night point home water room mother area money story fact month lot right study book "
-         "eye job word business issue side kind head house service friend father power hour game "
-         "line end member law car city community name team minute idea body information back "
-         "parent face level office door health person art war history party result change "
-         "morning reason research girl moment air teacher force education")
-WORDS = _TEXT.split()
-
-
-def words(rng: random.Random, n: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n))
-
 
 # --- the engine: built (or found) once per session -------------------------------------------
 
@@ -73,12 +63,6 @@ def engine_files() -> tuple[str, str]:
                     f"{run.stderr[-3000:]}", pytrace=False)
     binary, model = run.stdout.split()
     return binary, model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LlamaServer:
@@ -151,55 +135,6 @@ def engines(engine_files, tmp_path) -> Iterator:
         server.stop()
 
 
-def router_config(tmp_path: Path, servers: list[LlamaServer], policy: str = "round_robin",
-                  engine: str | None = None, **scheduler) -> dict:
-    """A mixed-mode config with ``servers`` as static instances (``engine`` named or not)."""
-    entries = [{"role": "mixed", "host_ip": "127.0.0.1", "port": s.port} for s in servers]
-    if engine is not None:
-        for entry in entries:
-            entry["engine"] = engine
-    register = tmp_path / f"register-{servers[0].port}.yaml"
-    register.write_text(yaml.safe_dump({"instances": entries}))
-    return {"scheduler": {"policy": policy, **scheduler},
-            "manager": {"register-path": str(register), "health-check-interval-secs": 1}}
-
-
-async def front(router_factory, tmp_path, servers, policy="round_robin", **kw):
-    """A router in front of ``servers``, once it reports them routable."""
-    router = await router_factory(router_config(tmp_path, servers, policy, **kw))
-
-    async def ready():
-        _, body = await get_json(router.url + "/health")
-        return body.get("ready") and body["routable"]["mixed"] == len(servers)
-
-    await wait_for(ready, timeout=10)
-    return router
-
-
-async def post(session: aiohttp.ClientSession, url: str, body: dict) -> tuple[int, bytes, dict]:
-    async with session.post(url, json=body) as r:
-        return r.status, await r.read(), dict(r.headers)
-
-
-def sse_events(raw: bytes) -> list[bytes]:
-    """The ``data:`` payloads of an SSE body, in order."""
-    return [line[5:].strip() for line in raw.split(b"\n") if line.startswith(b"data:")]
-
-
-async def metrics_text(router) -> str:
-    async with aiohttp.ClientSession() as s, s.get(router.url + "/metrics") as r:
-        return await r.text()
-
-
-def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
-    """``(labels, value)`` of every sample called ``name`` in a Prometheus exposition."""
-    out = []
-    for m in re.finditer(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", text, re.M):
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
-        out.append((labels, float(m.group(2))))
-    return out
-
-
 # --- the tests ---------------------------------------------------------------------------------
 
 @bounded(30)
@@ -256,6 +191,37 @@ async def test_chat_and_completions_relayed_stream_and_not(engines, router_facto
             assert not any("error" in e for e in events)
 
 
+@bounded(40)
+async def test_chat_streams_without_usage_are_measured_from_timings(engines, router_factory,
+                                                                   tmp_path):
+    """A chat stream whose client does not ask for usage carries only llama.cpp's ``timings``:
+    the router counts those (the client's stream is left as the engine sent it), so the
+    measured hit rate covers it; the repeated prompt is served from the slot's cache."""
+    (server,) = await engines(1)
+    router = await front(router_factory, tmp_path, [server], engine="llamacpp")
+    chat = {"messages": [{"role": "user", "content": words(random.Random(3), 400)}],
+            "max_tokens": 2, "stream": True}
+    seen: list[dict] = []
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            status, raw, _ = await post(s, router.url + "/v1/chat/completions", chat)
+            assert status == 200 and raw.endswith(b"data: [DONE]\n\n"), raw[-200:]
+            events = [orjson.loads(e) for e in sse_events(raw)[:-1]]
+            assert not any("usage" in e for e in events)
+            seen.append(events[-1]["timings"])       # on the finishing event, as sent
+    prompt = sum(t["prompt_n"] + t["cache_n"] for t in seen)
+    cached = sum(t["cache_n"] for t in seen)
+    assert cached > prompt // 4
+
+    async def counted() -> tuple[float, float] | None:
+        text = await metrics_text(router)
+        got = (sample(text, "kvrouter_backend_prompt_tokens_total", url=server.url),
+               sample(text, "kvrouter_backend_cached_tokens_total", url=server.url))
+        return got if got[0] >= prompt else None
+
+    assert await wait_for(counted) == (prompt, cached)
+
+
 @bounded(30)
 async def test_engine_error_keeps_its_status(engines, router_factory, tmp_path):
     servers = await engines(2)
@@ -306,29 +272,6 @@ async def test_killing_an_instance_mid_stream_interrupts_the_stream(
     assert status == 200 and headers["X-Router-Mixed-URL"] != victim.url
 
 
-async def shared_prefix_hit_rate(router, servers) -> tuple[float, dict[int, str]]:
-    """5 groups × 6 requests, each a ~1,000-token group prefix plus a short question, sent
-    interleaved one at a time; the hit rate is the engines' own count: cached / prompt tokens
-    in ``usage`` (the best possible is about 5/6). Also the placement of each group."""
-    rng = random.Random(7)
-    prefixes = [words(rng, 1000) for _ in range(5)]
-    prompt = cached = 0
-    placement: dict[int, str] = {}
-    letter = {s.url: "ab"[i] for i, s in enumerate(servers)}
-    async with aiohttp.ClientSession() as s:
-        for _ in range(6):
-            for g, prefix in enumerate(prefixes):
-                status, raw, headers = await post(s, router.url + "/v1/completions", {
-                    "prompt": f"{prefix} {words(rng, 12)}", "max_tokens": 2,
-                    "temperature": 0})
-                assert status == 200, raw[:300]
-                usage = orjson.loads(raw)["usage"]
-                prompt += usage["prompt_tokens"]
-                cached += usage["prompt_tokens_details"]["cached_tokens"]
-                placement[g] = placement.get(g, "") + letter[headers["X-Router-Mixed-URL"]]
-    return cached / prompt, placement
-
-
 @bounded(120)
 async def test_cache_aware_routing_beats_round_robin_on_a_real_engine(
         engines, router_factory, tmp_path):
@@ -336,7 +279,7 @@ async def test_cache_aware_routing_beats_round_robin_on_a_real_engine(
     for policy in ("round_robin", "cache_aware"):
         servers = await engines(2)              # fresh servers: empty prompt caches
         router = await front(router_factory, tmp_path, servers, policy)
-        rates[policy], placement = await shared_prefix_hit_rate(router, servers)
+        rates[policy], placement = await shared_prefix_hit_rate(router, servers, 7)
         rates[policy + " placement"] = placement
         await router.stop()
         for server in servers:
@@ -353,26 +296,7 @@ async def test_metrics_scraped_without_failures(engines, router_factory, tmp_pat
     router = await front(router_factory, tmp_path, servers, "fd_remote_metrics_score",
                          engine="llamacpp", **{"metrics-scrape-interval-secs": 0.2,
                                               "metrics-scrape-timeout-secs": 0.2})
-
-    async def scraped():
-        got = samples(await metrics_text(router), "kvrouter_metrics_scrape_total")
-        per = {s.url: sum(v for lab, v in got if lab["url"] == s.url) for s in servers}
-        return got if min(per.values()) >= 3 else None
-
-    await wait_for(scraped, timeout=10)
-    async with aiohttp.ClientSession() as s:
-        for _ in range(4):
-            status, _, _ = await post(s, router.url + "/v1/completions",
-                                      {"prompt": "hello", "max_tokens": 2})
-            assert status == 200
-    text = await metrics_text(router)
-    scrapes = samples(text, "kvrouter_metrics_scrape_total")
-    for server in servers:
-        results = {lab["result"]: v for lab, v in scrapes if lab["url"] == server.url}
-        assert results.get("failure", 0) == 0 and results.get("success", 0) >= 3, \
-            (server.url, results)
-    strategies = {lab["strategy"] for lab, v in samples(text, "kvrouter_selections_total") if v}
-    assert strategies == {"policy"}, strategies
+    await assert_scraped_without_failures(router, servers, timeout=10)
 
 
 @bounded(30)
@@ -392,8 +316,7 @@ async def test_tokenizer_agreement(engines, router_factory, tmp_path):
              "x = [1, 2, 3]; print(sum(x) / len(x))  # 2.0"]
 
     async def lookups() -> float:
-        got = samples(await metrics_text(router), "kvrouter_prefix_lookup_blocks_total")
-        return sum(v for _, v in got)
+        return sample(await metrics_text(router), "kvrouter_prefix_lookup_blocks_total")
 
     agree = []
     async with aiohttp.ClientSession() as s:

@@ -13,6 +13,7 @@ its own router process in mixed mode with the servers in its ``register.yaml``
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
@@ -27,8 +28,16 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-from harness import bounded, get_json, wait_for
-from test_real_llamacpp import free_port, post, router_config, samples, sse_events, words
+from harness import bounded, get_json, metrics_text, sample, samples, wait_for
+from realengines import (
+    assert_scraped_without_failures,
+    free_port,
+    post,
+    shared_prefix_hit_rate,
+    sse_events,
+    words,
+)
+from realengines import front as any_front
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("KVROUTER_TEST_VLLM") != "1",
@@ -123,22 +132,8 @@ def servers(vllm_files, tmp_path_factory) -> Iterator[list[VllmServer]]:
             server.stop()
 
 
-async def front(router_factory, tmp_path, servers, policy="round_robin", **scheduler):
-    """A router in front of ``servers`` (``engine: vllm``), once it reports them routable."""
-    router = await router_factory(router_config(tmp_path, servers, policy, engine="vllm",
-                                                **scheduler))
-
-    async def ready():
-        _, body = await get_json(router.url + "/health")
-        return body.get("ready") and body["routable"]["mixed"] == len(servers)
-
-    await wait_for(ready, timeout=15)
-    return router
-
-
-async def metrics_text(url: str) -> str:
-    async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
-        return await r.text()
+# a router in front of the servers as ``engine: vllm`` instances, once it reports them routable
+front = functools.partial(any_front, engine="vllm", timeout=15)
 
 
 # --- the tests ---------------------------------------------------------------------------------
@@ -192,46 +187,21 @@ async def test_cached_tokens_reported_in_blocks(servers, router_factory, tmp_pat
     assert cached[1] > usage["prompt_tokens"] - BLOCK, (cached, usage)   # all but the tail
 
     async def counted():
-        text = await metrics_text(router.url)
-        got = sum(v for _, v in samples(text, "kvrouter_backend_cached_tokens_total"))
-        return got >= sum(cached)
+        text = await metrics_text(router)
+        return sample(text, "kvrouter_backend_cached_tokens_total") >= sum(cached)
 
     assert await wait_for(counted, timeout=5)
-
-
-async def shared_prefix_hit_rate(router, servers, seed: int) -> tuple[float, dict[int, str]]:
-    """5 groups × 6 requests, each a ~1,000-token group prefix plus a short question, sent
-    interleaved one at a time; the hit rate is vLLM's own count (cached / prompt tokens in
-    ``usage``; at best 5/6 × 896/1,013 ≈ 0.74 with 128-token blocks). Also each group's
-    placement. ``seed`` gives prefixes no earlier run left in the engines' caches."""
-    rng = random.Random(seed)
-    prefixes = [words(rng, 1000) for _ in range(5)]
-    prompt = cached = 0
-    placement: dict[int, str] = {}
-    letter = {s.url: "ab"[i] for i, s in enumerate(servers)}
-    async with aiohttp.ClientSession() as s:
-        for _ in range(6):
-            for g, prefix in enumerate(prefixes):
-                status, raw, headers = await post(s, router.url + "/v1/completions", {
-                    "model": "tiny", "prompt": f"{prefix} {words(rng, 12)}", "max_tokens": 2,
-                    "temperature": 0})
-                assert status == 200, raw[:300]
-                usage = orjson.loads(raw)["usage"]
-                prompt += usage["prompt_tokens"]
-                cached += usage["prompt_tokens_details"]["cached_tokens"]
-                placement[g] = placement.get(g, "") + letter[headers["X-Router-Mixed-URL"]]
-    return cached / prompt, placement
 
 
 @bounded(240)
 async def test_cache_aware_routing_beats_round_robin_on_vllm(servers, router_factory, tmp_path):
     """Each server keeps 4 of the 5 prefixes: round_robin cycles all 5 through both, so LRU
     evicts most before their reuse (0.17 seen), while cache_aware pins each group to one server
-    (0.74 seen, the best possible)."""
+    (0.74 seen, the best possible with 128-token blocks: 5/6 × 896/1,013)."""
     rates: dict[str, object] = {}
     for seed, policy in enumerate(("round_robin", "cache_aware"), start=100):
         router = await front(router_factory, tmp_path, servers, policy)
-        rate, placement = await shared_prefix_hit_rate(router, servers, seed)
+        rate, placement = await shared_prefix_hit_rate(router, servers, seed, model="tiny")
         rates[policy], rates[policy + " placement"] = rate, placement
         await router.stop()
     print(f"\n[real-vllm] hit rates: {rates}", file=sys.stderr)
@@ -243,30 +213,11 @@ async def test_cache_aware_routing_beats_round_robin_on_vllm(servers, router_fac
 async def test_metrics_scraped_without_failures(servers, router_factory, tmp_path):
     """With ``engine: vllm`` the router reads vLLM's ``vllm:*`` gauges: every scrape succeeds
     and fd_remote_metrics_score never falls back to stale metrics."""
-    page = await metrics_text(servers[0].url)
+    page = await metrics_text(servers[0])
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
                  "vllm:kv_cache_usage_perc"):
         assert samples(page, name), name
     router = await front(router_factory, tmp_path, servers, "fd_remote_metrics_score",
                          **{"metrics-scrape-interval-secs": 0.5,
                             "metrics-scrape-timeout-secs": 0.5})
-
-    async def scraped():
-        got = samples(await metrics_text(router.url), "kvrouter_metrics_scrape_total")
-        per = {s.url: sum(v for lab, v in got if lab["url"] == s.url) for s in servers}
-        return min(per.values()) >= 3
-
-    assert await wait_for(scraped, timeout=15)
-    async with aiohttp.ClientSession() as s:
-        for _ in range(4):
-            status, raw, _ = await post(s, router.url + "/v1/completions",
-                                        {"model": "tiny", "prompt": "hello", "max_tokens": 2})
-            assert status == 200, raw[:300]
-    text = await metrics_text(router.url)
-    scrapes = samples(text, "kvrouter_metrics_scrape_total")
-    for server in servers:
-        results = {lab["result"]: v for lab, v in scrapes if lab["url"] == server.url}
-        assert results.get("failure", 0) == 0 and results.get("success", 0) >= 3, \
-            (server.url, results)
-    strategies = {lab["strategy"] for lab, v in samples(text, "kvrouter_selections_total") if v}
-    assert strategies == {"policy"}, strategies
+    await assert_scraped_without_failures(router, servers, timeout=15, model="tiny")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import time
 import aiohttp
 import pytest
 import yaml
-from harness import bounded, get_json, merge, start_router, wait_for
+from harness import bounded, get_json, merge, metrics_text, sample, start_router, wait_for
 
 from kvrouter.demo.redisproc import MISSING, RedisServer, redis_server_binary
 
@@ -90,14 +89,6 @@ async def health(router) -> dict:
     return body["replica"]
 
 
-async def metric(router, name: str) -> float:
-    async with aiohttp.ClientSession() as s, s.get(router.url + "/metrics") as r:
-        text = await r.text()
-    found = re.search(rf"^{name} (\S+)$", text, re.M)
-    assert found, f"{name} not in /metrics"
-    return float(found.group(1))
-
-
 def probes(inst) -> int:
     return sum(1 for r in inst.received if r.path == "/health")
 
@@ -116,7 +107,7 @@ async def test_registration_pause_and_health_reach_every_replica(redis_server, r
     await wait_for(lambda: everywhere(rs, 2), timeout=1.0, interval=0.01)
     for r in rs:
         assert (await send(r, "hello"))[0] == 200
-        assert await metric(r, "kvrouter_replicas") == 3
+        assert sample(await metrics_text(r), "kvrouter_replicas") == 3
     # a pause sent to one replica (a heartbeat with is_paused) stops the routing everywhere
     a.config.is_paused = True
     assert await a.register_once(rs[1].url) == 200
@@ -332,9 +323,7 @@ async def test_admission_headroom_counts_every_replicas_requests(redis_server, r
 
 
 async def _queued(router) -> bool:
-    async with aiohttp.ClientSession() as s, s.get(router.url + "/metrics") as r:
-        text = await r.text()
-    return re.search(r'^kvrouter_queue_depth\{priority="default"\} 1\.0$', text, re.M) is not None
+    return sample(await metrics_text(router), "kvrouter_queue_depth", priority="default") == 1
 
 
 @bounded(60)
@@ -459,9 +448,10 @@ async def test_a_tampered_registration_in_redis_is_not_routed(redis_server, repl
     good = {"role": "mixed", "host": "127.0.0.1", "scheme": "http", "port": port,
             "is_paused": False, "engine": "fastdeploy"}
     bad = dict(good, host="127.0.0.1\r\nX-Evil: 1")
+    bad_kv = dict(good, host="127.0.0.2", engine="vllm", kv_zmq_address="10.0.0.1:5\r\nX: 1")
     client = aioredis.Redis.from_url(redis_server.url)
     try:
-        for info in (bad, good):
+        for info in (bad, bad_kv, good):
             event = {"t": "reg", "id": f"{info['host']}:{port}", "v": [time.time(), 1],
                      "i": info, "st": False}
             await client.xadd("kvrouter:events", {"r": "someone", "e": json.dumps([event])})
@@ -472,6 +462,7 @@ async def test_a_tampered_registration_in_redis_is_not_routed(redis_server, repl
     assert status == 200 and [w["url"] for w in body["mixed"]] == [a.url]
     assert body["unavailable"] == []
     assert "skipped an unreadable stream entry" in r.log() and "invalid host" in r.log()
+    assert "invalid kv_zmq_address" in r.log()
 
 
 @bounded(60)

@@ -14,29 +14,26 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import orjson
+from harness import connect, read_head, read_response
 from test_http_server import (
     CHAT,
     SSE_HEAD,
     FakeInstance,
+    app_server,
     chunk,
-    connect,
     in_flight,
     on_loop,
     post,
-    read_head,
-    read_response,
     router_app,
+    sse_script,
 )
 
 from kvrouter.config import RouterConfig
 from kvrouter.http.request import Request
-from kvrouter.http.server import start_server
-from kvrouter.http.upstream import UpstreamPool
 from kvrouter.instance import InstanceInfo, Role
-from kvrouter.router import Router
 from kvrouter.server.app import App
 from kvrouter.server.forward import forward_block
 from kvrouter.server.relay import response_head, usage_of
@@ -195,32 +192,24 @@ async def pd_app(prefills, decodes, *, scheduler: dict | None = None, engine: st
         setattr(cfg.server, k, v)
     for k, v in (scheduler or {}).items():
         setattr(cfg.scheduler, k, v)
-    router = Router(cfg)
-    for inst in prefills:
-        router.registry.add(pd_info(Role.PREFILL, inst.port, engine))
-    for inst in decodes:
-        router.registry.add(pd_info(Role.DECODE, inst.port, engine))
-    s = cfg.server
-    pool = UpstreamPool(s.connect_timeout_secs, s.first_byte_timeout_secs,
-                        s.stream_idle_timeout_secs)
-    app = App(router, pool)
-    server, http = await start_server(app.handle, "127.0.0.1", 0,
-                                      max_body=int(s.max_body_mb * (1 << 20)))
-    try:
+    infos = ([pd_info(Role.PREFILL, inst.port, engine) for inst in prefills]
+             + [pd_info(Role.DECODE, inst.port, engine) for inst in decodes])
+    async with app_server(cfg, infos) as (app, port, _http):
         with watch_leases():
-            yield app, server.sockets[0].getsockname()[1]
+            yield app, port
             await settled(app)
-    finally:
-        server.close()
-        http.close_all()
-        pool.close()
-        await router.close()
 
 
-def hold(app: App, port: int, tokens: int = 1 << 20):
-    """A lease on the instance at ``port`` so that load policies pick another one first."""
+@contextlib.contextmanager
+def hold(app: App, port: int, tokens: int = 1 << 20) -> Iterator[None]:
+    """A lease on the instance at ``port`` during the block, so that load policies pick
+    another one first."""
     inst = next(i for i in app.router.registry.all() if i.url == URL % port)
-    return inst.load.acquire(tokens)
+    lease = inst.load.acquire(tokens)
+    try:
+        yield
+    finally:
+        lease.release()
 
 
 async def ask(port: int, body: bytes = CHAT, path: str = "/v1/chat/completions",
@@ -448,16 +437,11 @@ SSE_EVENTS = [b'data: {"choices":[{"delta":{"content":"a"}}]} \n\n',
 
 @on_loop
 async def test_relay_sse_chunked_to_http11_close_delimited_to_http10():
-    async def script(inst, head, body):
-        inst.transport.write(SSE_HEAD)
-        for e in SSE_EVENTS:
-            inst.transport.write(chunk(e))
-            await asyncio.sleep(0.002)
-        inst.transport.write(b"0\r\n\r\n")
-
-    async with fakes(script) as (fake,), mixed_app(fake) as (app, port, _):
-        stream = orjson.dumps({"stream": True, "messages": []})
+    async with fakes(sse_script(*SSE_EVENTS)) as (fake,), mixed_app(fake) as (app, port, _):
+        stream = orjson.dumps({"stream": True, "messages": [],
+                               "stream_options": {"include_usage": True}})
         status, headers, body = await ask(port, stream)
+        assert fake.requests[-1][1] == stream          # the client asked for usage itself
         assert status == 200 and headers["transfer-encoding"] == "chunked"
         assert "content-length" not in headers and body == b"".join(SSE_EVENTS)
         async with connect(port) as (r, w):
@@ -493,17 +477,6 @@ async def test_relay_sse_broken_after_a_complete_event_ends_with_stream_interrup
         assert in_flight(app) == 0
 
 
-def sse_script(*pieces: bytes) -> Callable:
-    """An SSE answer written as the given chunks (small pauses between them), ended cleanly."""
-    async def script(inst, head, raw):
-        inst.transport.write(SSE_HEAD)
-        for p in pieces:
-            inst.transport.write(chunk(p))
-            await asyncio.sleep(0.002)
-        inst.transport.write(b"0\r\n\r\n")
-    return script
-
-
 def assert_interrupted(body: bytes) -> None:
     events = [e for e in body.split(b"\n\n") if e]
     assert events[-1] == b"data: [DONE]"
@@ -537,7 +510,8 @@ async def test_relay_sse_done_split_over_small_chunks_is_a_normal_end():
     pieces = [*SSE_EVENTS[:-1], b"data: [DO", b"NE]", b"\n", b"\n"]
     async with fakes(sse_script(*pieces)) as (fake,), mixed_app(fake) as (app, port, _):
         status, _, body = await ask(port, orjson.dumps({"stream": True}))
-        assert status == 200 and body == b"".join(pieces)
+        # the router asked for the usage event: it is left out, the rest passed whole
+        assert status == 200 and body == b"".join(p for p in pieces if p != SSE_EVENTS[2])
         assert sample(app, "kvrouter_errors_total", kind="stream_interrupted") == 0
 
 
@@ -566,7 +540,8 @@ async def test_relay_sse_broken_mid_event_aborts_the_client_connection():
 
     async with fakes(script) as (fake,), mixed_app(fake) as (_app, port, _):
         async with connect(port) as (r, w):
-            w.write(post("/v1/chat/completions", orjson.dumps({"stream": True})))
+            w.write(post("/v1/chat/completions", orjson.dumps(
+                {"stream": True, "stream_options": {"include_usage": True}})))
             status, headers, _ = await read_head(r)
             assert status == 200 and headers["transfer-encoding"] == "chunked"
             raw = b""
@@ -576,6 +551,12 @@ async def test_relay_sse_broken_mid_event_aborts_the_client_connection():
         payload, complete = dechunk(raw)
         assert payload == SSE_EVENTS[0] + b'data: {"partial' and not complete
         assert b"stream_interrupted" not in raw
+        # when the router asked for usage it passes whole events only: the half event never
+        # reached the client, and the stream ends honestly
+        _, _, body = await ask(port, orjson.dumps({"stream": True}))
+        assert body.startswith(SSE_EVENTS[0] + b"data: {")
+        assert b"partial" not in body
+        assert_interrupted(body)
 
 
 @on_loop
@@ -635,11 +616,8 @@ async def test_pd_prefill_connect_failure_is_retried_on_another_prefill():
     dead = Dead()
     async with fakes(kv.prefill(200, PREFILL_OK), kv.decode_json(200, DECODE_OK)) as (p, d), \
             pd_app([dead, p], [d]) as (app, port):
-        lease = hold(app, p.port)           # the dead prefill is chosen first
-        try:
+        with hold(app, p.port):           # the dead prefill is chosen first
             status, headers, body = await ask(port, PD_BODY)
-        finally:
-            lease.release()
         assert status == 200 and body == DECODE_OK
         assert headers["x-router-prefill-url"] == URL % p.port
         assert headers["x-router-request-id"] == "req-1-retry1"
@@ -656,11 +634,8 @@ async def test_pd_decode_connect_failure_is_retried_on_another_decode():
     dead = Dead()
     async with fakes(kv.prefill(200, PREFILL_OK), kv.decode_json(200, DECODE_OK)) as (p, d), \
             pd_app([p], [dead, d]) as (app, port):
-        lease = hold(app, d.port)           # the dead decode is chosen first
-        try:
+        with hold(app, d.port):           # the dead decode is chosen first
             status, headers, body = await ask(port, PD_BODY)
-        finally:
-            lease.release()
         assert status == 200 and body == DECODE_OK
         assert headers["x-router-decode-url"] == URL % d.port
         assert headers["x-router-request-id"] == "req-1-retry1"
@@ -870,11 +845,8 @@ async def test_mixed_connect_failure_is_retried_on_the_other_instance():
     dead = Dead()
     async with fakes(json_script(200, b'{"ok":1}')) as (live,), \
             mixed_app(dead, live) as (app, port, _):
-        lease = hold(app, live.port, tokens=0)      # request_num: the dead one goes first
-        try:
+        with hold(app, live.port, tokens=0):      # request_num: the dead one goes first
             status, headers, body = await ask(port)
-        finally:
-            lease.release()
         assert status == 200 and body == b'{"ok":1}'
         assert headers["x-router-mixed-url"] == URL % live.port
         assert retries(app, "connect") == 1
@@ -935,11 +907,8 @@ async def test_mixed_5xx_is_retried_once_then_relayed():
 async def test_mixed_500_is_retried_on_another_instance():
     async with fakes(json_script(500, b'{"error":"boom"}'), json_script(200, b'{"ok":1}')) \
             as (bad, good), mixed_app(bad, good) as (app, port, _):
-        lease = hold(app, good.port, tokens=0)     # the failing one goes first
-        try:
+        with hold(app, good.port, tokens=0):     # the failing one goes first
             status, headers, body = await ask(port)
-        finally:
-            lease.release()
         assert status == 200 and body == b'{"ok":1}'
         assert headers["x-router-mixed-url"] == URL % good.port
         assert len(bad.requests) == 1 and retries(app, "status") == 1
@@ -969,11 +938,8 @@ async def test_pd_decode_500_is_retried_on_another_decode():
     async with fakes(kv.prefill(200, PREFILL_OK), kv.decode_json(500, b'{"error":"x"}'),
                      kv.decode_json(200, DECODE_OK)) as (p, bad, good), \
             pd_app([p], [bad, good]) as (app, port):
-        lease = hold(app, good.port)          # the failing decode is chosen first
-        try:
+        with hold(app, good.port):          # the failing decode is chosen first
             status, headers, body = await ask(port, PD_BODY)
-        finally:
-            lease.release()
         assert status == 200 and body == DECODE_OK
         assert headers["x-router-decode-url"] == URL % good.port
         assert headers["x-router-request-id"] == "req-1-retry1"
@@ -1046,11 +1012,8 @@ async def test_pd_vllm_prefill_connect_failure_is_retried_before_the_decode():
 
     async with fakes(prefill, json_script(200, DECODE_OK)) as (p, d), \
             pd_app([dead, p], [d], engine="vllm") as (app, port):
-        lease = hold(app, p.port)
-        try:
+        with hold(app, p.port):
             status, _, body = await ask(port, PD_BODY)
-        finally:
-            lease.release()
         assert status == 200 and body == DECODE_OK
         assert len(d.requests) == 1 and retries(app, "connect") == 1
     dead.close()

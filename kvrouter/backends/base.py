@@ -125,3 +125,8 @@ class EngineAdapter:
 
     def continue_with(self, body: dict, tokens: list[int]) -> None:
         """Prepare ``body`` for the next attempt after a reschedule with ``tokens``."""
+
+    def leg_headers(self, attempt: PdAttempt) -> dict[str, str]:
+        """Header fields both legs of ``attempt`` carry, in place of the client's of the same
+        names (an engine that takes the request id from a header, or pairs the legs by it)."""
+        return {}

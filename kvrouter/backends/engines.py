@@ -3,7 +3,7 @@ request path.
 
 For each engine family one :class:`EngineControl` says which ``/metrics`` gauges carry what the
 policies read (the :class:`MetricsSnapshot`), how its tokenize endpoint is called, where its
-abort endpoint is and how it takes request ids, and where its answers carry token usage. The
+abort endpoint is and how it takes request ids, and how its streams report token usage. The
 table :data:`ENGINES` is keyed by the same name as the engine's
 :class:`~kvrouter.backends.base.EngineAdapter` (the data-plane side).
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 
@@ -32,8 +32,8 @@ __all__ = [
     "AbortApi",
     "EngineControl",
     "MetricNames",
+    "StreamUsage",
     "TokenizeApi",
-    "UsageFields",
     "detect_engine",
     "metric_names",
     "parse_metrics",
@@ -133,31 +133,15 @@ class AbortApi:
 
 
 @dataclass(frozen=True, slots=True)
-class UsageFields:
-    """Where an engine's answers carry token usage: key paths into a JSON answer (for a stream,
-    into its last event with usage), and when streams carry it at all."""
+class StreamUsage:
+    """How the router measures the prefix-cache hits of an engine's streams whose client did
+    not ask for usage (:mod:`kvrouter.backends.usage`)."""
 
-    prompt: tuple[str, ...] = ("usage", "prompt_tokens")
-    #: prompt tokens served from the prefix cache; ``None``: never reported
-    cached: tuple[str, ...] | None = ("usage", "prompt_tokens_details", "cached_tokens")
-    #: ``include_usage``: only when the request sets ``stream_options.include_usage``
-    stream: Literal["always", "include_usage", "never"] = "include_usage"
-
-    def of(self, answer: Any) -> tuple[int | None, int | None]:
-        """``(prompt, cached)`` tokens of a parsed answer (``None`` where absent); no cached
-        count without a prompt count."""
-        prompt = _int_at(answer, self.prompt)
-        if prompt is None:
-            return None, None
-        return prompt, _int_at(answer, self.cached) if self.cached else None
-
-
-def _int_at(doc: Any, path: tuple[str, ...]) -> int | None:
-    for key in path:
-        if not isinstance(doc, dict):
-            return None
-        doc = doc.get(key)
-    return doc if type(doc) is int else None
+    #: ask for ``include_usage`` and leave the usage event out of the relay: the engine adds
+    #: that one event for it and changes nothing else
+    ask: bool = False
+    #: the last event carries llama.cpp's ``timings`` (``prompt_n``, ``cache_n``)
+    timings: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +152,7 @@ class EngineControl:
     metrics: MetricNames | None
     tokenize: TokenizeApi | None
     abort: AbortApi | None
-    usage: UsageFields = UsageFields()
+    usage: StreamUsage = StreamUsage()
 
 
 FASTDEPLOY = EngineControl(
@@ -184,6 +168,7 @@ FASTDEPLOY = EngineControl(
     # the prompt under every name a FastDeploy-style tokenizer service reads
     tokenize=TokenizeApi("/tokenize", ("text", "prompt", "message"), "input_ids"),
     abort=AbortApi("/v1/abort_requests", "req_ids", all_field="abort_all"),
+    usage=StreamUsage(ask=True),
 )
 
 VLLM = EngineControl(
@@ -197,6 +182,7 @@ VLLM = EngineControl(
     # ids are the engine's own (``X-Request-Id`` with the endpoint's prefix); no abort-all
     abort=AbortApi("/inference/v1/abort_requests", "request_ids"),
     # cached_tokens only with --enable-prompt-tokens-details, in whole blocks
+    usage=StreamUsage(ask=True),
 )
 
 SGLANG = EngineControl(
@@ -208,6 +194,7 @@ SGLANG = EngineControl(
     ),
     tokenize=TokenizeApi("/tokenize", ("prompt",), "tokens"),
     abort=AbortApi("/abort_request", "rid", one_per_call=True, all_field="abort_all"),
+    usage=StreamUsage(ask=True),        # cached_tokens only with --enable-cache-report
 )
 
 LLAMA_CPP = EngineControl(
@@ -218,14 +205,14 @@ LLAMA_CPP = EngineControl(
     ),
     tokenize=TokenizeApi("/tokenize", ("content",), "tokens"),
     abort=None,
+    usage=StreamUsage(timings=True),
 )
 
 LLAMA_CPP_PYTHON = EngineControl(
     name="llama-cpp-python",              # python -m llama_cpp.server: no /metrics, no /health
     metrics=None,
     tokenize=TokenizeApi("/extras/tokenize", ("input",), "tokens"),
-    abort=None,
-    usage=UsageFields(cached=None, stream="never"),
+    abort=None,                           # no usage in streams, no cached_tokens at all
 )
 
 OPENAI = EngineControl(

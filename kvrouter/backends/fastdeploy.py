@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from kvrouter.backends.base import EngineAdapter, PdAttempt, dumps, loads
+from kvrouter.backends.usage import decode_like, prefill_usage
 from kvrouter.instance import InstanceInfo
 
 
@@ -140,11 +141,11 @@ class FastDeployAdapter(EngineAdapter):
         body["request_id"] = attempt.request_id
         body["disaggregate_info"] = disaggregate_info(attempt.prefill, attempt.decode,
                                                       self.info_format)
-        return dumps(body)
+        return prefill_usage(dumps(body), body)
 
     def decode_body(self, body: dict, attempt: PdAttempt, prefill_body: bytes,
                     prefill_answer: bytes | None) -> bytes:
-        return prefill_body   # the same body for both legs
+        return decode_like(prefill_body, body)
 
     def prefill_error(self, raw: bytes, sse: bool) -> str | None:
         return in_body_error(raw, sse)

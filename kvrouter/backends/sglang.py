@@ -12,6 +12,7 @@ import random
 from typing import ClassVar
 
 from kvrouter.backends.base import EngineAdapter, PdAttempt, dumps
+from kvrouter.backends.usage import decode_like, prefill_usage
 
 _ROOM_BITS = (1 << 63) - 1
 
@@ -31,8 +32,8 @@ class SglangAdapter(EngineAdapter):
         sent["bootstrap_host"] = p.host
         sent["bootstrap_port"] = int(p.bootstrap_port) if p.bootstrap_port else None
         sent["bootstrap_room"] = self._rng.getrandbits(63) & _ROOM_BITS
-        return dumps(sent)
+        return prefill_usage(dumps(sent), body)
 
     def decode_body(self, body: dict, attempt: PdAttempt, prefill_body: bytes,
                     prefill_answer: bytes | None) -> bytes:
-        return prefill_body   # the same body, the same room, for both legs
+        return decode_like(prefill_body, body)   # the same room for both legs

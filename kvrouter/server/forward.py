@@ -3,6 +3,7 @@ per-instance constants (pool target, URL, router header lines) cached per regist
 
 from __future__ import annotations
 
+from kvrouter.backends.engines import ENGINES, StreamUsage
 from kvrouter.http.headers import HOP_BY_HOP, end_to_end
 from kvrouter.http.request import Request
 from kvrouter.http.response import header_block
@@ -15,6 +16,7 @@ DROP = HOP_BY_HOP | {b"content-length", b"host", b"expect"}
 DROP_IDENTITY = DROP | {b"accept-encoding"}
 IDENTITY = b"Accept-Encoding: identity\r\n"
 CREDENTIALS = frozenset({b"authorization", b"x-api-key"})
+NO_STREAM_USAGE = StreamUsage()
 
 
 def forward_block(req: Request, *, identity: bool = False) -> bytes:
@@ -42,7 +44,8 @@ def upstream_request(req: Request, target: Target, headers: bytes, body: bytes) 
 class InstanceRef:
     """What the data plane needs of one registration, computed once."""
 
-    __slots__ = ("identity", "info", "inst", "mixed_tag", "target", "url", "usage_children")
+    __slots__ = ("identity", "info", "inst", "mixed_tag", "stream_usage", "target", "url",
+                 "usage_children")
 
     def __init__(self, inst: Instance) -> None:
         self.inst = inst
@@ -51,6 +54,9 @@ class InstanceRef:
         self.identity = info.identity
         self.target = Target(info.host, int(info.port), tls=info.scheme == "https")
         self.mixed_tag = header_block({"X-Router-Mixed-URL": self.url})
+        engine = ENGINES.get(info.engine) if info.engine is not None else None
+        # an engine still to be recognised is asked nothing
+        self.stream_usage = engine.usage if engine is not None else NO_STREAM_USAGE
         self.usage_children: tuple | None = None  # backend prompt/cached token counters
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from kvrouter import errors
 from kvrouter.admission import PRIORITY_HEADER, Priority, Reject, Ticket, parse_priority
 from kvrouter.backends.base import loads
+from kvrouter.backends.usage import with_usage
 from kvrouter.http.request import Request
 from kvrouter.http.upstream import Exchange, TransportError, Upstream
 from kvrouter.instance import Role
@@ -65,9 +66,9 @@ class InferenceRequest:
     (answered, or the client left), after every lease was released.
     """
 
-    __slots__ = ("body", "ctx", "endpoint", "exchange", "leg", "outcome", "pair", "pending",
-                 "priority", "req", "retries", "status_retries", "stream", "task", "ticket",
-                 "trace")
+    __slots__ = ("asked_usage", "body", "ctx", "endpoint", "exchange", "leg", "outcome", "pair",
+                 "pending", "priority", "req", "retries", "status_retries", "stream", "task",
+                 "ticket", "trace", "usage_body")
 
     def __init__(self, ctx: Context, req: Request, endpoint: str) -> None:
         self.ctx = ctx
@@ -86,6 +87,8 @@ class InferenceRequest:
         self.priority = Priority.DEFAULT
         self.outcome = Outcome()
         self.trace: Trace | None = None         # its span, when tracing is on
+        self.usage_body: bytes | None = None    # the body asking for stream usage, once made
+        self.asked_usage = False                # this try's body asks for it
 
     def start(self) -> None:
         ctx = self.ctx
@@ -196,7 +199,15 @@ class InferenceRequest:
         assert leg is not None
         try:
             ref = leg.choose()
-            data = upstream_request(self.req, ref.target, forward_block(self.req), self.req.body)
+            body = self.req.body
+            self.asked_usage = False
+            if self.stream and ref.stream_usage.ask:
+                if self.usage_body is None:
+                    self.usage_body = with_usage(body, self.body) or b""
+                if self.usage_body:
+                    body = self.usage_body
+                    self.asked_usage = True
+            data = upstream_request(self.req, ref.target, forward_block(self.req), body)
         except errors.RouterError as e:
             self._end(last_error or e)
             return
@@ -225,7 +236,8 @@ class InferenceRequest:
             if self.ctx.admission is not None:
                 self.ctx.admission.pump()  # its prefill is done: room for another one
             start_relay(self.req.conn, up, first, leg.ref.mixed_tag, self.outcome,
-                        self._relayed_mixed)
+                        self._relayed_mixed, asked_usage=self.asked_usage,
+                        timings=leg.ref.stream_usage.timings)
         except Exception:
             up.close()
             self._crashed()

@@ -22,6 +22,7 @@ from functools import partial
 
 from kvrouter import errors
 from kvrouter.backends.base import EngineAdapter, PdAttempt
+from kvrouter.backends.usage import usage_of
 from kvrouter.http.request import Request
 from kvrouter.http.response import header_block
 from kvrouter.http.upstream import TransportError, Upstream
@@ -32,7 +33,6 @@ from kvrouter.server.accounting import count_usage
 from kvrouter.server.context import Context
 from kvrouter.server.forward import forward_block, upstream_request
 from kvrouter.server.leg import Failure, Leg
-from kvrouter.server.relay import usage_of
 from kvrouter.server.retry import RETRY_STATUSES, RetryBudget
 
 log = logging.getLogger("kvrouter.pd")
@@ -109,7 +109,8 @@ async def dispatch(ctx: Context, req: Request, body: dict, stream: bool,
             else partial(adapter.decode_body, body, try_, p_body))
         tags = {"X-Router-Prefill-URL": p_ref.url, "X-Router-Decode-URL": decode.url,
                 "X-Router-Request-ID": rid}
-        pair = Pair(ctx, req, stream, adapter, prefill, decode, rid, p_body, d_body, headers)
+        pair = Pair(ctx, req, stream, adapter, prefill, decode, rid, p_body, d_body,
+                    _with_fields(headers, adapter.leg_headers(try_)))
         try:
             step = await pair.run()
         except errors.RouterError as e:
@@ -354,6 +355,17 @@ def _adapter_of(ctx: Context, prefill: InstanceInfo) -> EngineAdapter:
 def _pairs_with(adapter: EngineAdapter, prefill: InstanceInfo, decode: Instance) -> bool:
     """A decode of the prefill's engine that can take its KV cache."""
     return decode.info.engine == prefill.engine and adapter.can_pair(prefill, decode.info)
+
+
+def _with_fields(block: bytes, fields: dict[str, str]) -> bytes:
+    """The client's header ``block`` with the adapter's ``fields`` in place of any client
+    field of the same name (so the instance sees only the router's)."""
+    if not fields:
+        return block
+    names = tuple(name.lower().encode("ascii") + b":" for name in fields)
+    kept = [line + b"\r\n" for line in block.split(b"\r\n")
+            if line and not line.lower().startswith(names)]
+    return b"".join(kept) + header_block(fields)
 
 
 def _content_type(up: Upstream) -> bytes:

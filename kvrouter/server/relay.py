@@ -11,22 +11,34 @@ Honest streams: an OpenAI-style SSE stream must end with ``data: [DONE]``. One t
 without it (the instance closed cleanly mid-answer) or breaks off after a complete event is
 ended by the router with a ``stream_interrupted`` error event and ``data: [DONE]``, so the
 client knows the answer is incomplete; one that breaks mid-event is aborted (the client sees a
-broken connection), since no event can be appended to a half-written one.
+broken connection), since no event can be appended to a half-written one (unless the relay
+passes whole events only, below: then the half event is dropped and the stream ended the same
+way).
 
 Per chunk the relay keeps only what it needs: the last body bytes (at least
 :data:`TAIL_BYTES`, for the two checks above) and,
-when asked, usage: an SSE chunk is searched for ``"prompt_tokens"`` (a substring test), a
-non-SSE body (up to 1 MiB) once at the end; the numbers are read next to the keys, no JSON is
-parsed. Everything the accounting needs goes into the request's :class:`Outcome`.
+when asked, usage: an SSE chunk is searched for ``"prompt_tokens"`` (a substring test; for
+llama.cpp also ``"cache_n"``), a non-SSE body (up to 1 MiB) once at the end; the numbers are
+read next to the keys, no JSON is parsed (:mod:`kvrouter.backends.usage`). When the router
+asked for the stream's usage itself, the usage event is read and left out: the relay then
+passes whole events only, holding an event's first part until its end arrives (up to 1 MiB,
+beyond which it passes everything as it is). Everything the accounting needs goes into the
+request's :class:`Outcome`.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable
 
+from kvrouter.backends.usage import (
+    TIMINGS_KEY,
+    USAGE_KEY,
+    take_usage_events,
+    timings_of,
+    usage_of,
+)
 from kvrouter.http.headers import end_to_end
 from kvrouter.http.server import HttpConnection
 from kvrouter.http.upstream import BodyFailed, Upstream
@@ -39,8 +51,7 @@ INTERRUPTED = (b'data: {"error":{"message":"upstream stream interrupted: %s",'
 DONE = b"data: [DONE]"
 TAIL_BYTES = 32                  # enough to see ``data: [DONE]`` and the blank line after it
 USAGE_SCAN_LIMIT = 1 << 20
-USAGE_KEY = b'"prompt_tokens"'
-CACHED_KEY = b'"cached_tokens"'
+HOLD_LIMIT = 1 << 20             # bytes of one unfinished event held while usage is taken out
 _NO_BODY = frozenset({204, 304})
 
 
@@ -70,22 +81,30 @@ class Relay:
     """One relayed response: a body sink for :meth:`Upstream.relay` that writes to the client
     and fills the :class:`Outcome`; ``on_done()`` is called once, when it is over."""
 
-    __slots__ = ("conn", "on_done", "outcome", "parts", "scan", "size", "sse", "tail", "up")
+    __slots__ = ("conn", "held", "on_done", "outcome", "parts", "scan", "size", "sse", "tail",
+                 "timings", "up")
 
     def __init__(self, conn: HttpConnection, up: Upstream, sse: bool, scan: bool,
-                 outcome: Outcome) -> None:
+                 outcome: Outcome, *, timings: bool = False) -> None:
         self.conn = conn
         self.up = up
         self.sse = sse
         self.scan = scan
+        self.timings = timings      # llama.cpp: read its ``timings`` too
         self.outcome = outcome
         self.tail = b""
         self.parts: list[bytes] = []
         self.size = 0
+        #: usage events are taken out (``None``: off): the start of an unfinished event
+        self.held: bytes | None = None
         self.on_done: Callable[[], None] | None = None
 
     # -- body sink (called by the instance connection) -----------------------------------------
     def chunk(self, data: bytes) -> None:
+        if self.held is not None:
+            data = self._whole_events(data)
+            if not data:
+                return
         self.conn.write(data)
         self.tail = data if len(data) >= TAIL_BYTES else (self.tail + data)[-2 * TAIL_BYTES:]
         if self.scan:
@@ -95,6 +114,9 @@ class Relay:
         conn = self.conn
         conn.detach()
         self.up.release()
+        if self.held:                 # an unterminated last event: passed on as it came
+            held, self.held = self.held, None
+            self.chunk(held)
         if self.sse and 200 <= self.outcome.status < 300 and not self._done_sent():
             self.outcome.interrupted = True
             log.warning("backend %s ended a stream without %s", self.up.target.key, DONE.decode())
@@ -149,53 +171,69 @@ class Relay:
         if self.sse:
             if USAGE_KEY in data:
                 prompt, cached = usage_of(data)
-                if prompt is not None:
-                    self.outcome.prompt_tokens, self.outcome.cached_tokens = prompt, cached
+            elif self.timings and TIMINGS_KEY in data:
+                prompt, cached = timings_of(data)
+            else:
+                return
+            if prompt is not None:
+                self.outcome.prompt_tokens, self.outcome.cached_tokens = prompt, cached
         elif self.size < USAGE_SCAN_LIMIT:
             self.parts.append(data)
             self.size += len(data)
 
-
-_NUMBER = re.compile(rb"\s*:\s*(\d+)")
-
-
-def _last_int(raw: bytes, key: bytes) -> int | None:
-    """The integer value of the last ``"key": <int>`` in JSON bytes (a quoted name followed
-    by a colon can only be an object key: inside JSON strings quotes are escaped)."""
-    pos = raw.rfind(key)
-    while pos >= 0:
-        m = _NUMBER.match(raw, pos + len(key))
-        if m:
-            return int(m.group(1))
-        pos = raw.rfind(key, 0, pos)
-    return None
-
-
-def usage_of(raw: bytes) -> tuple[int | None, int | None]:
-    """``usage.prompt_tokens`` and ``usage.prompt_tokens_details.cached_tokens`` of a body (the
-    last ones in it: for SSE the last usage event), found without parsing the JSON."""
-    prompt = _last_int(raw, USAGE_KEY)
-    if prompt is None:
-        return None, None
-    return prompt, _last_int(raw, CACHED_KEY)
+    def _whole_events(self, data: bytes) -> bytes:
+        """The whole events that ``data`` completes, without the usage event the router asked
+        for (its numbers go into the outcome); the rest of an unfinished event is held."""
+        held = self.held
+        if held:
+            data = held + data
+        if data.endswith(b"\n\n"):
+            self.held = b""
+        else:
+            cut = data.rfind(b"\n\n") + 2
+            rest = data[cut:] if cut > 1 else data
+            if len(rest) > HOLD_LIMIT:        # not an event stream as expected: pass it on
+                self.held = None
+                self.scan = True
+                return data
+            self.held = rest
+            data = data[:cut] if cut > 1 else b""
+        if USAGE_KEY in data:
+            data, (prompt, cached), unasked = take_usage_events(data)
+            if prompt is not None:
+                self.outcome.prompt_tokens, self.outcome.cached_tokens = prompt, cached
+            if unasked:                 # the engine sends usage anyway: pass it all on
+                if self.held:
+                    data += self.held
+                self.held = None
+                self.scan = True
+        return data
 
 
 def start_relay(conn: HttpConnection, up: Upstream, first: bytes, extra: bytes,
-                outcome: Outcome, on_done: Callable[[], None], *, scan_usage: bool = True) -> None:
+                outcome: Outcome, on_done: Callable[[], None], *, scan_usage: bool = True,
+                asked_usage: bool = False, timings: bool = False) -> None:
     """Send ``up``'s status, headers and body to the client; ``on_done()`` is called once the
     body has been relayed, the instance failed or the client left (maybe before this
     returns). ``first`` is the body read so far; if ``up`` has already received its whole
-    body, nothing more is read."""
+    body, nothing more is read. ``asked_usage``: the router asked for the stream's usage
+    (its event is left out); ``timings``: llama.cpp's ``timings`` count as usage."""
     head, length, sse = response_head(up.headers, extra)
-    r = Relay(conn, up, sse, scan_usage, outcome)
-    if sse:
-        length = None  # the stream_interrupted event may have to be appended
+    r = Relay(conn, up, sse, scan_usage, outcome, timings=timings)
     status = outcome.status = up.status
-    conn.start_stream(status, head, length, first, no_body=status in _NO_BODY or status < 200)
     if first:
         outcome.first_byte_at = time.perf_counter()
+    if sse:
+        length = None  # the stream_interrupted event may have to be appended
+        if asked_usage and 200 <= status < 300:
+            r.held = b""
+            r.scan = False          # the usage event is read where it is taken out
+            if first:
+                first = r._whole_events(first)
+    conn.start_stream(status, head, length, first, no_body=status in _NO_BODY or status < 200)
+    if first:
         r.tail = first
-        if scan_usage:
+        if r.scan:
             r._observe(first)
     r.on_done = on_done
     if conn.closed:

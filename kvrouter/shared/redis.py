@@ -65,7 +65,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from kvrouter.backends.engines import ENGINES
 from kvrouter.config import ConfigError, StateConfig, redact_url
-from kvrouter.instance import Role, normalise_host
+from kvrouter.instance import Role, kv_address, normalise_host
 from kvrouter.prefix.hashing import HashList
 from kvrouter.prefix.index import PrefixIndex, as_hash_array
 from kvrouter.shared import SharedState
@@ -771,6 +771,9 @@ def check_info(data: dict) -> None:
     engine = data.get("engine")
     if engine is not None and engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}")
+    kv = data.get("kv_zmq_address")        # sent in vLLM P2P legs' X-Request-Id
+    if kv is not None and (not isinstance(kv, str) or kv_address(kv) != kv):
+        raise ValueError(f"invalid kv_zmq_address {kv!r}")
 
 
 def encode_records(records: _Records) -> tuple[bytes, bytes]:

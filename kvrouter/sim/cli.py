@@ -14,6 +14,8 @@ register.yaml), so ``--router`` is a usage error with them. vllm and sglang also
 ``--role prefill|decode`` with their PD hand-offs (:mod:`kvrouter.sim.pd`); an SGLang
 prefill's bootstrap server listens on ``--bootstrap-port`` (+ i), and each such instance
 prints its register.yaml entry (``sim register.yaml entry: {json}``) after its ready line.
+``--kv-connector P2pNcclConnector`` makes vllm ones pair their legs by the peer addresses in
+``X-Request-Id`` (their entry carries ``kv_zmq_address``).
 
 ``--tls-cert``/``--tls-key`` serve HTTPS (the instances register as ``https://``; their
 heartbeat reads their own health in-process), ``--tls-client-ca`` requires client certificates.
@@ -31,7 +33,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from kvrouter.sim.config import ENGINES, ROLES, SimConfig
+from kvrouter.sim.config import ENGINES, KV_CONNECTORS, ROLES, SimConfig
 from kvrouter.sim.core.params import DEFAULT_PRESET, PRESETS, TIMING_MODELS
 from kvrouter.sim.instance import SimInstance
 
@@ -68,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap-port", type=int, default=None,
                    help="SGLang prefill: first bootstrap port (instance i: + i); the decode "
                         "pulls the KV from it (default: ephemeral)")
+    p.add_argument("--kv-connector", choices=KV_CONNECTORS, default=KV_CONNECTORS[0],
+                   help="vllm prefill/decode: NixlConnector (kv_transfer_params, default) or "
+                        "P2pNcclConnector (the peers' addresses in X-Request-Id)")
     p.add_argument("--metrics-port-base", type=int, default=None,
                    help="serve /metrics on separate ports from this base (0 = ephemeral); "
                         "default: API port")
@@ -142,7 +147,8 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
             served_model_name=args.served_model_name, max_model_len=args.max_model_len,
             api_key=args.api_key, version=args.version, transfer_protocol=protocols,
             device_ids=[str(i)], heartbeat_period=args.heartbeat_period,
-            tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca))
+            tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+            kv_connector=args.kv_connector))
     return configs
 
 

@@ -24,6 +24,9 @@ ROLES = ("mixed", "prefill", "decode")
 ENGINES = ("fastdeploy", "vllm", "sglang", "llamacpp")
 #: the engines with a simulated PD hand-off (kvrouter.sim.pd)
 PD_ENGINES = ("fastdeploy", "vllm", "sglang")
+#: vLLM's KV connectors (kvrouter.sim.pd): the kv_transfer_params hand-off (NIXL), or the peer
+#: addresses in the request id (P2P NCCL)
+KV_CONNECTORS = ("NixlConnector", "P2pNcclConnector")
 
 
 @dataclass
@@ -87,6 +90,7 @@ class SimConfig:
     handoff_timeout: float = 30.0            # real seconds a decode waits for its hand-off
     handoff_ttl: float = 60.0                # real seconds an early hand-off stays buffered
     handoff_connect_timeout: float = 2.0     # real seconds for the prefill's POST to the connector
+    kv_connector: str = "NixlConnector"      # vLLM prefill/decode: one of KV_CONNECTORS
     # KV transfer to a decode: base + prompt tokens × KV bytes per token / bandwidth (model s)
     transfer_ipc_base: float = 0.002         # model seconds (setup)
     transfer_rdma_base: float = 0.01
@@ -111,6 +115,12 @@ class SimConfig:
             raise ValueError(f"invalid engine {self.engine!r}; expected one of {ENGINES}")
         if self.engine not in PD_ENGINES and self.role != "mixed":
             raise ValueError(f"engine {self.engine} is simulated in the mixed role only")
+        if self.kv_connector not in KV_CONNECTORS:
+            raise ValueError(f"invalid kv_connector {self.kv_connector!r}; expected one of "
+                             f"{KV_CONNECTORS}")
+        if self.kv_connector != "NixlConnector" and (self.engine != "vllm"
+                                                     or self.role == "mixed"):
+            raise ValueError(f"{self.kv_connector} is for vllm prefill and decode instances")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca and not self.tls_cert:

@@ -40,12 +40,16 @@ abort          ``/inference/v1/abort_        ``/abort_request``            none 
                :[…]}``                       ``{"abort_all":true}``
 stream usage   ``include_usage``             ``include_usage``             chat:
                                                                            ``include_usage``;
-                                                                           completions: always
+                                                                           completions: always;
+                                                                           ``timings`` on the
+                                                                           last event
 =============  ============================  ============================  ==================
 
 None of them registers with a router (no heartbeat), answers 429 over ``max_concurrency``
 (requests queue) or adds FastDeploy's space after the first chat event. Answer bodies keep
-FastDeploy's fields.
+FastDeploy's fields. A vllm instance takes the request id from ``X-Request-Id`` over the
+body's ``request_id``, as vLLM does; with ``kv_connector="P2pNcclConnector"`` its PD legs pair
+by the addresses in that id (:mod:`kvrouter.sim.pd`).
 """
 
 from __future__ import annotations
@@ -80,6 +84,8 @@ from kvrouter.sim.pd import (
     HandoffStore,
     KvSource,
     block_key,
+    p2p_key,
+    p2p_peer,
     parse_disaggregate_info,
     parse_kv_source,
     parse_room,
@@ -352,13 +358,24 @@ class SimInstance:
             return self.connector_port
         return None
 
+    @property
+    def kv_zmq_address(self) -> str | None:
+        """A P2pNcclConnector instance's ZMQ address (vLLM's ``kv_ip:kv_port``): its connector
+        port."""
+        if self.config.kv_connector != "P2pNcclConnector":
+            return None
+        return f"{_bracket(self.advertise_host)}:{self.connector_port}"
+
     def register_entry(self) -> dict[str, Any]:
         """This instance as a router's register.yaml entry (vLLM and SGLang never call
-        ``/register``): role, address, engine, and an SGLang prefill's ``bootstrap_port``."""
+        ``/register``): role, address, engine, an SGLang prefill's ``bootstrap_port`` and a
+        P2pNcclConnector instance's ``kv_zmq_address``."""
         entry: dict[str, Any] = {"role": self.config.role, "host_ip": self.advertise_host,
                                  "port": self.port, "engine": self.config.engine}
         if self.bootstrap_port is not None:
             entry["bootstrap_port"] = self.bootstrap_port
+        if self.kv_zmq_address is not None:
+            entry["kv_zmq_address"] = self.kv_zmq_address
         return entry
 
     def _client(self) -> aiohttp.ClientSession:
@@ -814,6 +831,8 @@ class SimInstance:
         """A vLLM/SGLang PD leg: (the key a prefill keeps its KV under, fields added to its
         answer, the decode's KV source); all ``None`` for a request served whole."""
         cfg = self.config
+        if cfg.kv_connector == "P2pNcclConnector":
+            return self._p2p_pd(req.request_id)
         if cfg.role == "decode":
             assert cfg.num_gpu_blocks is not None   # resolved by SimConfig
             return None, None, parse_kv_source(cfg.engine, data, cfg.num_gpu_blocks)
@@ -831,6 +850,20 @@ class SimInstance:
             "do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": ids,
             "remote_engine_id": self.engine_id, "remote_host": self.advertise_host,
             "remote_port": self.connector_port, "tp_size": cfg.tp_size}}, None
+
+    def _p2p_pd(self, request_id: str) -> tuple[str | None, None, KvSource | None]:
+        """A P2pNcclConnector leg (every request on its prefill or decode is one): the prefill
+        keeps its KV under the id, the decode pulls it from the prefill the id names. The id
+        must name this decode too: a real prefill pushes the KV to the decode it names (with
+        ``send_type: PUT``), and this one would wait for it forever."""
+        host, port = p2p_peer(request_id, prefill=True)
+        if self.config.role == "prefill":
+            return p2p_key(request_id), None, None
+        if f"{_bracket(host)}:{port}" != self.kv_zmq_address:
+            raise DisaggError(f"the request id names decode {_bracket(host)}:{port}, not this "
+                              f"one ({self.kv_zmq_address})")
+        host, port = p2p_peer(request_id, prefill=False)
+        return None, None, KvSource(host, port, p2p_key(request_id), wait=False)
 
     # ------------------------------------------------------------------ inference
     async def _chat(self, request: web.Request) -> web.StreamResponse:
@@ -940,7 +973,9 @@ class SimInstance:
             completion_ids=list(completion_ids), max_tokens=max_tokens,
             ignore_eos=data.get("ignore_eos") is True, stream=data.get("stream") is True,
             include_usage=opts.get("include_usage") is True,
-            continuous_usage=opts.get("continuous_usage_stats") is True,
+            # vLLM adds per-event usage only with include_usage too
+            continuous_usage=opts.get("continuous_usage_stats") is True
+            and (cfg.engine != "vllm" or opts.get("include_usage") is True),
             return_token_ids=data.get("return_token_ids") is True)
 
     async def _serve(self, request: web.Request, kind: str, data: dict[str, Any], raw: bytes,
@@ -950,6 +985,8 @@ class SimInstance:
             req = self._parse(kind, data)
         except _BadRequest as exc:
             return _json(exc.body, exc.status)
+        if cfg.engine == "vllm":     # vLLM's request id: the header's, over the body's
+            req.request_id = request.headers.get("X-Request-Id", req.request_id)
         target: DisaggTarget | None = None
         phase: Phase = "full"
         info = data.get("disaggregate_info")
@@ -981,7 +1018,8 @@ class SimInstance:
             created=int(time.time()), model=req.model, prompt_token_ids=req.prompt_ids,
             return_token_ids=req.return_token_ids, include_usage=req.include_usage,
             continuous_usage=req.continuous_usage, extra_space=cfg.engine == "fastdeploy",
-            usage_in_final=cfg.engine == "llamacpp" and kind == "completion")
+            usage_in_final=cfg.engine == "llamacpp" and kind == "completion",
+            timings=cfg.engine == "llamacpp")
         gen = GenRequest(
             request_id=req.request_id, prompt_token_ids=req.prompt_ids + req.completion_ids,
             max_tokens=req.max_tokens, ignore_eos=req.ignore_eos,

@@ -17,11 +17,18 @@ or ``"room:<bootstrap_room>"`` (SGLang, held until the prefill has run, since bo
 together). The prefill keeps each finished prefill's KV in a :class:`HandoffStore` by that key
 for ``handoff_ttl`` seconds; one pull takes it. :func:`parse_kv_source` validates the decode's
 side of either protocol.
+
+A vLLM pair with ``kv_connector="P2pNcclConnector"`` ignores ``kv_transfer_params``: each leg
+finds its peer in its ``X-Request-Id`` (:func:`p2p_peer`, the connector's own patterns), the
+prefill keeps the KV under that id (:func:`p2p_key`) and the decode pulls it from the prefill
+the id names (the connector's ``send_type: GET``). The real connector fails (its engine
+stops) on an id without the addresses; the sim answers 400.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -205,6 +212,25 @@ def parse_room(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ROOM:
         raise DisaggError(f"invalid bootstrap_room: {value!r}")
     return value
+
+
+# vLLM P2pNcclConnector.parse_request_id: a prefill reads the decode's address, a decode the
+# prefill's (greedy, as there: the last ``:<digits>`` that fits)
+_P2P_DECODE_ADDR = re.compile(r"___decode_addr_(.*):(\d+)")
+_P2P_PREFILL_ADDR = re.compile(r"___prefill_addr_(.*):(\d+)___")
+
+
+def p2p_peer(request_id: str | None, *, prefill: bool) -> tuple[str, int]:
+    """The ``(host, port)`` a P2pNcclConnector instance reads from its request id: the
+    decode's on a prefill, the prefill's on a decode (an IPv6 host without its brackets)."""
+    match = (_P2P_DECODE_ADDR if prefill else _P2P_PREFILL_ADDR).search(request_id or "")
+    if match is None:
+        raise DisaggError(f"Request id {request_id!r} does not contain hostname and port")
+    return _ip(match.group(1), "host"), _port(match.group(2), "port")
+
+
+def p2p_key(request_id: str) -> str:
+    return "p2p:" + request_id
 
 
 def parse_kv_source(engine: str, data: dict[str, Any], max_blocks: int) -> KvSource | None:

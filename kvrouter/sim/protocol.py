@@ -5,7 +5,8 @@ JSON is compact UTF-8 (as FastDeploy's pydantic ``model_dump_json``). Stream fra
 ``data: <json> \\n\\n`` (FastDeploy's extra space); the stream always ends ``data: [DONE]\\n\\n``.
 The other simulated engines use the same bodies with plain ``data: <json>\\n\\n`` framing
 (``ResponseContext.extra_space``), and llama.cpp puts ``usage`` in the last chunk of every
-completions stream (``ResponseContext.usage_in_final``).
+completions stream (``ResponseContext.usage_in_final``) and its ``timings`` on the last event
+of every stream (``ResponseContext.timings``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,14 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
     }
 
 
+def timings(cur_usage: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's ``timings`` for a usage: ``cache_n`` prompt tokens from the cache,
+    ``prompt_n`` computed (the durations are left out)."""
+    cached = cur_usage["prompt_tokens_details"]["cached_tokens"]
+    return {"cache_n": cached, "prompt_n": cur_usage["prompt_tokens"] - cached,
+            "predicted_n": cur_usage["completion_tokens"]}
+
+
 @dataclass
 class ResponseContext:
     kind: str                      # "chat" | "completion"
@@ -60,6 +69,8 @@ class ResponseContext:
     continuous_usage: bool = False
     extra_space: bool = True       # FastDeploy's space after the first chat event
     usage_in_final: bool = False   # the finishing chunk carries usage (llama.cpp completions)
+    #: llama.cpp's ``timings`` on the last event (the finishing one, or the usage event)
+    timings: bool = False
 
     @property
     def chunk_object(self) -> str:
@@ -106,10 +117,16 @@ class ResponseContext:
         final = self.usage_in_final and finish_reason is not None
         if (self.continuous_usage or final) and cur_usage is not None:
             chunk["usage"] = cur_usage
+        if (self.timings and finish_reason is not None and cur_usage is not None
+                and (self.usage_in_final or not self.include_usage)):
+            chunk["timings"] = timings(cur_usage)
         return sse_event(chunk)
 
     def usage_chunk(self, final_usage: dict[str, Any]) -> bytes:
-        return sse_event(self._head(self.chunk_object) | {"choices": [], "usage": final_usage})
+        chunk = self._head(self.chunk_object) | {"choices": [], "usage": final_usage}
+        if self.timings:
+            chunk["timings"] = timings(final_usage)
+        return sse_event(chunk)
 
     @staticmethod
     def stream_error(message: str, code: str = "internal_error") -> bytes:

@@ -13,17 +13,12 @@ usage: tiny_gguf.py --vocab VOCAB.gguf --out MODEL.gguf [--dim 256 --layers 4 --
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import gguf
 import numpy as np
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from tiny import CHAT_TEMPLATE, parser
 
 
 def tokenizer_fields(path: str) -> list[tuple[str, object, gguf.GGUFValueType, object]]:
@@ -49,16 +44,7 @@ def tokenizer_fields(path: str) -> list[tuple[str, object, gguf.GGUFValueType, o
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--vocab", required=True, help="a vocab-only GGUF")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--ff", type=int, default=768)
-    ap.add_argument("--ctx", type=int, default=4096, help="the model's trained context length")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = parser(__doc__, "the GGUF file to write").parse_args()
     started = time.monotonic()
 
     fields = tokenizer_fields(args.vocab)

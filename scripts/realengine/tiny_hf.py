@@ -14,31 +14,17 @@ usage: tiny_hf.py --vocab VOCAB.gguf --out DIR [--dim 256 --layers 4 --heads 4 -
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
 import torch
+from tiny import CHAT_TEMPLATE, parser
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    ap.add_argument("--vocab", required=True, help="a vocab-only GGUF")
-    ap.add_argument("--out", required=True, help="the model directory to write")
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--ff", type=int, default=768)
-    ap.add_argument("--ctx", type=int, default=4096, help="max_position_embeddings")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = parser(__doc__, "the model directory to write").parse_args()
     started = time.monotonic()
 
     tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(args.vocab)),
