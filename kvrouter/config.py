@@ -17,6 +17,7 @@ import ipaddress
 import math
 import os
 import re
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import TYPE_CHECKING
@@ -63,11 +64,19 @@ _INT_RE = re.compile(r"[+-]?[0-9]+")
 _FLOAT_RE = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxstring = 2, 6, 6, 100
+
+
 def _show(value: object) -> str:
+    """A value for a message; lists and mappings abridged (YAML aliases can make a short file
+    denote a structure far too large to print)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
         return repr(value)
+    if isinstance(value, (list, dict)):
+        return _SHOWN.repr(value)
     return str(value)
 
 
@@ -188,13 +197,20 @@ def _endpoint(value: object) -> str:
 
 
 def _url(value: object) -> str:
-    """An http(s) URL; a missing scheme means ``http://``
-    (docs/fastdeploy.md#cache-aware-routing)."""
+    """An http(s) URL with a host; a missing scheme means ``http://``
+    (docs/fastdeploy.md#cache-aware-routing). The reason never shows a password."""
     url = _text(value)
     if url:
-        parts = urlsplit(url if "://" in url else "http://" + url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise _Invalid(f"must be an http:// or https:// URL, got {_show(value)}")
+        shown = _show(redact_url(url))
+        try:
+            parts = urlsplit(url if "://" in url else "http://" + url)
+            port = parts.port
+        except ValueError as exc:       # unbalanced brackets, a port out of range or not a number
+            raise _Invalid(f"invalid URL {shown}: {exc}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise _Invalid(f"must be an http:// or https:// URL, got {shown}")
+        if port == 0:
+            raise _Invalid(f"port must be between 1 and 65535, got {shown}")
     return url
 
 
@@ -275,12 +291,18 @@ _KEY_PREFIX_RE = re.compile(r"[A-Za-z0-9_.:{}-]{1,64}")
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password shown as ``***`` (for messages and logs)."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """``url`` with its password shown as ``***`` (for messages and logs). Split by hand, as
+    ``urlsplit`` does, because it must also work on the URLs ``urlsplit`` refuses (unbalanced
+    ``[``), which are the ones an error message shows; a URL without ``scheme://`` is read as
+    ``[user[:password]@]host…``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    userinfo, at, hostport = rest[:end].rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    return parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{hostport}").geturl()
+    return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{hostport}{rest[end:]}"
 
 
 def _redis_url(value: object) -> str:
@@ -608,13 +630,20 @@ def load_config(
     return config, warnings
 
 
+MAX_YAML_BYTES = 4 << 20     # config.yaml, register.yaml: parsed in memory
+
+
 def read_yaml_file(path: str) -> object:
-    """Parse a YAML file; read and syntax errors become :class:`ConfigError` naming the file."""
+    """Parse a YAML file; read and syntax errors become :class:`ConfigError` naming the file,
+    and so does whatever else a hostile file makes the parser raise: a ``RecursionError``
+    (deep nesting), a ``ValueError`` (a date such as ``2020-13-45``), …"""
     try:
         with open(path, "rb") as fh:
-            raw = fh.read()
+            raw = fh.read(MAX_YAML_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"config error: {path}: cannot read file: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(f"config error: {path}: larger than {MAX_YAML_BYTES >> 20} MiB")
     try:
         return yaml.safe_load(raw)
     except yaml.MarkedYAMLError as exc:
@@ -626,6 +655,11 @@ def read_yaml_file(path: str) -> object:
     except yaml.YAMLError as exc:
         detail = " ".join(str(exc).split())
         raise ConfigError(f"config error: {path}: invalid YAML: {detail}") from exc
+    except RecursionError:
+        raise ConfigError(f"config error: {path}: invalid YAML: nested too deeply") from None
+    except Exception as exc:  # a scalar PyYAML's constructors refuse with a non-YAML error
+        detail = " ".join(str(exc).split())[:200]
+        raise ConfigError(f"config error: {path}: invalid YAML: {detail}") from None
 
 
 def _error(path: str, key: str, reason: object) -> ConfigError:

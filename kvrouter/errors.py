@@ -43,11 +43,6 @@ def error_response(status: int, message: str, type_: str, code: str,
     return Response(error_body(message, type_, code), status, headers=headers)
 
 
-def invalid_body(err: str) -> RouterError:
-    return RouterError(400, f"Invalid request body: {err}", "invalid_request_error",
-                       "invalid_request_body", "invalid_request")
-
-
 def invalid_json(err: str) -> RouterError:
     return RouterError(400, f"Invalid JSON format: {err}", "invalid_request_error",
                        "invalid_json", "invalid_request")

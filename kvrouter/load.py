@@ -18,7 +18,9 @@ acquired without one carries ``prefill = tokens``.
 When routing state is shared (:mod:`kvrouter.shared`), the counters also include the other
 routers' in-flight legs: :meth:`Load.share` is this process's own part, and
 :meth:`Load.set_remote` adds the sum of the others' (a :class:`LoadShare`) into the same fields
-the policies read, so a decision costs nothing more.
+the policies read, so a decision costs nothing more. A watched load (:meth:`Load.watch`) adds
+its identity to a set whenever its own part may have moved, so the sharing side rebuilds and
+sends only those shares, not the whole fleet's every few milliseconds.
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from operator import attrgetter
+
+from kvrouter.tally import Tally
 
 log = logging.getLogger("kvrouter.load")
 
 
 @dataclass(slots=True)
-class LoadShare:
+class LoadShare(Tally):
     """One router's part of an instance's in-flight counters (the :class:`Load` fields of the
     same names), or the sum of several routers' parts. A value: never changed once made."""
 
@@ -43,17 +48,10 @@ class LoadShare:
     pending_prefill: int = 0
     pending_prefill_leases: int = 0
 
-    def __bool__(self) -> bool:
-        return bool(self.requests or self.tokens or self.prefill_tokens or self.prefill_leases
-                    or self.pending or self.pending_prefill or self.pending_prefill_leases)
 
-    def __add__(self, other: LoadShare) -> LoadShare:
-        return LoadShare(
-            self.requests + other.requests, self.tokens + other.tokens,
-            self.prefill_tokens + other.prefill_tokens,
-            self.prefill_leases + other.prefill_leases, self.pending + other.pending,
-            self.pending_prefill + other.pending_prefill,
-            self.pending_prefill_leases + other.pending_prefill_leases)
+#: the :class:`Load` counters a :class:`LoadShare` holds a part of
+SHARED = LoadShare.names()
+_counters = attrgetter(*SHARED)      # a Load's or a LoadShare's values of SHARED, in order
 
 
 @dataclass(eq=False)
@@ -71,13 +69,23 @@ class Load:
     #: the other routers' part of the counters above (already included in them), or ``None``
     remote: LoadShare | None = field(default=None, repr=False)
     _leases: set[Lease] = field(default_factory=set, repr=False)
+    #: :meth:`watch`: the set our identity is added to when our own part may have moved
+    _dirty: set[str] | None = field(default=None, repr=False)
+    _ident: str = field(default="", repr=False)
+
+    def watch(self, identity: str, dirty: set[str]) -> None:
+        """From now on, add ``identity`` to ``dirty`` at every acquire, release and snapshot
+        recount (:class:`~kvrouter.shared.loads.LoadShares` sends only those shares)."""
+        self._ident, self._dirty = identity, dirty
 
     def acquire(self, tokens: int, now: float | None = None,
                 prefill: int | None = None) -> Lease:
         """Count one dispatched leg; ``now`` is the clock of the metrics snapshots
         (``time.monotonic()`` by default; the virtual clock in a simulation). ``prefill`` is
         the leg's uncached prefill estimate (``None``: ``tokens``)."""
-        prefill = max(0, int(tokens if prefill is None else prefill))
+        prefill = int(tokens if prefill is None else prefill)
+        if prefill < 0:
+            prefill = 0
         lease = Lease(self, tokens, time.monotonic() if now is None else now, prefill)
         self.requests += 1
         self.tokens += tokens
@@ -88,6 +96,8 @@ class Load:
             self.pending += 1
             self.pending_prefill += prefill
             self.pending_prefill_leases += 1
+        if self._dirty is not None:
+            self._dirty.add(self._ident)
         return lease
 
     def on_snapshot(self, taken_at: float) -> None:
@@ -108,25 +118,17 @@ class Load:
         self.pending = pending
         self.pending_prefill = pending_prefill
         self.pending_prefill_leases = pending_prefill_leases
+        if self._dirty is not None:
+            self._dirty.add(self._ident)
 
     def share(self) -> LoadShare | None:
         """This process's own part of the counters (the others' :attr:`remote` part taken
         out), ``None`` when it is all zero."""
+        mine: tuple[int, ...] = _counters(self)
         r = self.remote
-        if r is None:
-            if not (self.requests or self.tokens or self.prefill_tokens or self.prefill_leases
-                    or self.pending or self.pending_prefill or self.pending_prefill_leases):
-                return None
-            return LoadShare(self.requests, self.tokens, self.prefill_tokens,
-                             self.prefill_leases, self.pending, self.pending_prefill,
-                             self.pending_prefill_leases)
-        own = LoadShare(
-            max(0, self.requests - r.requests), max(0, self.tokens - r.tokens),
-            max(0, self.prefill_tokens - r.prefill_tokens),
-            max(0, self.prefill_leases - r.prefill_leases), max(0, self.pending - r.pending),
-            max(0, self.pending_prefill - r.pending_prefill),
-            max(0, self.pending_prefill_leases - r.pending_prefill_leases))
-        return own if own else None
+        if r is not None:
+            mine = tuple(a - b if a > b else 0 for a, b in zip(mine, _counters(r), strict=True))
+        return LoadShare(*mine) if any(mine) else None
 
     def set_remote(self, remote: LoadShare | None) -> None:
         """Replace the other routers' part of the counters with ``remote`` (their new sum):
@@ -135,18 +137,8 @@ class Load:
         new = remote or _ZERO
         if new == old:
             return
-        self.requests = max(0, self.requests + new.requests - old.requests)
-        self.tokens = max(0, self.tokens + new.tokens - old.tokens)
-        self.prefill_tokens = max(0, self.prefill_tokens + new.prefill_tokens
-                                  - old.prefill_tokens)
-        self.prefill_leases = max(0, self.prefill_leases + new.prefill_leases
-                                  - old.prefill_leases)
-        self.pending = max(0, self.pending + new.pending - old.pending)
-        self.pending_prefill = max(0, self.pending_prefill + new.pending_prefill
-                                   - old.pending_prefill)
-        self.pending_prefill_leases = max(0, self.pending_prefill_leases
-                                          + new.pending_prefill_leases
-                                          - old.pending_prefill_leases)
+        for name, moved in zip(SHARED, (new - old).as_list(), strict=True):
+            setattr(self, name, max(0, getattr(self, name) + moved))
         self.remote = new if new else None
 
     @property
@@ -178,22 +170,31 @@ class Lease:
             return
         self._tokens_held = False
         load = self.load
+        if load._dirty is not None:
+            load._dirty.add(load._ident)
         if load.tokens < self.tokens:
             log.warning("counter already zero (possible double-release)")
             load.tokens = 0
         else:
             load.tokens -= self.tokens
-        load.prefill_tokens = max(0, load.prefill_tokens - self.prefill)
-        load.prefill_leases = max(0, load.prefill_leases - 1)
+        # never below zero (conditionals, not max(): this runs for every leg)
+        left = load.prefill_tokens - self.prefill
+        load.prefill_tokens = left if left > 0 else 0
+        left = load.prefill_leases - 1
+        load.prefill_leases = left if left > 0 else 0
         if self.dispatched_at >= load.snapshot_taken_at:
-            load.pending_prefill = max(0, load.pending_prefill - self.prefill)
-            load.pending_prefill_leases = max(0, load.pending_prefill_leases - 1)
+            left = load.pending_prefill - self.prefill
+            load.pending_prefill = left if left > 0 else 0
+            left = load.pending_prefill_leases - 1
+            load.pending_prefill_leases = left if left > 0 else 0
 
     def release_request(self) -> None:
         if not self._request_held:
             return
         self._request_held = False
         load = self.load
+        if load._dirty is not None:
+            load._dirty.add(load._ident)
         load._leases.discard(self)
         if self.dispatched_at >= load.snapshot_taken_at and load.pending > 0:
             load.pending -= 1

@@ -16,7 +16,7 @@ import platform
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
@@ -30,6 +30,7 @@ from prometheus_client.utils import floatToGoString
 
 from kvrouter import __version__
 from kvrouter.registry import HEALTHY, UNHEALTHY
+from kvrouter.tally import Tally
 
 if TYPE_CHECKING:
     from kvrouter.prefix.index import PrefixIndex
@@ -107,7 +108,9 @@ class Family(Generic[_C]):
         return [self._family()]
 
 
-class _CounterValue:
+class CounterChild:
+    """One series of a counter."""
+
     __slots__ = ("value",)
 
     def __init__(self) -> None:
@@ -119,11 +122,11 @@ class _CounterValue:
         self.value += amount
 
 
-class FastCounter(Family[_CounterValue]):
+class FastCounter(Family[CounterChild]):
     """A counter (exposed as ``<name>_total``)."""
 
-    def _child(self) -> _CounterValue:
-        return _CounterValue()
+    def _child(self) -> CounterChild:
+        return CounterChild()
 
     def inc(self, amount: float = 1) -> None:
         child = self._self
@@ -141,7 +144,9 @@ class FastCounter(Family[_CounterValue]):
         return [fam]
 
 
-class _HistogramValue:
+class HistogramChild:
+    """One series of a histogram."""
+
     __slots__ = ("bounds", "counts", "sum")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
@@ -154,7 +159,7 @@ class _HistogramValue:
         self.sum += amount
 
 
-class FastHistogram(Family[_HistogramValue]):
+class FastHistogram(Family[HistogramChild]):
     """A histogram with fixed upper bounds (``+Inf`` appended)."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (),
@@ -167,8 +172,8 @@ class FastHistogram(Family[_HistogramValue]):
         self._les = [floatToGoString(b) for b in bounds]
         super().__init__(name, documentation, labelnames, registry)
 
-    def _child(self) -> _HistogramValue:
-        return _HistogramValue(self._bounds)
+    def _child(self) -> HistogramChild:
+        return HistogramChild(self._bounds)
 
     def observe(self, amount: float) -> None:
         child = self._self
@@ -262,7 +267,8 @@ class RouterMetrics:
             ["url", "reason"], registry=r)
         self.queue_wait = Histogram(
             "kvrouter_queue_wait_seconds", "Time requests waited in the admission queue for "
-            "an instance with headroom.", ["priority"], buckets=LATENCY_BUCKETS, registry=r)
+            "an instance with headroom (0 for a request admitted at arrival).", ["priority"],
+            buckets=LATENCY_BUCKETS, registry=r)
         self.queue_rejections = Counter(
             "kvrouter_queue_rejections", "Requests the admission queue answered without an "
             "instance, by reason.", ["reason"], registry=r)
@@ -272,6 +278,9 @@ class RouterMetrics:
         self._per_instance = (self.selections, self.backend_prompt_tokens,
                               self.backend_cached_tokens, self.scrapes, self.health_checks,
                               self.outlier_ejections)
+        #: the children a finished inference request counts in, by the kind of request
+        #: (:func:`kvrouter.server.accounting.account`); cleared with a removed instance
+        self.ended: dict[tuple, tuple[CounterChild, HistogramChild]] = {}
         # neither is summed over worker processes (not a Family: see summed_families)
         r.register(_BuildInfo())
         ProcessCollector(registry=r)
@@ -292,6 +301,7 @@ class RouterMetrics:
 
     def forget_instance(self, url: str) -> None:
         """Delete every labelled series of a removed instance."""
+        self.ended.clear()
         for metric in self._per_instance:
             pos = metric._labelnames.index("url")
             for key in list(metric._metrics):
@@ -306,11 +316,9 @@ class RouterMetrics:
         """This router's running totals of the counters the ``[stats]`` line reports."""
         ended = sum(c.value for key, c in self.http_requests._metrics.items()
                     if key[0] in INFERENCE_ENDPOINTS)
-        return StatsTotals(
-            counter_total(self.cache_hit), counter_total(self.cache_request),
-            counter_total(self.hit_blocks), counter_total(self.lookup_blocks),
-            counter_total(self.backend_cached_tokens), counter_total(self.backend_prompt_tokens),
-            ended)
+        return StatsTotals(requests=ended, **{
+            f.name: counter_total(getattr(self, f.metadata["counter"]))
+            for f in fields(StatsTotals) if "counter" in f.metadata})
 
     def summed_families(self) -> list[Family]:
         """The counter and histogram families updated by events, which several routers'
@@ -348,25 +356,17 @@ CounterSamples = dict[str, list[list]]
 
 
 @dataclass(slots=True)
-class StatsTotals:
+class StatsTotals(Tally):
     """Running totals of the counters behind the ``[stats]`` line (summed over label sets)."""
 
-    cache_hits: float = 0.0
-    cache_requests: float = 0.0
-    hit_blocks: float = 0.0
-    lookup_blocks: float = 0.0
-    cached_tokens: float = 0.0
-    prompt_tokens: float = 0.0
+    # each the total of the RouterMetrics counter its metadata names
+    cache_hits: float = field(default=0.0, metadata={"counter": "cache_hit"})
+    cache_requests: float = field(default=0.0, metadata={"counter": "cache_request"})
+    hit_blocks: float = field(default=0.0, metadata={"counter": "hit_blocks"})
+    lookup_blocks: float = field(default=0.0, metadata={"counter": "lookup_blocks"})
+    cached_tokens: float = field(default=0.0, metadata={"counter": "backend_cached_tokens"})
+    prompt_tokens: float = field(default=0.0, metadata={"counter": "backend_prompt_tokens"})
     requests: float = 0.0       # inference requests that ended (any status)
-
-    def __add__(self, other: StatsTotals) -> StatsTotals:
-        return StatsTotals(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
-
-    def __sub__(self, other: StatsTotals) -> StatsTotals:
-        return StatsTotals(*(a - b for a, b in zip(astuple(self), astuple(other), strict=True)))
-
-    def as_list(self) -> list[float]:
-        return list(astuple(self))
 
 
 def counter_total(metric: Family) -> float:

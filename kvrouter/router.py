@@ -19,7 +19,7 @@ from kvrouter.control.static import StaticInstances
 from kvrouter.control.transport import Transport
 from kvrouter.http.tls import client_context
 from kvrouter.instance import Role
-from kvrouter.metrics import RouterMetrics, StatsTotals
+from kvrouter.metrics import CounterChild, RouterMetrics, StatsTotals
 from kvrouter.policies import make_policy
 from kvrouter.policies.base import Policy, RequestView, Selection
 from kvrouter.policies.cache_aware import SessionAffinity
@@ -74,6 +74,15 @@ class Router:
         self.outliers = outlier.for_router(cfg.outlier, self.registry, self.metrics)
         self.registry.on_added.append(self._on_added)
         self.registry.on_removed.append(self._on_removed)
+        self.registry.on_changed.append(self._on_changed)
+        # per role, fixed for the router's life: its policy, its name, the role's label value
+        # and the decision-time histogram child (no enum property or labels() per decision)
+        self._roles = {role: (policy, policy.name, role.value,
+                              self.metrics.decision.labels(role.value, policy.name))
+                       for role, policy in self.policies.items()}
+        #: ``kvrouter_selections_total`` children by (role, instance, strategy); cleared when an
+        #: instance is removed or re-registered, so its URL label is never stale
+        self._chosen: dict[tuple[Role, Instance, str], CounterChild] = {}
         self._tasks: set[asyncio.Task] = set()
         self._stats_prev = StatsTotals()
         #: the last decisions, recorded only while a dashboard watches (:meth:`watch_decisions`)
@@ -127,24 +136,32 @@ class Router:
         return any(c.identity not in exclude for c in self.registry.candidates(role, model))
 
     def select(self, role: Role, view: RequestView, exclude: set[str] | None = None,
-               prefer: Callable[[Instance], bool] | None = None) -> Selection:
+               prefer: Callable[[Instance], bool] | None = None,
+               require: Callable[[Instance], bool] | None = None) -> Selection:
         """Ask the role's policy to choose among its :meth:`candidates`."""
-        cands = self.candidates(role, view, exclude, prefer)
-        policy = self.policies[role]
+        cands = self.candidates(role, view, exclude, prefer, require)
+        policy, name, role_name, decided = self._roles[role]
         started = time.perf_counter()
         sel = policy.select(cands, view)
-        m = self.metrics
-        m.decision.labels(role.value, policy.name).observe(time.perf_counter() - started)
-        m.selections.labels(role.value, policy.name, sel.instance.url, sel.strategy).inc()
+        decided.observe(time.perf_counter() - started)
+        key = (role, sel.instance, sel.strategy)
+        chosen = self._chosen.get(key)
+        if chosen is None:
+            if len(self._chosen) > 4096:
+                self._chosen.clear()
+            chosen = self._chosen[key] = self.metrics.selections.labels(
+                role_name, name, sel.instance.url, sel.strategy)
+        chosen.value += 1
         if sel.lookup_blocks:
-            m.lookup_blocks.labels(role.value).inc(sel.lookup_blocks)
-            m.hit_blocks.labels(role.value).inc(sel.hit_blocks)
+            m = self.metrics
+            m.lookup_blocks.labels(role_name).inc(sel.lookup_blocks)
+            m.hit_blocks.labels(role_name).inc(sel.hit_blocks)
         if sel.session_hit is not None:
-            m.cache_request.inc()
+            self.metrics.cache_request.inc()
             if sel.session_hit:
-                m.cache_hit.inc()
+                self.metrics.cache_hit.inc()
         if started < self._record_decisions_until:      # a dashboard watches: one tuple
-            self.decisions.append((started, role.value, policy.name, sel.instance.url,
+            self.decisions.append((started, role_name, name, sel.instance.url,
                                    sel.strategy, sel.hit_blocks, sel.lookup_blocks))
         return sel
 
@@ -154,22 +171,30 @@ class Router:
         self._record_decisions_until = time.perf_counter() + DECISIONS_WATCH_SECS
 
     def candidates(self, role: Role, view: RequestView, exclude: set[str] | None = None,
-                   prefer: Callable[[Instance], bool] | None = None) -> list[Instance]:
+                   prefer: Callable[[Instance], bool] | None = None,
+                   require: Callable[[Instance], bool] | None = None) -> list[Instance]:
         """The instances the role's policy chooses among: its routable candidates (minus
         ``exclude``); raises the 404/503 :class:`RouterError` when none is left.
 
         Instances ejected by outlier detection are left out, unless none would be left
         (:meth:`OutlierDetector.filter <kvrouter.control.outlier.OutlierDetector.filter>`).
-        ``prefer`` optionally narrows candidates (the PD pair filter); if it leaves none, all
-        candidates are used. ``view.model`` (its alias resolved) narrows them to the instances
-        serving it (``Registry.candidates``); a model no instance serves is a 404.
+        ``require`` leaves out the candidates it refuses (a decode that cannot take the chosen
+        prefill's KV cache); ``prefer`` optionally narrows the rest (FastDeploy's transfer
+        protocol match); if it leaves none, all of them are used. ``view.model`` (its alias
+        resolved) narrows them to the instances serving it (``Registry.candidates``); a model
+        no instance serves is a 404.
         """
         asked = view.model
-        model = self.aliases.get(asked, asked) if asked is not None else None
+        model = self.aliases.get(asked, asked) if asked is not None and self.aliases else asked
         cands = self.registry.candidates(role, model)
         if exclude:
             cands = [c for c in cands if c.identity not in exclude]
-        cands = self.outliers.filter(cands, role.value)
+        if require is not None:
+            cands = [c for c in cands if require(c)]
+            if not cands:
+                log.warning("no %s instance can pair with the chosen prefill", role.value)
+        if self.outliers.ejections:          # none ejected (the rule): nothing to filter
+            cands = self.outliers.filter(cands, role.value)
         if prefer is not None and cands:
             preferred = [c for c in cands if prefer(c)]
             if preferred:
@@ -191,6 +216,13 @@ class Router:
     def _on_removed(self, inst: Instance, reason: str) -> None:
         self.index.remove_instance(inst.identity)
         self.metrics.forget_instance(inst.url)
+        self._chosen.clear()
+        for policy in self.policies.values():
+            policy.forget(inst.identity)
+
+    def _on_changed(self, inst: Instance, what: str) -> None:
+        if what == "info":          # a re-registration may change the URL label
+            self._chosen.clear()
 
     def _spawn(self, coro) -> None:
         self.track(asyncio.ensure_future(coro))

@@ -308,3 +308,16 @@ async def closed_by_server(reader: asyncio.StreamReader, timeout: float = 10) ->
         return await asyncio.wait_for(reader.read(), timeout) == b""
     except ConnectionError:
         return True
+
+
+# what differs between two answers of an engine to the same request: ids, clocks, sampled text,
+# cache hits (what the first request left in the cache)
+_VOLATILE = re.compile(rb'"(id|created|arrival_time|content|text|completion_token_ids|'
+                       rb'cache_n|prompt_n|cached_tokens|prompt_ms|prompt_per_token_ms|'
+                       rb'prompt_per_second|predicted_ms|predicted_per_token_ms|'
+                       rb'predicted_per_second)":("(?:[^"\\]|\\.)*"|[^,}]*)')
+
+
+def shape(raw: bytes) -> bytes:
+    """An answer with what differs between two answers to the same request blanked out."""
+    return _VOLATILE.sub(rb'"\1":_', raw)

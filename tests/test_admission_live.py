@@ -1,14 +1,15 @@
 """The admission queue in a real router process in front of simulated instances: late binding,
-429 with Retry-After beyond the queue, priorities, client disconnects, metrics."""
+429 with Retry-After beyond the queue, priorities, client disconnects, metrics, headroom over
+the instances a request can use (its model, outlier ejection), PD."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import aiohttp
-
-from harness import metrics_text, post_json, register_all, sample, wait_for
+from harness import bounded, metrics_text, post_json, register_all, sample, wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
 URL = "/v1/chat/completions"
@@ -19,12 +20,19 @@ def admission(inflight: int, size: int, timeout: float = 20.0) -> dict:
                           "queue-size": size, "queue-timeout-secs": timeout}}
 
 
-async def timed_post(session: aiohttp.ClientSession, url: str, headers: dict | None = None
-                     ) -> tuple[int, float, dict]:
+async def timed_post(session: aiohttp.ClientSession, url: str, headers: dict | None = None,
+                     body: dict | None = None) -> tuple[int, float, dict]:
     start = time.monotonic()
-    async with session.post(url, json=CHAT, headers=headers) as r:
+    async with session.post(url, json=body or CHAT, headers=headers) as r:
         await r.read()
         return r.status, time.monotonic() - start, dict(r.headers)
+
+
+def one_at_a_time(received: list, delay: float) -> bool:
+    """Whether an instance ``received`` its requests at least ``delay`` (its first-byte delay,
+    during which the router counts the request on it) apart: never two at once."""
+    times = sorted(r.time for r in received)
+    return all(b - a >= 0.9 * delay for a, b in itertools.pairwise(times))
 
 
 async def test_burst_beyond_capacity_queues_then_429s_with_retry_after(router_factory, sims):
@@ -128,3 +136,114 @@ async def test_queue_timeout_is_429(router_factory, sims):
     text = await metrics_text(router)
     assert sample(text, "kvrouter_queue_rejections_total", reason="queue_timeout") + \
         sample(text, "kvrouter_queue_rejections_total", reason="deadline") == 2
+
+
+@bounded(30)
+async def test_wait_histogram_counts_requests_admitted_at_once(router_factory, sims):
+    """``kvrouter_queue_wait_seconds`` observes every admitted request, 0 for one that found
+    room at arrival: its count is the admitted requests, not only those that waited."""
+    router = await router_factory(admission(inflight=4, size=4))
+    (a,) = await sims(1)
+    await register_all(router, a)
+    for _ in range(3):
+        status, _, _ = await post_json(router.url + URL, CHAT)
+        assert status == 200
+    text = await metrics_text(router)
+    assert sample(text, "kvrouter_queue_wait_seconds_count", priority="default") == 3
+    assert sample(text, "kvrouter_queue_wait_seconds_sum", priority="default") == 0
+
+
+async def register_serving(router, inst, model: str) -> None:
+    status, body, _ = await post_json(router.url + "/register",
+                                      dict(inst.registration_payload(), models=[model]))
+    assert status == 200, body
+
+
+@bounded(30)
+async def test_instances_of_another_model_make_no_room(router_factory, sims):
+    """One instance per model, 1 in flight each: model-b's idle instance must not let
+    model-a's requests pile onto model-a's instance."""
+    router = await router_factory(admission(inflight=1, size=8))
+    (a,) = await sims(1, served_model_name="model-a")
+    (b,) = await sims(1, served_model_name="model-b")
+    await register_serving(router, a, "model-a")
+    await register_serving(router, b, "model-b")
+    a.knobs.first_byte_delay = 0.4
+    body = {**CHAT, "model": "model-a"}
+    async with aiohttp.ClientSession() as s:
+        results = await asyncio.gather(*(timed_post(s, router.url + URL, body=body)
+                                         for _ in range(3)))
+        # model-b's instance serves its own requests at once meanwhile
+        assert [r[0] for r in results] == [200] * 3
+    assert len(a.inference_requests) == 3 and not b.inference_requests
+    assert one_at_a_time(a.inference_requests, 0.4)
+
+
+@bounded(40)
+async def test_an_ejected_instance_makes_no_room(router_factory, sims):
+    """An instance ejected by outlier detection is idle, but requests cannot go there: its
+    slot must not admit requests that all land on the instance left."""
+    router = await router_factory({**admission(inflight=1, size=8),
+                                   "outlier": {"consecutive-failures": 2,
+                                               "base-ejection-secs": 60},
+                                   "server": {"status-retries": 1}})
+    bad, good = await sims(2)               # by URL: load ties go to `bad` first
+    await register_all(router, bad, good)
+    bad.knobs.reply_status, bad.knobs.reply_body = 500, {"error": {"message": "broken"}}
+
+    async def ejected() -> bool:
+        return sample(await metrics_text(router), "kvrouter_outlier_ejected_instances") == 1
+
+    for _ in range(6):
+        status, _, _ = await post_json(router.url + URL, CHAT)   # retried on `good`
+        assert status == 200
+        if await ejected():
+            break
+    assert await ejected()
+    tried, before = len(bad.inference_requests), len(good.inference_requests)
+    good.knobs.first_byte_delay = 0.4
+    async with aiohttp.ClientSession() as s:
+        results = await asyncio.gather(*(timed_post(s, router.url + URL) for _ in range(3)))
+    assert [r[0] for r in results] == [200] * 3
+    assert len(bad.inference_requests) == tried
+    measured = good.inference_requests[before:]
+    assert len(measured) == 3 and one_at_a_time(measured, 0.4)
+
+
+@bounded(40)
+async def test_pd_admits_one_request_per_free_prefill_slot(router_factory, sims):
+    """PD: an admitted request takes its prefill lease later, in its task; until then it
+    holds the slot, so 5 concurrent requests reach a 1-in-flight prefill one at a time."""
+    router = await router_factory(admission(inflight=1, size=8), "--splitwise")
+    (p,) = await sims(1, role="prefill")
+    (d,) = await sims(1, role="decode")
+    await register_all(router, p, d)
+    p.knobs.first_byte_delay = 0.4           # the prefill's lease lasts until its first byte
+    async with aiohttp.ClientSession() as s:
+        results = await asyncio.gather(*(timed_post(s, router.url + URL) for _ in range(5)))
+    assert [r[0] for r in results] == [200] * 5
+    assert len(p.inference_requests) == 5 and one_at_a_time(p.inference_requests, 0.4)
+    text = await metrics_text(router)
+    assert sample(text, "kvrouter_queue_wait_seconds_count", priority="default") == 5
+
+
+@bounded(30)
+async def test_queue_size_zero_with_a_limit_sheds_load(router_factory, sims):
+    """``queue-size: 0`` with a limit: the limit holds and nothing waits; a request without
+    headroom gets 429 ``queue_full`` at once (the limit used to be ignored)."""
+    router = await router_factory(admission(inflight=1, size=0))
+    (a,) = await sims(1)
+    await register_all(router, a)
+    a.knobs.first_byte_delay = 0.4
+    async def busy() -> bool:
+        return len(a.inference_requests) == 1
+
+    async with aiohttp.ClientSession() as s:
+        first = asyncio.ensure_future(timed_post(s, router.url + URL))
+        await wait_for(busy, 5)
+        async with s.post(router.url + URL, json=CHAT) as r:
+            body = await r.json()
+            assert r.status == 429 and r.headers["Retry-After"] == "1"
+            assert body["error"]["code"] == "queue_full"
+        assert (await first)[0] == 200
+    assert len(a.inference_requests) == 1

@@ -157,3 +157,19 @@ def test_pd_admission_queues_on_the_prefill_side():
     assert res.queue_peak > 0 and s["rejected"] == res.rejected > 0
     assert s["completed"] + s["failed"] + s["rejected"] == 200 and s["completed"] > 0
     assert all(v == (0, 0) for v in res.final_load.values())
+
+
+def test_a_burst_after_a_quiet_hour_is_queued_not_answered_deadline():
+    """The queue's pace counts only time during which requests waited: an hour without
+    traffic between two bursts is not an hour of service time (it made the second burst's
+    requests that found one ahead of them rejected ``deadline`` at once)."""
+    prompt = list(range(64))
+    burst = [WorkloadRequest(0.01 * i, [*prompt[i:], i], 4) for i in range(8)]
+    later = [WorkloadRequest(3600.0 + 0.01 * i, [*prompt[i:], 100 + i], 4) for i in range(8)]
+    res = run_cluster(burst + later, policy="request_num", instances=1, seed=2, admission=True,
+                      scheduler_overrides={"max-inflight-per-instance": 1,
+                                           "queue-timeout-secs": 5.0}, **SMALL)
+    assert res.queue_peak > 1                           # both bursts queued
+    assert res.rejected == 0 and res.rejections == {}
+    assert all(r.ok for r in res.results)
+    assert sum(r.router_wait > 0 for r in res.results[8:]) >= 6

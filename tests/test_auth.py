@@ -348,8 +348,7 @@ async def test_keys_file_is_reread_on_change(fleet: Fleet, tmp_path: Path) -> No
     new.write_text("sk-file-carol-0004 carol extra-field\n")
     os.replace(new, keys)
 
-    async def error_logged() -> bool:
-        await status_with("sk-file-bob-000003")     # a request triggers the check
+    async def error_logged() -> bool:        # a timer checks the file: no request needed
         return "keeping the previous keys" in r.log()
 
     await wait_for(error_logged, timeout=5, interval=0.2)
@@ -363,6 +362,54 @@ async def test_keys_file_is_reread_on_change(fleet: Fleet, tmp_path: Path) -> No
     assert 'kvrouter_client_requests_total{key="bob"}' in metrics
     log = r.log()
     assert "sk-file-" not in log and TOKEN not in log
+
+
+@bounded(40)
+async def test_keys_file_change_is_applied_without_any_request(fleet: Fleet,
+                                                               tmp_path: Path) -> None:
+    """The file is re-read by a timer within about a second of a change, not inside the first
+    request that follows (which used to wait for up to 1 MiB to be read and hashed)."""
+    keys = tmp_path / "keys.txt"
+    keys.write_text("sk-file-alice-0001 alice\nsk-file-nameless-02\n")
+    r = await fleet.router({"auth": {"api-keys-file": str(keys), "admin-token": TOKEN}})
+    assert "auth: 2 client keys from" in r.log()
+    new = tmp_path / "keys.new"
+    new.write_text("sk-file-bob-000003 bob\n")
+    os.replace(new, keys)
+
+    async def reloaded() -> bool:
+        return "auth: 1 client keys from" in r.log()
+
+    await wait_for(reloaded, timeout=5, interval=0.1)      # not a single request was sent
+    models = r.url + "/v1/models"
+    assert (await call("GET", models, headers={"x-api-key": "sk-file-bob-000003"}))[0] == 200
+    assert_refused(await call("GET", models, headers={"x-api-key": "sk-file-alice-0001"}), 401)
+
+
+@bounded(60)
+async def test_every_key_up_to_the_limits_is_recognised_by_name(fleet: Fleet,
+                                                                 tmp_path: Path) -> None:
+    """1024 keys in ``api-keys`` and 1024 more in the keys file (the documented limits), and
+    the admin token: each is found (one lookup, whatever their number) and counted by its
+    name; the admin token opens the admin routes, a client key does not."""
+    listed = [f"sk-listed-{i:05d}-abcdef" for i in range(1024)]
+    filed = [f"sk-filed-{i:05d}-abcdef" for i in range(1024)]
+    keys = tmp_path / "keys.txt"
+    keys.write_text("".join(f"{k} file{i}\n" if i % 2 else f"{k}\n"
+                            for i, k in enumerate(filed)))
+    r = await fleet.router({"auth": {"api-keys": listed, "api-keys-file": str(keys),
+                                     "admin-token": TOKEN}})
+    models = r.url + "/v1/models"
+    for key in (listed[0], listed[1023], filed[0], filed[1], filed[1023]):
+        assert (await call("GET", models, headers={"x-api-key": key}))[0] == 200, key
+    assert_refused(await call("GET", models, headers={"x-api-key": listed[0] + "x"}), 401)
+    assert_refused(await call("GET", r.url + "/registered",
+                              headers={"x-api-key": filed[1023]}), 403)
+    metrics = await admin_get(r, "/metrics")
+    for name in ("key1", "key1024", "key1025", "file1", "file1023"):
+        assert f'kvrouter_client_requests_total{{key="{name}"}} 1.0' in metrics, name
+    log = r.log()
+    assert "sk-listed-" not in log and "sk-filed-" not in log
 
 
 # --- secrets never logged -----------------------------------------------------------------------

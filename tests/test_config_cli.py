@@ -90,6 +90,54 @@ def test_register_yaml_bad_role_exits_1(tmp_path: Path) -> None:
     assert "instances[1]: invalid InstanceInfo format:invalid role: foo" in result.stderr
 
 
+ALIAS_BOMB = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}' if i else '1'] * 9)}]\n"
+                     for i in range(10))    # 9**10 items, a few hundred bytes of YAML
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "args", "needle"),
+    [
+        ('state:\n  redis-url: "redis://:s3cret@[::1:6379"\n', [],
+         "{cfg}: state.redis-url: invalid URL redis://:***@[::1:6379: Invalid IPv6 URL"),
+        ("", ["--redis-url", "redis://:s3cret@[::1:6379"],
+         "config error: --redis-url: invalid URL redis://:***@[::1:6379"),
+        ('scheduler:\n  tokenizer-url: "http://[::1:80"\n', [],
+         "{cfg}: scheduler.tokenizer-url: invalid URL 'http://[::1:80': Invalid IPv6 URL"),
+        ('scheduler:\n  tokenizer-url: "http://u:s3cret@[::1:80"\n', [],
+         "{cfg}: scheduler.tokenizer-url: invalid URL 'http://u:***@[::1:80'"),
+        ('tracing:\n  endpoint: "ftp://u:s3cret@collector"\n', [],
+         "{cfg}: tracing.endpoint: must be an http:// or https:// URL, got "
+         "'ftp://u:***@collector'"),
+        ('scheduler:\n  tokenizer-url: "u:s3cret@tok:99999"\n', [],
+         "{cfg}: scheduler.tokenizer-url: invalid URL 'u:***@tok:99999': Port out of range"),
+        ("server:\n  name: " + "[" * 5000 + "]" * 5000 + "\n", [],
+         "{cfg}: invalid YAML: nested too deeply"),
+        ("server:\n  name: 2020-13-45\n", [], "{cfg}: invalid YAML: month must be in 1..12"),
+        (ALIAS_BOMB + "server:\n  name: *l9\n", [], "{cfg}: server.name: must be a string, got"),
+    ],
+    ids=["redis-url", "redis-url-flag", "tokenizer-url", "tokenizer-url-password",
+         "endpoint-password", "no-scheme-password", "deep", "bad-date", "aliases"],
+)
+def test_hostile_config_values_are_config_errors(tmp_path: Path, yaml_text: str,
+                                                 args: list[str], needle: str) -> None:
+    """Malformed URLs and YAML the parser refuses with other errors than its own: one line,
+    ``config error: <file>: <key>: …``, no traceback, no password, in bounded time."""
+    cfg = write(tmp_path / "config.yaml", yaml_text)
+    result = run_cli("--port", "9000", "--config_path", str(cfg), *args, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert needle.format(cfg=cfg) in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "s3cret" not in result.stderr
+    assert len(result.stderr) < 2000
+
+
+def test_register_yaml_nested_too_deeply_exits_1(tmp_path: Path) -> None:
+    reg = write(tmp_path / "register.yaml", "instances: " + "[" * 5000 + "]" * 5000 + "\n")
+    cfg = write(tmp_path / "config.yaml", "manager:\n  register-path: register.yaml\n")
+    result = run_cli("--port", "9000", "--config_path", str(cfg), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"config error: {reg}: invalid YAML: nested too deeply"
+
+
 # --- load_config -------------------------------------------------------------------------------
 
 

@@ -37,12 +37,25 @@ PROMPT_TOKENS = len(tokenize(render_chat(CHAT["messages"])))   # as the sims cou
 
 
 async def pd_router(fleet: Fleet, prefills: list[SimInstance],
-                    decodes: list[SimInstance]) -> RouterProcess:
+                    decodes: list[SimInstance], **manager: object) -> RouterProcess:
+    """A ``--splitwise`` router with the instances in its register.yaml (``manager``: more
+    ``manager.*`` keys, ``_`` for ``-``)."""
     path = fleet.tmp_path / f"register{len(fleet.routers)}.yaml"
     entries = [i.register_entry() for i in prefills + decodes]
     path.write_text(yaml.safe_dump({"instances": entries}))
-    return await fleet.router({"manager": {"register-path": str(path)},
-                               "scheduler": {"prefill-policy": "round_robin"}}, "--splitwise")
+    keys = {k.replace("_", "-"): v for k, v in manager.items()}
+    router = await fleet.router({"manager": {"register-path": str(path), **keys},
+                                 "scheduler": {"prefill-policy": "round_robin"}}, "--splitwise")
+
+    async def probed() -> bool:        # the first health round is over: all of them routable
+        _, body = await get_json(router.url + "/health")
+        assert isinstance(body, dict), body
+        routable = body.get("routable", {})
+        return (routable.get("prefill") == len(prefills)
+                and routable.get("decode") == len(decodes))
+
+    await wait_for(probed)
+    return router
 
 
 async def chat(router: RouterProcess, stream: bool, headers: dict | None = None,
@@ -217,7 +230,8 @@ async def test_pd_dead_prefill_is_retried_on_another(fleet: Fleet, engine: str) 
     cfg = P2P if engine == "P2pNcclConnector" else {"engine": engine, "time_scale": 0.01}
     prefills = await fleet.sims_sorted(2, role="prefill", **cfg)
     decodes = await fleet.sims_sorted(2, role="decode", **cfg)
-    router = await pd_router(fleet, prefills, decodes)
+    # no health round in between: the requests themselves find the dead one
+    router = await pd_router(fleet, prefills, decodes, health_check_interval_secs=60)
     dead, live = prefills
     await dead.close_port()
     for stream in (False, True, False):      # round robin: the dead one comes up

@@ -458,6 +458,72 @@ async def test_unhealthy_removal(fleet: Fleet) -> None:
     assert await number(r) == {"mixed": 2, "prefill": 0, "decode": 0}
 
 
+@bounded(20)
+async def test_static_instances_are_never_removed(fleet: Fleet) -> None:
+    """With ``unhealthy-removal-secs: 0`` a heartbeat instance goes at its first failed round;
+    a register.yaml entry stays, unhealthy, and serves again once it recovers."""
+    static, dynamic = await fleet.sim(), await fleet.sim()
+    path = fleet.tmp_path / "register.yaml"
+    path.write_text(json.dumps({"instances": [{"role": "mixed", "host_ip": "127.0.0.1",
+                                               "port": static.port}]}))
+    r = await fleet.router({"manager": {"register-path": str(path), "unhealthy-removal-secs": 0,
+                                        "health-check-interval-secs": 0.25}})
+    await register(r, dynamic)
+    for inst in (static, dynamic):
+        inst.knobs.health_status = 500
+
+    async def dynamic_gone() -> bool:
+        return record(await registered(r), dynamic.url) is None
+
+    await wait_for(dynamic_gone, timeout=5)
+    await asyncio.sleep(1.0)                              # four more failed rounds
+    rec = record(await registered(r), static.url)
+    assert rec is not None and rec["_list"] == "unavailable" and rec["static"], rec
+    assert f"Removed unhealthy mixed instance: {dynamic.url}" in r.log()
+    assert f"Removed unhealthy mixed instance: {static.url}" not in r.log()
+
+    static.knobs.health_status = 200
+    await wait_for(lambda: _equals(number(r), {**EMPTY, "mixed": 1}), timeout=5)
+    assert await chosen(r, chat(("user", "back"))) == static.url
+
+
+async def _equals(value_coro, expected: object) -> bool:
+    return (await value_coro) == expected
+
+
+@bounded(25)
+async def test_a_removed_instance_leaves_no_metrics_state(fleet: Fleet) -> None:
+    """The scraper forgets an instance with its removal: registered again, it is new (no
+    "fresh again" for metrics that were stale before it was removed)."""
+    r = await fleet.router({"manager": {"health-check-interval-secs": 0.25,
+                                        "unhealthy-removal-secs": 0},
+                            "scheduler": {"policy": "fd_remote_metrics_score",
+                                          "metrics-scrape-interval-secs": 0.2,
+                                          "metrics-scrape-timeout-secs": 0.2}})
+    inst = await fleet.sim()
+    await register(r, inst)
+
+    async def scrapes() -> float:
+        return sample(await metrics_text(r), "kvrouter_metrics_scrape_total", url=inst.url,
+                      result="success")
+
+    await wait_for(lambda: _gt(scrapes(), 0), timeout=5)
+    inst.knobs.metrics_delay = 5.0                      # every scrape times out: stale
+    await wait_for(lambda: _true(f"metrics snapshot of {inst.url} is stale" in r.log()),
+                   timeout=5)
+    inst.knobs.health_status = 500                      # removed at the next round
+
+    async def gone() -> bool:
+        return record(await registered(r), inst.url) is None
+
+    await wait_for(gone, timeout=5)
+    inst.knobs.health_status = 200
+    inst.knobs.metrics_delay = 0.0
+    await register(r, inst)
+    await wait_for(lambda: _gt(scrapes(), 1), timeout=5)   # its series restarted at removal
+    assert f"metrics of {inst.url} fresh again" not in r.log()
+
+
 # --- /health_generate (docs/fastdeploy.md#http-api) -----------------------------------------------
 
 

@@ -316,3 +316,30 @@ async def test_register_yaml_is_re_read_on_change(fleet: Fleet) -> None:
         return await urls_of(r) == {s1.url: True, s3.url: False}
 
     await wait_for(only_s1, timeout=10)
+
+
+@bounded(40)
+async def test_a_hostile_register_yaml_is_logged_and_the_watch_goes_on(fleet: Fleet) -> None:
+    s1, s2 = await fleet.sim(), await fleet.sim()
+    path = fleet.tmp_path / "register.yaml"
+    write_register(path, entry(s1))
+    r = await fleet.router({**RR, "manager": {"register-path": str(path)}})
+    assert await urls_of(r) == {s1.url: True}
+    # what PyYAML answers with other errors than its own: RecursionError, ValueError
+    for text, problem in (("instances: " + "[" * 5000 + "]" * 5000, "nested too deeply"),
+                          (f"instances: [{{role: mixed, host_ip: 127.0.0.1, port: {s2.port}, "
+                           "version: 2020-13-45}]", "month must be in 1..12")):
+        write_register(path, text)
+        line = f"config error: {path}: invalid YAML: {problem}; keeping the 1 static instances"
+
+        async def logged(line: str = line) -> bool:
+            return line in r.log()
+
+        await wait_for(logged, timeout=10)
+        assert await urls_of(r) == {s1.url: True}
+    write_register(path, entry(s2))                    # the watch still runs
+
+    async def only_s2() -> bool:
+        return await urls_of(r) == {s2.url: True}
+
+    await wait_for(only_s2, timeout=10)

@@ -679,6 +679,79 @@ def test_sglang_session_stats_and_short_prompt():
     assert sel.lookup_blocks == 0 and sel.hit_blocks == 0
 
 
+def test_a_session_id_over_256_characters_is_neither_remembered_nor_counted():
+    """The memory holds up to 100,000 ids and is replicated to every worker and replica: an id
+    longer than 256 characters is not stored, not passed on, and the decision counts as
+    session-less (README "Metrics and logs", ``cache_hit_rate``)."""
+    from kvrouter.policies.cache_aware import SessionAffinity
+
+    memory = SessionAffinity()
+    told: list[tuple[str, str]] = []
+    memory.add_listener(lambda sid, ident: told.append((sid, ident)))
+    longest, too_long = "s" * 256, "s" * 257
+    assert memory.observe(longest, "a:1") is False and memory.observe(longest, "a:1") is True
+    assert memory.observe(too_long, "a:1") is None and memory.observe(too_long, "a:1") is None
+    assert memory.remember(too_long, "a:1") is None           # another router's: not stored
+    assert len(memory) == 1 and told == [(longest, "a:1")] * 2
+    a, b = make_instances(2, Role.PREFILL)
+    for name in ("cache_aware", "sglang_cache_aware", "kv_cost"):
+        pol = policy(name, role="prefill")
+        req = view({"prompt": "abcdefgh", "session_id": too_long})
+        assert [pol.select([a, b], req).session_hit for _ in range(2)] == [None, None], name
+        req = view({"prompt": "abcdefgh", "session_id": longest})
+        assert pol.select([a, b], req).session_hit is False, name
+        assert len(pol.sessions) == 1, name
+
+
+def test_forget_drops_a_removed_instances_state_in_every_policy():
+    """Policies keep per-instance state (sglang's tree sizes, the selection recency of cold
+    prompts); a removed instance's goes, so it does not grow with every instance ever seen,
+    and one that registers again starts afresh."""
+    a, b = make_instances(2)
+    req = view({"prompt": "abcdefghijklmnop"})
+    tree = sgl(PrefixIndex(1000, 0), sglang_miss_policy="smallest_tree")
+    tree.select([a, b], req)
+    assert tree.tree_blocks == {a.identity: 4}
+    tree.forget(a.identity)
+    assert tree.tree_blocks == {}
+    for name in ("cache_aware", "kv_cost"):
+        pol = policy(name)
+        pol.select([a, b], req)
+        assert pol.recency.last(a.identity) >= 0, name
+        pol.forget(a.identity)
+        assert pol.recency.last(a.identity) == -1, name
+    for name in POLICY_NAMES:          # every policy takes it; unknown identities are fine
+        policy(name).forget("10.9.9.9:1")
+
+
+async def test_the_router_makes_every_policy_forget_a_removed_instance():
+    from kvrouter.config import RouterConfig
+    from kvrouter.router import Router
+
+    config = RouterConfig()
+    config.server.splitwise = True
+    config.scheduler.prefill_policy = "sglang_cache_aware"
+    config.scheduler.sglang_miss_policy = "smallest_tree"
+    config.scheduler.decode_policy = "kv_cost"
+    config.scheduler.cache_block_size = 4
+    router = Router(config)
+    (p_inst,) = make_instances(1, Role.PREFILL)
+    (d_inst,) = make_instances(1, Role.DECODE, base_port=9001)
+    p_inst = router.registry.add(p_inst.info)
+    d_inst = router.registry.add(d_inst.info)
+    req = view({"prompt": "abcdefghijklmnop"})
+    router.select(Role.PREFILL, req)
+    router.select(Role.DECODE, req)
+    prefill, decode = router.policies[Role.PREFILL], router.policies[Role.DECODE]
+    assert prefill.tree_blocks == {p_inst.identity: 4}
+    assert decode.recency.last(d_inst.identity) >= 0
+    router.registry.remove(p_inst, "instance_removed")
+    router.registry.remove(d_inst, "instance_removed")
+    assert prefill.tree_blocks == {}
+    assert decode.recency.last(d_inst.identity) == -1
+    await router.close()      # registering started its model-list fetches on this loop
+
+
 # --------------------------------------------------------------------------- Load prefill work
 def test_load_prefill_estimate_is_released_with_tokens():
     load = Load()

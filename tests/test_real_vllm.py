@@ -28,7 +28,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-from harness import bounded, get_json, metrics_text, sample, samples, wait_for
+from harness import bounded, get_json, metrics_text, sample, samples, shape, wait_for
 from realengines import (
     assert_scraped_without_failures,
     free_port,
@@ -191,6 +191,39 @@ async def test_cached_tokens_reported_in_blocks(servers, router_factory, tmp_pat
         return sample(text, "kvrouter_backend_cached_tokens_total") >= sum(cached)
 
     assert await wait_for(counted, timeout=5)
+
+
+@bounded(60)
+async def test_streams_without_usage_are_measured_and_relayed_unchanged(servers, router_factory,
+                                                                       tmp_path):
+    """A stream whose client leaves usage off: the router asks vLLM for it and takes the usage
+    event out, so the client gets the bytes of a direct answer (no usage anywhere, the
+    ``system_fingerprint`` vLLM then moves to the usage event back on the last event), and
+    the backend counters still add up the prompt and cached tokens."""
+    (server,) = servers[:1]
+    router = await front(router_factory, tmp_path, [server])
+    body = {"model": "tiny", "stream": True, "max_tokens": 3, "ignore_eos": True,
+            "messages": [{"role": "user", "content": words(random.Random(12), 600)}]}
+    async with aiohttp.ClientSession() as s:
+        status, direct, _ = await post(s, server.url + "/v1/chat/completions", body)
+        assert status == 200, direct[:300]
+        relayed = []
+        for _ in range(2):
+            status, raw, _ = await post(s, router.url + "/v1/chat/completions", body)
+            assert status == 200 and raw.endswith(b"data: [DONE]\n\n"), raw[-300:]
+            relayed.append(raw)
+
+    for raw in relayed:       # vLLM's system_fingerprint back on the last event included
+        assert b'"usage"' not in raw and shape(raw) == shape(direct), (raw, direct)
+
+    async def counted() -> tuple[float, float] | None:
+        text = await metrics_text(router)
+        got = (sample(text, "kvrouter_backend_prompt_tokens_total", url=server.url),
+               sample(text, "kvrouter_backend_cached_tokens_total", url=server.url))
+        return got if got[0] > 0 else None
+
+    prompt, cached = await wait_for(counted, timeout=5)
+    assert prompt > 2 * 500 and cached >= 2 * BLOCK and cached % BLOCK == 0, (prompt, cached)
 
 
 @bounded(240)

@@ -486,3 +486,197 @@ async def test_a_password_protected_redis(tmp_path, replicas, sims):
         assert f"cannot connect to Redis at redis://:***@127.0.0.1:{server.port}/0" in text
     finally:
         await server.stop()
+
+
+def _event(info: dict, port: str) -> dict:
+    return {"t": "reg", "id": f"{info['host']}:{port}", "v": [time.time(), 1], "i": info,
+            "st": False}
+
+
+@bounded(60)
+async def test_a_malformed_registration_stored_in_redis_does_not_stop_a_replica(
+        redis_server, replicas, sims):
+    """A registration key that is not even a mapping (any exception, not only ValueError)
+    is skipped and logged when a replica reads the registry at startup; the rest is read."""
+    import redis.asyncio as aioredis
+
+    (a,) = await sims(1)
+    port = a.url.rsplit(":", 1)[1]
+    good = {"role": "mixed", "host": "127.0.0.1", "scheme": "http", "port": port,
+            "is_paused": False, "engine": "fastdeploy"}
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        for ident, reg in (("10.0.0.9:80", {**_event(good, port), "id": "10.0.0.9:80",
+                                            "i": ["not", "a", "mapping"]}),
+                           (f"127.0.0.1:{port}", _event(good, port))):
+            await client.hset(f"kvrouter:inst:{ident}", "reg", json.dumps(reg))
+            await client.sadd("kvrouter:instances", ident)
+    finally:
+        await client.aclose()
+    (r,) = await replicas(redis_server.url, 1)
+    assert await routable(r) == 1
+    assert await send(r, "hello") == (200, a.url)
+    assert "skipped the unreadable record of '10.0.0.9:80'" in r.log()
+    assert (await health(r))["redis"] == "connected"
+
+
+@bounded(60)
+async def test_malformed_stream_entries_never_stop_the_reader(redis_server, replicas, sims):
+    """Entries of any shape (a registration that is not a mapping, events that are not a
+    list, a load share of the wrong type, a port in full-width digits) are skipped; the
+    entries after them are still applied, and the replica stays connected."""
+    import redis.asyncio as aioredis
+
+    (r,) = await replicas(redis_server.url, 1)
+    (a,) = await sims(1)
+    port = a.url.rsplit(":", 1)[1]
+    good = {"role": "mixed", "host": "127.0.0.1", "scheme": "http", "port": port,
+            "is_paused": False, "engine": "fastdeploy"}
+    wide = dict(good, host="127.0.0.3", port="８０８０")     # isdigit() is true for these
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        entries = [{"e": json.dumps([{**_event(good, port), "i": "not a mapping"}])},
+                   {"e": json.dumps({"t": "reg"})},
+                   {"ld": json.dumps([1, ["not", "a", "mapping"]])},
+                   {"e": json.dumps([_event(wide, "8080")])},
+                   {"e": json.dumps([_event(good, port)])}]
+        for fields in entries:
+            await client.xadd("kvrouter:events", {"r": "someone", **fields})
+    finally:
+        await client.aclose()
+    await wait_for(lambda: everywhere([r], 1), timeout=3)
+    status, body = await get_json(r.url + "/registered")
+    assert status == 200 and [w["url"] for w in body["mixed"]] == [a.url]
+    assert "invalid port '８０８０'" in r.log()
+    assert "AttributeError" in r.log()
+    assert (await health(r))["redis"] == "connected"
+    assert await send(r, "hello") == (200, a.url)
+
+
+# -- replicas in this process, on the real redis-server: internal state and timing ------------
+
+def _info(port: int):
+    from kvrouter.instance import parse_registration
+    return parse_registration({"role": "mixed", "host_ip": "127.0.0.1", "port": port},
+                              splitwise=False)
+
+
+async def _in_process(url: str, n: int = 2):
+    """``n`` routers sharing state through Redis in this process: [(router, state), …]."""
+    from kvrouter.config import RouterConfig
+    from kvrouter.router import Router
+    from kvrouter.shared.redis import RedisState
+
+    out = []
+    for _ in range(n):
+        cfg = RouterConfig()
+        cfg.state.redis_url = url
+        cfg.state.leader_ttl_secs, cfg.state.load_interval_secs = 1.0, 0.05
+        cfg.state.load_ttl_secs = 1.0
+        state = RedisState(cfg.state)
+        router = Router(cfg, shared=state)
+        await state.open()
+        out.append((router, state))
+    return out
+
+
+async def _close(pairs) -> None:
+    for router, state in pairs:
+        await state.aclose()
+        await router.close()
+
+
+async def _until(predicate, timeout: float = 3.0) -> None:
+    async def check():
+        return predicate()
+    await wait_for(check, timeout=timeout, interval=0.01)
+
+
+@bounded(30)
+async def test_removals_are_forgotten_by_every_replica_not_only_the_leader(
+        redis_server, monkeypatch):
+    from kvrouter.shared import redis as redis_state
+    from kvrouter.workers import replica
+
+    monkeypatch.setattr(replica, "TOMBSTONE_SECS", 0.5)
+    monkeypatch.setattr(redis_state, "TOMBSTONE_EXPIRY", 0.1)
+    pairs = await _in_process(redis_server.url)
+    try:
+        await _until(lambda: sum(s.leads for _, s in pairs) == 1)
+        (leader, _), (follower, f_state) = sorted(pairs, key=lambda p: not p[1].leads)
+        inst = leader.registry.add(_info(9))
+        await _until(lambda: follower.registry.get(inst.identity) is not None)
+        leader.registry.remove(inst, "instance_removed")
+        await _until(lambda: follower.registry.get(inst.identity) is None)
+        assert inst.identity in f_state.replica._tombstones
+        await _until(lambda: all(not s.replica._tombstones for _, s in pairs))
+    finally:
+        await _close(pairs)
+
+
+@bounded(30)
+async def test_a_sync_task_that_fails_is_logged_resynchronised_and_restarted(
+        redis_server, monkeypatch, caplog):
+    """A bug that ends the reader (here: an exception its Redis call never raises) must
+    not leave the replica silently deaf while it says "connected"."""
+    import logging
+
+    from kvrouter.shared import redis as redis_state
+
+    monkeypatch.setattr(redis_state, "RESTART_AFTER", 0.2)
+    caplog.set_level(logging.INFO, logger="kvrouter.replicas")
+    pairs = await _in_process(redis_server.url)
+    (r0, _), (r1, s1) = pairs
+    try:
+        xread, calls = s1._r.xread, []
+
+        async def fails_once(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("a bug in the reader")
+            return await xread(*args, **kwargs)
+
+        s1._r.xread = fails_once
+        await _until(lambda: calls)
+        inst = r0.registry.add(_info(10))        # read again from the keys: resynchronised
+        await _until(lambda: r1.registry.get(inst.identity) is not None, timeout=5)
+        await _until(lambda: len(calls) > 1)     # the reader runs again …
+        inst = r0.registry.add(_info(11))        # … and applies the stream
+        await _until(lambda: r1.registry.get(inst.identity) is not None)
+        assert s1.connected
+        text = caplog.text
+        assert "the Redis reader task stopped (RuntimeError('a bug in the reader'))" in text
+        assert "shared state resynchronised" in text
+    finally:
+        await _close(pairs)
+
+
+@bounded(30)
+async def test_the_stream_carries_only_the_load_shares_that_moved(redis_server):
+    """With many instances busy, a change on one puts that one's share on the stream, not
+    the whole fleet's every 10 ms; the others' counters follow."""
+    import redis.asyncio as aioredis
+
+    pairs = await _in_process(redis_server.url)
+    (r0, s0), (r1, _) = pairs
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        insts = [r0.registry.add(_info(11000 + n)) for n in range(30)]
+        leases = [inst.load.acquire(10) for inst in insts]
+        seen = [r1.registry.load_for(inst.identity, create=True) for inst in insts]
+        await _until(lambda: all(load.requests == 1 for load in seen))
+        last = (await client.xrevrange("kvrouter:events", count=1))[0][0]
+        extra = insts[5].load.acquire(1)
+        await _until(lambda: seen[5].requests == 2)
+        mine = [fields for _, fields in await client.xrange("kvrouter:events", min=b"(" + last)
+                if fields[b"r"] == s0.rid.encode()]
+        assert mine and all(b"l" not in fields for fields in mine), mine
+        changed = [json.loads(fields[b"ld"])[1] for fields in mine if b"ld" in fields]
+        assert changed and all(list(c) == [insts[5].identity] for c in changed), changed
+        extra.release()
+        for lease in leases:
+            lease.release()
+        await _until(lambda: all(load.requests == 0 for load in seen))
+    finally:
+        await client.aclose()
+        await _close(pairs)

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import orjson
 from harness import connect, read_head, read_response
@@ -246,6 +247,7 @@ CLIENT_HEADERS = [
     (b"Proxy-Authorization", b"Basic eA=="),
     (b"Content-Length", b"5"),
     (b"Expect", b"100-continue"),
+    (b"X-KVRouter-Priority", b"batch"),     # the router's own
     (b"X-Request-Id", b"AbC-1"),
     (b"Accept-Encoding", b"gzip, br"),
     (b"authorization", b"Bearer t"),
@@ -1032,6 +1034,44 @@ async def test_pd_sglang_both_legs_get_the_same_bootstrap_room():
         _, _, _ = await ask(port, PD_BODY)
         assert sent_json(p)["bootstrap_room"] != sent_p["bootstrap_room"]
 
+
+
+@on_loop
+async def test_pd_decode_of_another_kind_is_never_paired():
+    """A decode that cannot take the prefill's KV cache (another engine; vLLM P2P NCCL on one
+    side only) is no fallback: the request is 503, nothing reaches it. FastDeploy's transfer
+    protocol match stays a preference (``test_pd_fd_protocol_mismatch_falls_back``)."""
+    cfg = RouterConfig()
+    cfg.server.splitwise = True
+    async with fakes(json_script(200, b"{}"), json_script(200, DECODE_OK),
+                     json_script(200, DECODE_OK)) as (p, d_vllm, d_plain):
+        infos = [pd_info(Role.PREFILL, p.port, "sglang"),
+                 pd_info(Role.DECODE, d_vllm.port, "vllm")]
+        async with app_server(cfg, infos) as (_app, port, _):
+            status, _, body = await ask(port, PD_BODY)
+            assert status == 503, body
+            assert not p.requests and not d_vllm.requests
+        p2p = InstanceInfo(role=Role.PREFILL, host="127.0.0.1", scheme="http", port=str(p.port),
+                           engine="vllm", kv_zmq_address="127.0.0.1:21001")
+        async with app_server(cfg, [p2p, pd_info(Role.DECODE, d_plain.port, "vllm")]) as (
+                _app, port, _):
+            status, _, body = await ask(port, PD_BODY)
+            assert status == 503, body
+            assert not p.requests and not d_plain.requests
+
+
+@on_loop
+async def test_pd_fd_protocol_mismatch_falls_back():
+    """FastDeploy: no decode reaches the prefill by ipc or rdma; any decode is used, as
+    fd-router does (docs/fastdeploy.md#pd-dispatch)."""
+    cfg = RouterConfig()
+    cfg.server.splitwise = True
+    async with fakes(json_script(200, b"{}"), json_script(200, DECODE_OK)) as (p, d):
+        infos = [pd_info(Role.PREFILL, p.port), pd_info(Role.DECODE, d.port)]
+        infos[0] = replace(infos[0], transfer_protocol=("ipc",))
+        async with app_server(cfg, infos) as (_app, port, _):
+            status, _, body = await ask(port, PD_BODY)
+            assert status == 200 and body == DECODE_OK
 
 
 def test_sglang_registration_carries_its_bootstrap_port():

@@ -10,7 +10,16 @@ import aiohttp
 import orjson
 import pytest
 import yaml
-from harness import Fleet, RouterProcess, bounded, metrics_text, register_all, sample, wait_for
+from harness import (
+    Fleet,
+    RouterProcess,
+    bounded,
+    metrics_text,
+    register_all,
+    sample,
+    shape,
+    wait_for,
+)
 from test_http_server import FakeInstance, chunk, on_loop
 from test_request_path import (
     SSE_EVENTS,
@@ -25,9 +34,9 @@ from test_request_path import sample as app_sample
 
 from kvrouter.backends.usage import (
     ASK,
+    UsageTaker,
     decode_like,
     prefill_usage,
-    take_usage_events,
     timings_of,
     with_usage,
 )
@@ -36,11 +45,6 @@ from kvrouter.sim.tokens import render_chat, tokenize
 
 MESSAGES = [{"role": "user", "content": "a shared prefix that fills a few cache blocks " * 40}]
 PROMPT = "a completion prompt long enough to fill a few prefix cache blocks " * 40
-# what differs between two answers to the same request (ids, clocks, sampled text, hits)
-VOLATILE = re.compile(rb'"(id|created|arrival_time|content|text|completion_token_ids|'
-                      rb'system_fingerprint|cache_n|prompt_n|cached_tokens)":("[^"]*"|[^,}]*)')
-
-
 def request(kind: str, **extra: object) -> tuple[str, dict]:
     if kind == "chat":
         body: dict = {"messages": MESSAGES}
@@ -61,11 +65,6 @@ async def stream(url: str, path: str, body: dict) -> bytes:
             headers={"Content-Type": "application/json"}) as r:
         assert r.status == 200
         return await r.read()
-
-
-def shape(raw: bytes) -> bytes:
-    """A stream with what differs between two answers blanked out."""
-    return VOLATILE.sub(rb'"\1":_', raw)
 
 
 async def router_for(fleet: Fleet, inst: SimInstance) -> RouterProcess:
@@ -231,6 +230,8 @@ def test_with_usage_asks_only_streams_that_leave_usage_off():
         ({"stream": True, "stream_options": {"include_usage": True}}, None),
         ({"stream": True, "stream_options": {"continuous_usage_stats": True}}, None),
         ({"stream": True, "stream_options": "bad"}, None),
+        ({"stream": True, "n": 2}, None),
+        ({"stream": True, "n": 1}, {"include_usage": True}),
         ({"stream": True, "stream_options": None}, {"include_usage": True}),
         ({"stream": True, "stream_options": {"include_usage": False, "x": 1}},
          {"include_usage": True, "x": 1}),
@@ -251,15 +252,46 @@ def test_prefill_usage_is_undone_for_the_decode():
     assert prefill_usage(raw, own) == raw and decode_like(raw, own) == raw
 
 
-def test_take_usage_events_removes_only_usage_only_events():
-    data = b"".join(SSE_EVENTS)
-    assert take_usage_events(data) == (SSE_EVENTS[0] + SSE_EVENTS[1] + SSE_EVENTS[3],
-                                       (11, 4), False)
+def taken(*pieces: bytes) -> tuple[bytes, UsageTaker]:
+    """What the relay passes on of ``pieces`` (unchanged once the taker is passing)."""
+    taker = UsageTaker()
+    out = b""
+    for p in pieces:
+        out += p if taker.passing else taker.feed(p)
+    return out + taker.flush(), taker
+
+
+def test_usage_taker_removes_only_usage_only_events():
+    assert taken(*SSE_EVENTS)[0] == SSE_EVENTS[0] + SSE_EVENTS[1] + SSE_EVENTS[3]
+    assert taken(*SSE_EVENTS)[1].usage == (11, 4)
     spaced = b'data: {"choices": [ ], "usage": {"prompt_tokens": 5}}\n\n'
-    assert take_usage_events(spaced) == (b"", (5, None), False)
+    out, taker = taken(spaced)
+    assert out == b"" and taker.usage == (5, None) and not taker.passing
     # usage on an event with choices: the engine sends usage unasked, nothing is taken out
-    unasked = b'data: {"choices":[{"text":""}],"usage":{"prompt_tokens":7}}\n\n' + spaced
-    assert take_usage_events(unasked) == (unasked, (5, None), True)
+    unasked = b'data: {"choices":[{"text":""}],"usage":{"prompt_tokens":7}}\n\n'
+    out, taker = taken(unasked, spaced[:9], spaced[9:])
+    assert out == unasked + spaced and taker.passing
+
+
+def test_usage_taker_moves_fields_back_to_the_finishing_event():
+    """vLLM, asked for usage, sends its system_fingerprint on the usage event instead of the
+    last one: the client gets it where vLLM sends it unasked, the usage event held or not."""
+    fp = b',"system_fingerprint":"vllm-0.32.0"'
+    finish = b'data: {"id":"c","choices":[{"index":0,"finish_reason":"length"}]}\n\n'
+    usage = (b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":9,'
+             b'"prompt_tokens_details":{"cached_tokens":0}}' + fp + b'}\n\n')
+    unasked = finish[:-3] + fp + b"}\n\n"
+    for pieces in ([SSE_EVENTS[0], finish, usage, SSE_EVENTS[3]],
+                   [SSE_EVENTS[0] + finish + usage + SSE_EVENTS[3]],
+                   [SSE_EVENTS[0], finish[:20], finish[20:] + usage[:30], usage[30:],
+                    SSE_EVENTS[3]]):
+        out, taker = taken(*pieces)
+        assert out == SSE_EVENTS[0] + unasked + SSE_EVENTS[3], pieces
+        assert taker.usage == (9, 0)
+    # a finishing event is held only until the next event arrives
+    taker = UsageTaker()
+    assert taker.feed(SSE_EVENTS[0] + finish) == SSE_EVENTS[0]
+    assert taker.feed(SSE_EVENTS[3]) == finish + SSE_EVENTS[3]
 
 
 def test_timings_of_reads_llamacpp_timings():

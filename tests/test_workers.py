@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import random
 import re
@@ -266,6 +267,66 @@ async def test_restarted_worker_gets_registry_and_prefix_index(router_factory, s
     assert not alive(old)
 
 
+def write_register(path, *insts) -> None:
+    """Replace register.yaml atomically (as the README asks) with ``insts``."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"instances": [
+        {"role": "mixed", "host_ip": "127.0.0.1", "port": i.port} for i in insts]}))
+    os.replace(tmp, path)
+
+
+async def _lists(conns: list[Pinned], urls: list[str]) -> bool:
+    for conn in conns:
+        _, body = await conn.get("/registered")
+        if sorted(w["url"] for w in body["mixed"]) != sorted(urls):
+            return False
+    return True
+
+
+async def _keeps_listing(conns: list[Pinned], urls: list[str], secs: float = 3.0) -> None:
+    """Every worker lists ``urls`` for ``secs`` (longer than a register.yaml check period)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + secs
+    while loop.time() < end:
+        assert await _lists(conns, urls)
+        await asyncio.sleep(0.05)
+
+
+@bounded(90)
+async def test_restarted_workers_keep_register_yaml_edits(router_factory, sims, tmp_path):
+    a, b, c = await sims(3)
+    path = tmp_path / "register.yaml"
+    write_register(path, a, b)
+    router = await router_factory({**LOCAL, "manager": {"register-path": str(path)}},
+                                  "--workers", "2")
+    conns = [await pin(router, 0), await pin(router, 1)]
+    try:
+        assert await _lists(conns, [a.url, b.url])
+        write_register(path, a)                                   # b removed
+        await wait_for(lambda: _lists(conns, [a.url]), timeout=10)
+        # worker 1 restarted: it must not bring b back from the list read at startup
+        old = conns[1].pid
+        os.kill(old, signal.SIGKILL)
+        await wait_for(lambda: _new_pid(router, 1, old), timeout=15)
+        await conns[1].close()
+        conns[1] = await pin(router, 1)
+        await wait_for(lambda: _lists(conns, [a.url]), timeout=5)
+        await _keeps_listing(conns, [a.url])
+        # worker 0 (the file's watcher) killed, and the file edited before it is back: the
+        # restarted one reads the file again
+        old = conns[0].pid
+        os.kill(old, signal.SIGKILL)
+        write_register(path, b, c)
+        await wait_for(lambda: _new_pid(router, 0, old), timeout=15)
+        await conns[0].close()
+        conns[0] = await pin(router, 0)
+        await wait_for(lambda: _lists(conns, [b.url, c.url]), timeout=10)
+        await _keeps_listing(conns, [b.url, c.url])
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
 @bounded(60)
 async def test_health_rounds_run_once_and_reach_every_worker(router_factory, sims):
     cfg = {"server": {"host": "127.0.0.1", "workers": 2},
@@ -495,6 +556,29 @@ async def test_sync_last_writer_wins_and_tombstones():
         await r.close()
 
 
+@bounded(10)
+async def test_sync_forgets_the_snapshots_sent_of_a_removed_instance():
+    from kvrouter.backends.snapshot import MetricsSnapshot
+
+    (r0, r1), (s0, s1) = _pair_of_routers(policy="fd_remote_metrics_score")
+    s0.start()
+    s1.start()
+    try:
+        inst = r0.registry.add(_info(9004))
+        inst.snapshot = MetricsSnapshot(running=1, waiting=2, taken_at=time.monotonic())
+        await _until(lambda: (i := r1.registry.get(inst.identity)) is not None
+                     and i.snapshot is not None)
+        assert inst.identity in s0._snaps_sent
+        r0.registry.remove(inst, "instance_removed")
+        assert inst.identity not in s0._snaps_sent
+        await _until(lambda: r1.registry.get(inst.identity) is None)
+    finally:
+        s0.close()
+        s1.close()
+        for r in (r0, r1):
+            await r.close()
+
+
 def test_load_shares_are_summed_per_sender_and_dropped_with_it():
     from kvrouter.load import LoadShare
     from kvrouter.registry import Registry
@@ -547,3 +631,108 @@ def test_prefix_index_runs_replay_to_the_same_index():
     dst.record([1, 2, 3], "i0", 100.0)
     for ident, chain in chains.values():
         assert dst.match(chain, ["i0", "i1", "i2"]) == src.match(chain, ["i0", "i1", "i2"])
+
+
+@bounded(60)
+async def test_long_session_ids_are_neither_remembered_nor_shared(router_factory, sims):
+    """Session ids over 256 characters are not remembered (nor sent to the sibling): such
+    requests do not count for router_cache_request_total; short ids count across workers."""
+    router = await router_factory(CACHE_AWARE, "--workers", "2")
+    (a,) = await sims(1)
+    assert await a.register_once(router.url) == 200
+    conns = [await pin(router, 0), await pin(router, 1)]
+    try:
+        for sid in ("s" * 300, "short-session"):
+            for c in conns:
+                status, _, _ = await c.post("/v1/chat/completions",
+                                            chat("P" + CONTEXT, session_id=sid))
+                assert status == 200
+                await asyncio.sleep(0.1)         # the observation reaches the sibling (~1 ms)
+        text = await fresh_text(router, "/metrics")
+        assert 'kvrouter_worker_processes{state="merged"} 2.0' in text
+        assert re.search(r"^router_cache_request_total 2\.0$", text, re.M), text
+        assert re.search(r"^router_cache_hit_total 1\.0$", text, re.M), text   # via worker 0
+    finally:
+        for c in conns:
+            await c.close()
+
+
+@bounded(20)
+async def test_sync_sends_only_the_load_shares_that_moved():
+    """With many instances busy, a change on one sends that one's share (a partial ``load``
+    event), not the whole fleet's every 2 ms; the whole share, recomputed from every
+    instance, follows every LOAD_REFRESH, so a change that was not marked still arrives."""
+    from kvrouter.workers.sync import LOAD_REFRESH
+
+    (r0, r1), (s0, s1) = _pair_of_routers(policy="request_num")
+    received: list[dict] = []
+    apply_load = s1._handlers["load"]
+
+    def record(link, e: dict) -> None:
+        received.append(e)
+        apply_load(link, e)
+
+    s1._handlers["load"] = record
+    s0.start()
+    s1.start()
+    try:
+        insts = [r0.registry.add(_info(9100 + n)) for n in range(50)]
+        leases = [inst.load.acquire(10) for inst in insts]
+        seen = [r1.registry.load_for(inst.identity, create=True) for inst in insts]
+        await _until(lambda: all(load.requests == 1 for load in seen))
+        received.clear()
+        extra = insts[7].load.acquire(5)
+        await _until(lambda: seen[7].requests == 2)
+        partial = [e for e in received if e.get("p")]
+        assert partial and all(list(e["l"]) == [insts[7].identity] for e in partial), received
+        extra.release()
+        leases[7].release()
+        await _until(lambda: seen[7].requests == 0)
+        last = [e for e in received if e.get("p")][-1]
+        assert last["l"] == {insts[7].identity: [0] * 7}               # zero: gone
+        received.clear()
+        insts[3].load.requests += 1          # not through acquire: no mark, the rebuild finds it
+        await _until(lambda: seen[3].requests == 2, timeout=LOAD_REFRESH + 1.5)
+        full = [e for e in received if not e.get("p")]
+        assert full and len(full[-1]["l"]) == 49, received           # all but the idle one
+        insts[3].load.requests -= 1
+        for lease in leases:
+            lease.release()
+        await _until(lambda: all(load.requests == 0 for load in seen))
+    finally:
+        s0.close()
+        s1.close()
+        for r in (r0, r1):
+            await r.close()
+
+
+def test_load_shares_send_changes_and_apply_them_on_the_senders_snapshot():
+    from kvrouter.load import LoadShare
+    from kvrouter.registry import Registry
+    from kvrouter.shared.loads import LoadShares
+
+    sender, receiver = Registry(), Registry()
+    a, b = sender.add(_info(9005)), sender.add(_info(9006))
+    mine, theirs = LoadShares(sender), LoadShares(receiver)
+    la = a.load.acquire(10, now=1.0)
+    b.load.acquire(20, now=1.0)
+    first = mine.changes()
+    assert set(first) == {a.identity, b.identity} and mine.changes() == {}
+    assert mine.busy
+    theirs.update("s", 1, first, partial=True)
+    la.release_tokens()
+    change = mine.changes()
+    assert list(change) == [a.identity] and change[a.identity].tokens == 0
+    theirs.update("s", 2, change, partial=True)
+    assert receiver.load_for(a.identity).requests == 1
+    assert receiver.load_for(a.identity).tokens == 0
+    assert receiver.load_for(b.identity).tokens == 20
+    la.release_request()
+    assert mine.changes() == {a.identity: LoadShare()}             # all zero: gone
+    theirs.update("s", 3, {a.identity: LoadShare()}, partial=True)
+    assert receiver.load_for(a.identity).requests == 0
+    theirs.update("s", 2, {b.identity: LoadShare()}, partial=True)  # older: ignored
+    assert receiver.load_for(b.identity).tokens == 20
+    theirs.update("s", 4, mine.own(rebuild=True))                  # whole: replaces
+    assert receiver.load_for(b.identity).tokens == 20
+    assert mine.own() == {b.identity: LoadShare(1, 20, 20, 1, 1, 20, 1)}

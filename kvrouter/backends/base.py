@@ -82,6 +82,9 @@ class EngineAdapter:
     #: both legs are sent at once (the decode pulls the KV cache the prefill pushes); else the
     #: decode is sent once the prefill answered, with :meth:`decode_body` given that answer
     concurrent_pd: ClassVar[bool] = True
+    #: a whole non-stream decode answer may ask for a reschedule (:meth:`reschedule_tokens`):
+    #: it is read before it is relayed
+    reschedules: ClassVar[bool] = False
 
     def base_request_id(self, body: dict) -> str:
         """The id of a request across its legs and retries: the client's ``request_id``, or a
@@ -100,8 +103,15 @@ class EngineAdapter:
     def attempt_request_id(self, base: str, attempt: int) -> str:
         return base if attempt == 0 else f"{base}-retry{attempt}"
 
+    def must_pair(self, prefill: InstanceInfo, decode: InstanceInfo) -> bool:
+        """Whether ``decode`` can take the KV cache of ``prefill`` at all: a decode that
+        cannot is never paired with it (the engine's decodes of another kind are no use)."""
+        return True
+
     def can_pair(self, prefill: InstanceInfo, decode: InstanceInfo) -> bool:
-        """Whether ``decode`` can take the KV cache of ``prefill``."""
+        """Whether ``decode`` is a good match for ``prefill`` among those that :meth:`must_pair`:
+        a preference, any of them is used when none is (fd-router's rule for FastDeploy's
+        transfer protocols)."""
         return True
 
     def prefill_body(self, body: dict, attempt: PdAttempt) -> bytes:

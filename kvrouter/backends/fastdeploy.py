@@ -130,6 +130,7 @@ class FastDeployAdapter(EngineAdapter):
 
     name: ClassVar[str] = "fastdeploy"
     concurrent_pd: ClassVar[bool] = True
+    reschedules: ClassVar[bool] = True
 
     def __init__(self, info_format: str = "flat") -> None:
         self.info_format = info_format   # server.disaggregate-info-format

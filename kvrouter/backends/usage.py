@@ -7,10 +7,11 @@ one extra event (``"choices": []``) before ``data: [DONE]``. So that every strea
 without changing what its client receives, the router works per engine
 (:class:`~kvrouter.backends.engines.StreamUsage`):
 
-- ``ask`` (FastDeploy, vLLM, SGLang: each adds that one event and changes nothing else): a
-  stream request that leaves usage off is sent with ``include_usage`` set
-  (:func:`with_usage`), and the relay reads the usage event and leaves it out
-  (:func:`take_usage_events`);
+- ``ask`` (FastDeploy, vLLM, SGLang: each adds that one event; vLLM also moves its
+  ``system_fingerprint`` from the last event into it): a stream request with one choice that
+  leaves usage off is sent with ``include_usage`` set (:func:`with_usage`), and the relay
+  reads the usage event, leaves it out and moves what it took from the event before back
+  (:class:`UsageTaker`);
 - ``timings`` (llama.cpp): its chat streams end with ``timings`` (``prompt_n`` tokens computed,
   ``cache_n`` taken from the cache), which say the same (:func:`timings_of`). Asking would move
   ``timings`` into the usage event, so nothing is asked.
@@ -25,7 +26,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from kvrouter.backends.base import dumps
+from kvrouter.backends.base import dumps, loads
 
 USAGE_KEY = b'"prompt_tokens"'
 CACHED_KEY = b'"cached_tokens"'
@@ -36,6 +37,9 @@ ASK = b',"stream_options":{"include_usage":true}}'
 _NUMBER = re.compile(rb"\s*:\s*(\d+)")
 _NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 _EVENT_END = b"\n\n"
+_FINISHED = b'"finish_reason":"'          # a choice's last event (compact JSON)
+_USAGE_EVENT_KEYS = frozenset({"id", "object", "created", "model", "choices", "usage"})
+HOLD_LIMIT = 1 << 20             # bytes of one unfinished event held while usage is taken out
 
 
 def _last_int(raw: bytes, key: bytes) -> int | None:
@@ -75,8 +79,8 @@ def with_usage(raw: bytes, body: dict[str, Any]) -> bytes | None:
     ``continuous_usage_stats`` (vLLM reports per-event usage only with ``include_usage``,
     FastDeploy with either: asking would add usage to every event). A body without
     ``stream_options`` is extended in place (no serialisation)."""
-    if body.get("stream") is not True:
-        return None
+    if body.get("stream") is not True or body.get("n") not in (None, 1):
+        return None         # n > 1: every choice's last event would wait for the last one
     opts = body.get("stream_options")
     if opts is None:
         if "stream_options" not in body:
@@ -108,28 +112,115 @@ def decode_like(prefill_body: bytes, body: dict[str, Any]) -> bytes:
     return prefill_body
 
 
-def take_usage_events(data: bytes) -> tuple[bytes, tuple[int | None, int | None], bool]:
-    """``data`` (whole SSE events) without its usage-only events (``"choices": []``), the last
-    usage any event carried, and whether an event with choices carried usage: then the engine
-    reports usage unasked (vLLM's ``--enable-force-include-usage``), its usage event is its
-    own, and ``data`` is returned whole."""
-    usage: tuple[int | None, int | None] = (None, None)
-    out = data
-    pos = out.find(USAGE_KEY)
-    while pos >= 0:
-        start = out.rfind(_EVENT_END, 0, pos)
-        start = 0 if start < 0 else start + 2
-        end = out.find(_EVENT_END, pos)
-        end = len(out) if end < 0 else end + 2
-        event = out[start:end]
-        found = usage_of(event)
-        if found[0] is not None:
-            usage = found
-        if _NO_CHOICES.search(event):
-            out = out[:start] + out[end:]
-            pos = out.find(USAGE_KEY, start)
-        elif found[0] is not None:
-            return data, usage_of(data), True
+class UsageTaker:
+    """Takes the usage event the router asked for out of one SSE stream, fed as it arrives.
+
+    What it passes on is whole events only: the start of an unfinished event waits for its end
+    (up to :data:`HOLD_LIMIT` bytes, beyond which the stream is not what was expected and
+    everything is passed on as it is), and an event that finishes a choice waits for the next
+    one: asking for usage moves some engines' last fields (vLLM's ``system_fingerprint``) from
+    that event into the usage event, and they are moved back. An engine found to send usage
+    unasked (usage on an event with choices, vLLM's ``--enable-force-include-usage``) keeps its
+    usage event. Once :attr:`passing`, the caller passes the rest on unchanged.
+    """
+
+    __slots__ = ("last", "partial", "passing", "usage")
+
+    def __init__(self) -> None:
+        self.partial = b""      # the start of an unfinished event
+        self.last = b""         # a finishing event, held until the next one
+        self.passing = False
+        self.usage: tuple[int | None, int | None] = (None, None)
+
+    def feed(self, data: bytes) -> bytes:
+        """What of ``data`` (and of what was held) to pass on now."""
+        if not (self.partial or self.last) and data.endswith(_EVENT_END) \
+                and USAGE_KEY not in data:      # whole events, no usage: the usual chunk
+            start = data.rfind(_EVENT_END, 0, len(data) - 2) + 2
+            if data.find(_FINISHED, start if start > 1 else 0) < 0:
+                return data
+        if self.partial:
+            data = self.partial + data
+        if data.endswith(_EVENT_END):
+            self.partial = b""
         else:
-            pos = out.find(USAGE_KEY, end)
-    return out, usage, False
+            cut = data.rfind(_EVENT_END) + 2
+            cut = cut if cut > 1 else 0
+            if len(data) - cut > HOLD_LIMIT:
+                self.passing = True
+                out, self.last, self.partial = self.last + data, b"", b""
+                return out
+            self.partial = data[cut:]
+            data = data[:cut]
+        if self.last:
+            data = self.last + data
+            self.last = b""
+        if USAGE_KEY in data:
+            data = self._take(data)
+            if self.passing:
+                out, self.partial = data + self.partial, b""
+                return out
+        if data:
+            start = data.rfind(_EVENT_END, 0, len(data) - 2) + 2
+            start = start if start > 1 else 0
+            if data.find(_FINISHED, start) >= 0:
+                self.last = data[start:]
+                return data[:start]
+        return data
+
+    def flush(self) -> bytes:
+        """Everything held (the stream ended)."""
+        out, self.last, self.partial = self.last + self.partial, b"", b""
+        return out
+
+    def whole(self) -> bytes:
+        """The whole events held (the stream broke: an unfinished event is dropped)."""
+        out, self.last, self.partial = self.last, b"", b""
+        return out
+
+    def _take(self, data: bytes) -> bytes:
+        out = data
+        pos = out.find(USAGE_KEY)
+        while pos >= 0:
+            start = out.rfind(_EVENT_END, 0, pos)
+            start = 0 if start < 0 else start + 2
+            end = out.find(_EVENT_END, pos)
+            end = len(out) if end < 0 else end + 2
+            event = out[start:end]
+            found = usage_of(event)
+            if found[0] is not None:
+                self.usage = found
+            if _NO_CHOICES.search(event):
+                head = _restored(out[:start], event)
+                out = head + out[end:]
+                pos = out.find(USAGE_KEY, len(head))
+            elif found[0] is not None:
+                self.passing = True
+                self.usage = usage_of(data)
+                return data
+            else:
+                pos = out.find(USAGE_KEY, end)
+        return out
+
+
+def _restored(before: bytes, usage_event: bytes) -> bytes:
+    """``before`` (whole events) with the fields that the usage event carries besides the
+    usual ones put back at the end of its last event, if that one finished a choice and lacks
+    them: where the engine sends them when usage is not asked for."""
+    start = before.rfind(_EVENT_END, 0, len(before) - 2) + 2
+    start = start if start > 1 else 0
+    last = before[start:]
+    if last.find(_FINISHED) < 0:
+        return before
+    try:
+        doc = loads(usage_event.strip()[len(b"data:"):])
+    except ValueError:
+        return before
+    if not isinstance(doc, dict):
+        return before
+    moved = b"".join(b"," + dumps(k) + b":" + dumps(v) for k, v in doc.items()
+                     if k not in _USAGE_EVENT_KEYS and dumps(k) + b":" not in last)
+    close = last.rfind(b"}")
+    if not moved or close < 0:
+        return before
+    return before[:start] + last[:close] + moved + last[close:]

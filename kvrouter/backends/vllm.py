@@ -38,7 +38,7 @@ class VllmAdapter(EngineAdapter):
     name: ClassVar[str] = "vllm"
     concurrent_pd: ClassVar[bool] = False
 
-    def can_pair(self, prefill: InstanceInfo, decode: InstanceInfo) -> bool:
+    def must_pair(self, prefill: InstanceInfo, decode: InstanceInfo) -> bool:
         """A P2pNcclConnector prefill sends its KV cache only to the decode its request id
         names, which needs the same connector: both instances have a ``kv_zmq_address``, or
         neither has."""

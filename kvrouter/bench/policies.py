@@ -487,7 +487,7 @@ async def _run_live(args: argparse.Namespace, specs: list[PolicySpec], points: l
             fmt = args.prompt_format
             if fmt == "auto":
                 fmt = "ids" if spec.command is None else "text"
-            # the router's queue: off = queue-size 0 (no queue at all); on = the limits
+            # the router's queue: off = no headroom limit (no queue); on = the limits
             sched = (limits.scheduler_keys(args.time_scale) if adm and limits is not None
                      else {"queue-size": 0})
             target = LiveTarget(spec.label, None if spec.command else spec.policy,

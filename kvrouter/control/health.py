@@ -73,7 +73,9 @@ class HealthMonitor:
             log.info("Instance %s healthy again", inst.url)
 
     def remove(self, inst: Instance) -> None:
-        if not self.owns(inst):
+        """Remove an unhealthy instance, unless it is a ``register.yaml`` entry: those stay
+        and recover (docs/fastdeploy.md#health-checking), however soon removal is due."""
+        if inst.static or not self.owns(inst):
             return
         log.info("Removed unhealthy %s instance: %s", inst.role.value, inst.url)
         self.registry.remove(inst, "instance_removed")
@@ -116,13 +118,14 @@ class HealthMonitor:
                 next_at = loop.time() + interval
 
     async def run_removals(self, period: float = 0.25) -> None:
-        """Remove non-static instances that stayed unhealthy for ``unhealthy-removal-secs``."""
+        """Remove instances that stayed unhealthy for ``unhealthy-removal-secs`` (:meth:`remove`
+        spares static ones)."""
         limit = self.cfg.unhealthy_removal_secs
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
             for inst in self.registry.all():
-                if (inst.state == UNHEALTHY and not inst.static and inst.unhealthy_since is not None
+                if (inst.state == UNHEALTHY and inst.unhealthy_since is not None
                         and now - inst.unhealthy_since >= limit):
                     self.remove(inst)
             self.registry.purge_idle_loads()

@@ -92,11 +92,13 @@ class OutlierDetector:
         """``peers``: the instances an ejection is capped against (default: no cap and every
         identity is known)."""
         self.cfg = cfg
+        self._enabled = cfg.enabled
         self._peers = peers
         self._clock = clock
         self._slot = cfg.interval_secs / BUCKETS
         self._states: dict[str, _State] = {}
-        self._ejected: dict[str, float] = {}       # identity → ejected until
+        #: identity → ejected until; empty (the rule) means routing need not filter at all
+        self.ejections: dict[str, float] = {}
         self._all_ejected_logged = -math.inf
         #: called with ``(identity, reason)`` at each ejection
         self.listeners: list[Callable[[str, str], None]] = []
@@ -104,7 +106,7 @@ class OutlierDetector:
     # -- the request path ---------------------------------------------------------------------
     def observe(self, inst_identity: str, failed: bool, now: float | None = None) -> None:
         """Count one answer of an instance (``failed``: a 5xx or a transport failure)."""
-        if not self.cfg.enabled:
+        if not self._enabled:
             return
         st = self._states.get(inst_identity)
         if st is None:
@@ -147,7 +149,7 @@ class OutlierDetector:
 
     def is_ejected(self, identity: str, now: float | None = None) -> bool:
         """Whether ``identity`` is out of rotation now (an ejection that ended is closed)."""
-        until = self._ejected.get(identity)
+        until = self.ejections.get(identity)
         if until is None:
             return False
         if (self._clock() if now is None else now) < until:
@@ -157,17 +159,17 @@ class OutlierDetector:
 
     def ejected(self, now: float | None = None) -> set[str]:
         """The identities out of rotation now (ejections that ended are closed)."""
-        if not self._ejected:
+        if not self.ejections:
             return set()
         t = self._clock() if now is None else now
-        for identity in [i for i, until in self._ejected.items() if until <= t]:
+        for identity in [i for i, until in self.ejections.items() if until <= t]:
             self._return(identity, self._states[identity])
-        return set(self._ejected)
+        return set(self.ejections)
 
     def filter(self, cands: list[_I], role: str, now: float | None = None) -> list[_I]:
         """``cands`` without the ejected instances; all of them if that would leave none, as
         if none were ejected (logged at most once per ``interval-secs``)."""
-        if not self._ejected:
+        if not self.ejections:
             return cands
         t = self._clock() if now is None else now
         ejected = self.ejected(t)
@@ -183,7 +185,7 @@ class OutlierDetector:
     def forget(self, identity: str) -> None:
         """Drop everything known about ``identity`` (removed from the registry)."""
         self._states.pop(identity, None)
-        self._ejected.pop(identity, None)
+        self.ejections.pop(identity, None)
 
     # -- transitions ---------------------------------------------------------------------------
     def _eject(self, identity: str, st: _State, reason: str, t: float) -> None:
@@ -191,7 +193,7 @@ class OutlierDetector:
         peers = self._peers(identity) if self._peers is not None else None
         if peers is not None:
             routable = len(peers) + (identity not in peers)
-            others = sum(1 for i, until in self._ejected.items()
+            others = sum(1 for i, until in self.ejections.items()
                          if until > t and i != identity and i in peers)
             if (others + 1) * 100 > cfg.max_ejection_percent * routable:
                 st.clear_window()
@@ -203,7 +205,7 @@ class OutlierDetector:
                 return
         st.times_ejected += 1
         secs = min(cfg.base_ejection_secs * st.times_ejected, cfg.max_ejection_secs)
-        st.until = self._ejected[identity] = t + secs
+        st.until = self.ejections[identity] = t + secs
         st.probation = False
         st.streak = 0
         st.clear_window()
@@ -214,7 +216,7 @@ class OutlierDetector:
 
     def _return(self, identity: str, st: _State) -> None:
         st.until = None
-        self._ejected.pop(identity, None)
+        self.ejections.pop(identity, None)
         st.probation = True
         st.streak = 0
         log.info("Instance %s back in rotation after its ejection, on probation "

@@ -46,6 +46,13 @@ class MetricsScraper:
         self.metrics = metrics
         self._stale: set[str] = set()
         self._reported: set[str] = set()     # identities whose unusable page was logged
+        # forgotten with the instance: a re-registration starts afresh, and identities that
+        # come and go (heartbeats from ever-new ports) cannot grow these sets
+        registry.on_removed.append(self._forget)
+
+    def _forget(self, inst: Instance, reason: str) -> None:
+        self._stale.discard(inst.identity)
+        self._reported.discard(inst.identity)
 
     def engine_for(self, inst: Instance) -> EngineControl | None:
         """The engine ``inst`` runs, or ``None`` while it is still to be recognised."""
@@ -135,7 +142,6 @@ class MetricsScraper:
         while True:
             started = time.monotonic()
             instances = self.registry.all()
-            self._reported &= {i.identity for i in instances}
             if not snapshots:
                 instances = [i for i in instances if i.info.engine is None]
             if instances:

@@ -6,7 +6,10 @@ compares the file's inode, mtime and size every :data:`WATCH_SECS` (never per re
 they changed it parses the file again and the static instances follow it: new entries are
 probed and added as at startup, removed entries are removed, changed ones updated. Instances
 that registered themselves by heartbeat are never touched. A file that cannot be read or parsed
-keeps the current set and logs one error naming the file and the problem.
+keeps the current set and logs one error naming the file and the problem. While the file stays
+the same, each check still removes the static instances its last version does not list: a
+sibling worker that started before an edit can bring one back from the older list (see
+:mod:`kvrouter.workers.supervisor`).
 
 Write the file atomically (a new file renamed over the old one): a half-written file that still
 parses is applied as it is, until the next change.
@@ -19,7 +22,7 @@ import logging
 import os
 from dataclasses import replace
 
-from kvrouter.config import ConfigError
+from kvrouter.config import MAX_YAML_BYTES, ConfigError
 from kvrouter.control.health import HealthMonitor
 from kvrouter.instance import InstanceInfo, load_register_yaml
 from kvrouter.registry import Registry
@@ -27,7 +30,7 @@ from kvrouter.registry import Registry
 log = logging.getLogger("kvrouter.static")
 
 WATCH_SECS = 2.0
-MAX_FILE_BYTES = 4 << 20      # a register.yaml larger than this is refused (parsed in memory)
+MAX_FILE_BYTES = MAX_YAML_BYTES   # a larger register.yaml is refused before it is read
 REMOVED = "static_removed"    # the removal reason (registry ``on_removed``)
 
 _Signature = tuple[int, int, int]
@@ -45,12 +48,16 @@ class StaticInstances:
         self.probe_timeout = probe_timeout
         self._signature: _Signature | None = None   # of the file last parsed (or refused)
         self._error: str | None = None               # the last error logged
+        self._listed: set[str] | None = None    # identities in the last version that parsed
 
     async def run(self, interval: float = WATCH_SECS) -> None:
         """Check now (the file may have changed since startup read it), then every
         ``interval`` seconds."""
         while True:
-            await self.check()
+            try:
+                await self.check()
+            except Exception:   # a bug while applying must not end the watch unnoticed
+                log.exception("config error: %s: applying it failed", self.path)
             await asyncio.sleep(interval)
 
     def _stat(self) -> _Signature:
@@ -58,13 +65,16 @@ class StaticInstances:
         return st.st_ino, st.st_mtime_ns, st.st_size
 
     async def check(self) -> None:
-        """Re-read the file if it changed and apply it."""
+        """Re-read the file if it changed and apply it; else remove the static instances it
+        does not list."""
         try:
             signature = self._stat()
         except OSError as exc:
             self._failed(f"config error: {self.path}: cannot read file: {exc.strerror or exc}")
             return
         if signature == self._signature:
+            if self._listed is not None:
+                self._remove_unlisted(self._listed)
             return
         if signature[2] > MAX_FILE_BYTES:
             self._signature = signature
@@ -81,6 +91,11 @@ class StaticInstances:
             return
         except OSError:
             return                      # replaced while being read: read again next time
+        except Exception as exc:        # anything else the file makes the parser raise
+            self._signature = signature
+            self._failed(f"config error: {self.path}: cannot parse: {type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]}")
+            return
         self._signature = signature
         self._error = None
         await self.apply(infos)
@@ -91,15 +106,19 @@ class StaticInstances:
             kept = sum(1 for inst in self.registry.all() if inst.static)
             log.error("%s; keeping the %d static instances", message, kept)
 
+    def _remove_unlisted(self, listed: set[str]) -> None:
+        for gone in self.registry.all():
+            if gone.static and gone.identity not in listed:
+                log.info("static instance %s removed: no longer in %s", gone.url, self.path)
+                self.registry.remove(gone, REMOVED)
+
     async def apply(self, infos: list[InstanceInfo]) -> None:
         """Make the static instances those of ``infos`` (a later entry with the same identity
         wins, as at startup)."""
         wanted = {info.identity: info for info in infos}
+        self._listed = set(wanted)
+        self._remove_unlisted(self._listed)
         registry = self.registry
-        for gone in registry.all():
-            if gone.static and gone.identity not in wanted:
-                log.info("static instance %s removed: no longer in %s", gone.url, self.path)
-                registry.remove(gone, REMOVED)
         new: list[InstanceInfo] = []
         for ident, info in wanted.items():
             inst = registry.get(ident)

@@ -80,13 +80,5 @@ class Request:
             self._query = q
         return self._query
 
-    @property
-    def remote(self) -> str:
-        return self.conn.peer
-
-    @property
-    def http_version(self) -> str:
-        return self.version
-
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.target!r} HTTP/{self.version}>"

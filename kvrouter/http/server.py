@@ -2,10 +2,11 @@
 
 One :class:`HttpConnection` per client connection. Requests are parsed as bytes arrive and
 handled one at a time, in order (pipelined requests wait in a queue; while one waits, reading
-pauses so a client cannot make the router buffer without bound). Each request runs the
-server's handler in its own task; the handler answers through the connection, either with a
-complete response (:meth:`HttpConnection.send`) or a streamed one (:meth:`start_stream`,
-:meth:`write`, :meth:`finish`).
+pauses so a client cannot make the router buffer without bound; those answered inside their
+handler are taken one after the other by :meth:`HttpConnection._dispatch`'s loop). The
+server's handler runs a request in a task or drives it by callbacks (:data:`Handler`); it
+answers through the connection, either with a complete response (:meth:`HttpConnection.send`)
+or a streamed one (:meth:`start_stream`, :meth:`write`, :meth:`finish`).
 
 Covered: keep-alive; HTTP/1.0 (keep-alive only when asked; streamed responses are
 close-delimited, never chunked); chunked request bodies; the body limit (413 before the body is
@@ -17,10 +18,11 @@ connection is closed.
 
 Limits (:class:`Limits`): a request target over ``max_url`` gets 414, a head over ``max_head``
 bytes or ``max_headers`` fields 431, a head not complete ``header_timeout`` after its first
-byte 408, each answered at once and the connection closed; over ``max_connections`` open
-connections, new ones get 503 and are closed unread. llhttp itself sets no bound: the head is
-checked once complete, and after each read that ends inside it (httptools buffers an unfinished
-header line), never per header field.
+byte 408, and so does a body that received nothing for ``header_timeout`` (its clock starts
+when the head is complete, each read restarts it), each answered at once and the connection
+closed; over ``max_connections`` open connections, new ones get 503 and are closed unread.
+llhttp itself sets no bound: the head is checked once complete, and after each read that ends
+inside it (httptools buffers an unfinished header line), never per header field.
 
 Graceful shutdown: :meth:`Listener.stop_accepting`, then :meth:`HttpServer.drain`.
 """
@@ -67,9 +69,14 @@ TLS_HANDSHAKE_SECS = 10.0  # a TLS client that has not completed its handshake b
 
 # response framing modes
 NONE, DONE, RAW, CHUNKED, CLOSE = 0, 1, 2, 3, 4
+#: the size lines of chunks shorter than this, made once (an SSE event is one chunk; joining
+#: a ready line costs a fifth less than formatting it for every event)
+_SMALL_CHUNK = 1024
+_CHUNK_SIZES = [b"%x\r\n" % n for n in range(_SMALL_CHUNK)]
 
-_KEEP = {("1.1", True): b"", ("1.1", False): b"Connection: close\r\n",
-         ("1.0", True): b"Connection: keep-alive\r\n", ("1.0", False): b"Connection: close\r\n"}
+#: the ``Connection`` header of an answer, by (HTTP/1.0 request, keep-alive)
+_KEEP = {(False, True): b"", (False, False): b"Connection: close\r\n",
+         (True, True): b"Connection: keep-alive\r\n", (True, False): b"Connection: close\r\n"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +88,8 @@ class Limits:
     max_url: int = 8 << 10          # request-target bytes; beyond → 414
     max_head: int = 32 << 10        # request line + header bytes; beyond → 431
     max_headers: int = 100          # header fields; beyond → 431
-    header_timeout: float = 20.0    # a request head started must be complete by then, else 408
+    header_timeout: float = 20.0    # a request head started must be complete by then, and a
+                                    # body must not stall (no byte) this long, else 408
     keepalive: float = 75.0         # an idle connection is closed after this long
     max_connections: int = 10_000   # open client connections; beyond, new ones get 503 and close
 
@@ -118,8 +126,9 @@ def _error_bytes(message: str, status: int = 400) -> bytes:
 class HttpServer:
     """Protocol factory and registry of live connections. One timer (not one per connection)
     closes connections idle longer than ``keepalive_secs`` and answers 408 to those whose
-    request head is not complete ``limits.header_timeout`` after it started; during a
-    :meth:`drain` it runs every :data:`DRAIN_POLL_SECS`."""
+    request head is not complete ``limits.header_timeout`` after it started, or whose request
+    body received nothing for as long; during a :meth:`drain` it runs every
+    :data:`DRAIN_POLL_SECS`."""
 
     def __init__(self, handler: Handler, *, max_body: int,
                  limits: Limits = DEFAULT_LIMITS) -> None:
@@ -147,12 +156,11 @@ class HttpServer:
         self._sweeper = loop.call_later(self._period(), self._sweep)
 
     def sweep(self, now: float) -> int:
-        """Close idle connections, answer 408 to heads not complete in time; returns how many
-        connections have a request, or a part of one, in progress."""
-        keep = now - self.keepalive_secs
-        idle = now - DRAIN_IDLE_SECS if self.draining else keep
-        head = now - self.limits.header_timeout
-        return sum(conn.check(idle, keep, head) for conn in list(self.connections))
+        """Close idle connections, answer 408 to heads not complete in time and to stalled
+        bodies; returns how many connections have a request, or a part of one, in progress."""
+        idle = now - (DRAIN_IDLE_SECS if self.draining else self.keepalive_secs)
+        read = now - self.limits.header_timeout
+        return sum(conn.check(idle, read) for conn in list(self.connections))
 
     def running(self) -> int:
         """Requests being answered."""
@@ -324,12 +332,14 @@ class HttpConnection(asyncio.Protocol):
     """One client connection (see the module docstring)."""
 
     __slots__ = (
+        "_answered",
         "_body",
         "_body_size",
         "_clen",
         "_continue_pending",
         "_cur",
         "_discarding",
+        "_dispatching",
         "_error",
         "_expect",
         "_flow",
@@ -345,6 +355,7 @@ class HttpConnection(asyncio.Protocol):
         "_task",
         "_url",
         "active",
+        "body_since",
         "closed",
         "head_since",
         "idle_since",
@@ -376,6 +387,8 @@ class HttpConnection(asyncio.Protocol):
         self._queue: collections.deque[Request] = collections.deque()
         self.active: Request | None = None
         self._task: asyncio.Task | None = None
+        self._dispatching = False   # inside _dispatch's loop
+        self._answered = False      # the request it runs was answered inside its handler
         self._read_paused = False
         self._discarding = False
         self._linger: asyncio.TimerHandle | None = None
@@ -396,6 +409,9 @@ class HttpConnection(asyncio.Protocol):
         self._head_long = False
         self.head_since = 0.0
         self._read_len = 0
+        # the last read into a request body (from its head's completion; refreshed by every
+        # read while it arrives): a body that stalls is timed from here, not from idleness
+        self.body_since = 0.0
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -415,6 +431,8 @@ class HttpConnection(asyncio.Protocol):
             self.parser.feed_data(data)
             if self._head_bytes >= 0:       # a head still incomplete: slow, or large
                 self._long_head(len(data), in_head and headers is self._headers)
+            elif self._cur is not None:     # a body still incomplete: its clock restarts
+                self.body_since = self.loop.time()
         except httptools.HttpParserCallbackError as e:
             if self._discarding:
                 return
@@ -476,7 +494,6 @@ class HttpConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._head_bytes = 0
         self._head_long = False
-        self.head_since = self.loop.time()
         self._url = b""
         self._headers = []
         self._body = []
@@ -532,6 +549,8 @@ class HttpConnection(asyncio.Protocol):
         self._head_long = True
         if inside:
             self._head_bytes += size
+        else:   # it began in this read: its time starts now (read only for heads not complete)
+            self.head_since = self.loop.time()
         limits = self._limits
         if len(self._headers) > limits.max_headers:
             self._fail(f"More than {limits.max_headers} request headers", 431)
@@ -592,18 +611,33 @@ class HttpConnection(asyncio.Protocol):
         self._linger = self.loop.call_later(LINGER_SECS, transport.close)
 
     def _dispatch(self, req: Request) -> None:
-        self.active = req
-        self.mode = NONE
-        self.status = 0
-        self.keep_alive = req.keep_alive
+        """Run ``req``'s handler, then the queued requests' while each is answered inside its
+        handler (400, 401, 503…): :meth:`handler_done` called from there only says so, and
+        this loop takes the next one. Dispatching it from the previous one's call stack
+        recursed once per pipelined request, into Python's recursion limit (500s)."""
+        self._dispatching = True
         try:
-            pending = self.server.handler(req)
-        except Exception:
-            self._internal_error(req)
-            self.handler_done()
-            return
-        if pending is not None:
-            self._task = self.loop.create_task(self._run(req, pending))
+            while True:
+                self.active = req
+                self.mode = NONE
+                self.status = 0
+                self.keep_alive = req.keep_alive
+                self._answered = False
+                try:
+                    pending = self.server.handler(req)
+                except Exception:
+                    self._internal_error(req)
+                    self.handler_done()
+                    pending = None
+                if pending is not None:
+                    self._task = self.loop.create_task(self._run(req, pending))
+                if not (self._answered and self._queue):
+                    break
+                req = self._queue.popleft()
+        finally:
+            self._dispatching = False
+        if self._read_paused and not self._queue:
+            self._resume()
 
     async def _run(self, req: Request, pending: Awaitable[None]) -> None:
         try:
@@ -629,9 +663,6 @@ class HttpConnection(asyncio.Protocol):
         if self.mode == NONE and not self.closed:
             self.abort()
         self._task = None
-        self._request_done()
-
-    def _request_done(self) -> None:
         self.active = None
         self._flow = self._on_lost = None
         self.idle_since = self.loop.time()
@@ -651,43 +682,50 @@ class HttpConnection(asyncio.Protocol):
         if self._continue_pending and self._cur is not None:
             self._continue_pending = False
             transport.write(CONTINUE)
-        if self._queue:
+        if self._dispatching:
+            self._answered = True   # answered inside its handler: _dispatch takes the next
+        elif self._queue:
             self._dispatch(self._queue.popleft())
-        if self._read_paused and not self._queue:
-            self._read_paused = False
-            self.head_since = self.loop.time()  # a pipelined head waited for the router
-            transport.resume_reading()
+        elif self._read_paused:
+            self._resume()
+
+    def _resume(self) -> None:
+        """Read again once no pipelined request waits: the head or body that was being read
+        waited for the router, so its clock starts again."""
+        self._read_paused = False
+        self.head_since = self.body_since = self.loop.time()
+        self.transport.resume_reading()
 
     # -- the server's timer ------------------------------------------------------------------
-    def check(self, idle_cutoff: float, body_cutoff: float, head_cutoff: float) -> bool:
-        """The server timer's visit: 408 if a request head started before ``head_cutoff`` is
-        not complete; close if idle since before ``idle_cutoff`` (since before
-        ``body_cutoff`` while a request body arrives: no separate body timeout). True while a
+    def check(self, idle_cutoff: float, read_cutoff: float) -> bool:
+        """The server timer's visit: 408 if a request head started before ``read_cutoff`` is
+        not complete, or if a request body received nothing since then (a slow upload that
+        keeps sending goes on); close if idle since before ``idle_cutoff``. True while a
         request, or a part of one, is in progress."""
-        if self.active is not None:       # a pipelined head waits for it: the router's delay
+        if self.active is not None:       # a pipelined request waits for it: the router's delay
             return True
+        timeout = self._limits.header_timeout
         if self._head_bytes >= 0:
-            if self.head_since >= head_cutoff:
+            if self.head_since >= read_cutoff:
                 return True
-            self._fail(f"Request headers not received within {self._limits.header_timeout:g}s",
-                       408)
+            self._fail(f"Request headers not received within {timeout:g}s", 408)
             return False
-        receiving = self._cur is not None
-        if self.idle_since < (body_cutoff if receiving else idle_cutoff):
+        if self._cur is not None:
+            if self.body_since >= read_cutoff:
+                return True
+            self._cur = None
+            self._fail(f"Request body stalled: nothing received for {timeout:g}s", 408)
+            return False
+        if self.idle_since < idle_cutoff:
             self.close()
-            return False
-        return receiving
+        return False
 
     # -- responses -----------------------------------------------------------------------------
     def _connection_header(self) -> bytes:
         if self.server.draining:
             self.keep_alive = False     # the router is stopping: the client moves elsewhere
-        return _KEEP[(self._version(), self.keep_alive)]
-
-    def _version(self) -> str:
-        """The HTTP version the answer is framed for (``1.0`` or ``1.1``)."""
         active = self.active
-        return "1.0" if active is not None and active.version == "1.0" else "1.1"
+        return _KEEP[(active is not None and active.version == "1.0", self.keep_alive)]
 
     def send(self, status: int, body: bytes = b"", content_type: bytes = JSON,
              headers: bytes = b"") -> None:
@@ -707,18 +745,19 @@ class HttpConnection(asyncio.Protocol):
         self.send(resp.status, resp.body, resp.content_type, resp.headers)
 
     def start_stream(self, status: int, headers: bytes, length: int | None,
-                     first: bytes = b"", *, no_body: bool = False) -> int:
+                     first: bytes = b"", *, no_body: bool = False) -> None:
         """Send the status line and ``headers`` (complete lines), then ``first`` body bytes.
 
         ``length`` known → ``Content-Length`` and raw body bytes; unknown → chunked for
         HTTP/1.1 clients, close-delimited for HTTP/1.0 ones. ``no_body`` (1xx/204/304) sends no
-        framing header. Returns the framing mode (:data:`RAW`, :data:`CHUNKED`, :data:`CLOSE`).
+        framing header. The framing chosen (:data:`RAW`, :data:`CHUNKED`, :data:`CLOSE`) is
+        ``mode``, which :meth:`write` and :meth:`finish` follow.
         """
         if no_body:
             mode, framing = RAW, b""
         elif length is not None:
             mode, framing = RAW, b"Content-Length: %d\r\n" % length
-        elif self._version() != "1.0":
+        elif self.active is None or self.active.version != "1.0":
             mode, framing = CHUNKED, b"Transfer-Encoding: chunked\r\n"
         else:
             mode, framing = CLOSE, b""
@@ -726,19 +765,20 @@ class HttpConnection(asyncio.Protocol):
         self.mode = mode
         self.status = status
         if self.closed:
-            return mode
+            return
         head = status_line(status) + headers + framing + self._connection_header() + b"\r\n"
         if first:
             head += (b"%x\r\n%b\r\n" % (len(first), first)) if mode == CHUNKED else first
         self.transport.write(head)
-        return mode
 
     def write(self, data: bytes) -> None:
         """More body bytes of a streamed response (framed as chosen by :meth:`start_stream`)."""
         if self.closed or not data:
             return
         if self.mode == CHUNKED:
-            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            n = len(data)
+            self.transport.write(b"".join((_CHUNK_SIZES[n], data, b"\r\n")) if n < _SMALL_CHUNK
+                                 else b"%x\r\n%b\r\n" % (n, data))
         else:
             self.transport.write(data)
 

@@ -99,7 +99,7 @@ class Upstream(asyncio.Protocol):
     """One connection to an instance, and the response of its current exchange.
 
     After :meth:`UpstreamPool.open`: ``status``, ``headers`` (raw ``(name, value)`` pairs) are
-    set; the body continues through :meth:`read_chunk`/:meth:`read_all` or :meth:`relay`.
+    set; the body continues through :meth:`read_chunk` or :meth:`relay`.
     End every exchange with :meth:`release` (back to the pool if the body was read to its end)
     or :meth:`close` (drop it: the instance sees a disconnect).
     """
@@ -404,18 +404,6 @@ class Upstream(asyncio.Protocol):
             except asyncio.CancelledError:
                 self.close()
                 raise
-
-    async def read_all(self, limit: int) -> bytes:
-        """The rest of the body, up to ``limit`` bytes (``BodyFailed`` beyond)."""
-        parts: list[bytes] = []
-        size = 0
-        while chunk := await self.read_chunk():
-            parts.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                self.close()
-                raise BodyFailed(f"body exceeds {limit} bytes")
-        return b"".join(parts)
 
     def relay(self, sink: Sink) -> None:
         """Push the rest of the body into ``sink`` as it arrives (buffered bytes first)."""

@@ -139,6 +139,11 @@ class Policy(ABC):
     def select(self, candidates: Sequence[Instance], request: RequestView) -> Selection:
         """Pick one of ``candidates`` (non-empty, sorted by URL)."""
 
+    def forget(self, identity: str) -> None:  # noqa: B027 (an optional hook)
+        """The instance ``identity`` was removed: drop what this policy keeps about it
+        (``Router`` calls it for every policy), so per-instance state does not grow with
+        every instance ever seen. This default keeps nothing per instance."""
+
     def explain(self, candidates: Sequence[Instance], request: RequestView) -> list[dict[str, Any]]:
         """One row per candidate (same order) with what :meth:`select` would read now, for
         ``POST /v1/route/explain``; changes nothing (no record, lease, counter or draw).

@@ -60,12 +60,16 @@ __all__ = [
 log = logging.getLogger("kvrouter.policy")
 
 SESSION_MEMORY = 100_000
+#: Longer session ids are not remembered: the memory holds up to SESSION_MEMORY of them, in
+#: every worker process and router replica, and each observation is sent to all of them.
+MAX_SESSION_ID = 256
 #: The roles whose policies keep session-affinity statistics.
 SESSION_ROLES = frozenset({"prefill", "mixed"})
 
 
 class SessionAffinity:
-    """LRU memory of each session's previous instance (bounded to ``max_sessions``).
+    """LRU memory of each session's previous instance (bounded to ``max_sessions`` ids of
+    at most :data:`MAX_SESSION_ID` characters; a longer id is neither remembered nor counted).
 
     Listeners (:meth:`add_listener`) are told of every :meth:`observe`; :meth:`remember` is
     the same without them, for an observation made by another router (:mod:`kvrouter.shared`).
@@ -82,15 +86,19 @@ class SessionAffinity:
         """Call ``listener(session_id, identity)`` after each :meth:`observe`."""
         self._listeners = (*self._listeners, listener)
 
-    def observe(self, session_id: str, identity: str) -> bool:
-        """Record this session's new instance; ``True`` if it equals the previous one."""
+    def observe(self, session_id: str, identity: str) -> bool | None:
+        """Record this session's new instance; ``True`` if it equals the previous one,
+        ``None`` for an id too long to remember (the decision counts as session-less)."""
         hit = self.remember(session_id, identity)
-        for listener in self._listeners:
-            listener(session_id, identity)
+        if hit is not None:
+            for listener in self._listeners:
+                listener(session_id, identity)
         return hit
 
-    def remember(self, session_id: str, identity: str) -> bool:
+    def remember(self, session_id: str, identity: str) -> bool | None:
         """:meth:`observe` without telling the listeners."""
+        if len(session_id) > MAX_SESSION_ID:
+            return None
         last = self._last
         prev = last.pop(session_id, None)
         last[session_id] = identity
@@ -119,6 +127,10 @@ class SelectionRecency:
 
     def last(self, identity: str) -> int:
         return self._last.get(identity, -1)
+
+    def forget(self, identity: str) -> None:
+        """A removed instance: if it registers again, it is as if never selected."""
+        self._last.pop(identity, None)
 
     def touch(self, identity: str) -> None:
         self._seq += 1
@@ -173,6 +185,9 @@ class CacheAwarePolicy(Policy):
     def from_config(cls, role: str, cfg: SchedulerConfig, index: PrefixIndex, *,
                     rng: random.Random | None, clock: Callable[[], float]) -> Self:
         return cls(role, index, policy_config(CacheAwareConfig, cfg), clock=clock)
+
+    def forget(self, identity: str) -> None:
+        self.recency.forget(identity)
 
     def loads(self, candidates: Sequence[Instance], now: float) -> list[float]:
         """The load each candidate is compared on."""

@@ -161,6 +161,9 @@ class KvCostPolicy(Policy):
         return cls(role, index, policy_config(KvCostConfig, cfg, "kv_cost_"),
                    block_size=cfg.cache_block_size, rng=rng, clock=clock)
 
+    def forget(self, identity: str) -> None:
+        self.recency.forget(identity)
+
     # ------------------------------------------------------------------ estimates
     def _lengths(self, request: RequestView) -> tuple[int, float]:
         """(prompt length in index units, tokens per unit)."""

@@ -1,46 +1,21 @@
 """Local-load policies: ``process_tokens`` (minimum ``T``) and ``request_num`` (minimum ``R``).
 
-Ties go to the earliest URL (candidates arrive sorted by URL).
+Ties go to the earliest URL (candidates arrive sorted by URL). The minimum is a plain loop in
+each ``select``: a helper with a key function, or ``min(key=...)``, costs two to three times as
+many instructions per decision.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from operator import attrgetter
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from kvrouter.policies.base import Policy, RequestView, Selection, register
 
 if TYPE_CHECKING:
-    from kvrouter.load import Load
     from kvrouter.registry import Instance
 
-__all__ = ["ProcessTokensPolicy", "RequestNumPolicy", "min_requests", "min_tokens"]
-
-
-def _min_load(candidates: Sequence[Instance], counter: Callable[[Load], int]) -> Instance:
-    """The candidate whose ``counter(inst.load)`` is smallest (earliest URL on ties)."""
-    best = candidates[0]
-    best_v = counter(best.load)
-    for inst in candidates:
-        v = counter(inst.load)
-        if v < best_v:
-            best, best_v = inst, v
-    return best
-
-
-_TOKENS: Callable[[Load], int] = attrgetter("tokens")
-_REQUESTS: Callable[[Load], int] = attrgetter("requests")
-
-
-def min_tokens(candidates: Sequence[Instance]) -> Instance:
-    """The candidate with the fewest in-flight tokens ``T`` (earliest URL on ties)."""
-    return _min_load(candidates, _TOKENS)
-
-
-def min_requests(candidates: Sequence[Instance]) -> Instance:
-    """The candidate with the fewest in-flight requests ``R`` (earliest URL on ties)."""
-    return _min_load(candidates, _REQUESTS)
+__all__ = ["ProcessTokensPolicy", "RequestNumPolicy"]
 
 
 @register
@@ -49,7 +24,11 @@ class ProcessTokensPolicy(Policy):
     select_is_pure = True
 
     def select(self, candidates: Sequence[Instance], request: RequestView) -> Selection:
-        return Selection(min_tokens(candidates))
+        best = candidates[0]
+        for inst in candidates:
+            if inst.load.tokens < best.load.tokens:
+                best = inst
+        return Selection(best)
 
 
 @register
@@ -58,4 +37,8 @@ class RequestNumPolicy(Policy):
     select_is_pure = True
 
     def select(self, candidates: Sequence[Instance], request: RequestView) -> Selection:
-        return Selection(min_requests(candidates))
+        best = candidates[0]
+        for inst in candidates:
+            if inst.load.requests < best.load.requests:
+                best = inst
+        return Selection(best)

@@ -104,6 +104,10 @@ class SglangCacheAwarePolicy(Policy):
                     rng: random.Random | None, clock: Callable[[], float]) -> Self:
         return cls(role, index, policy_config(SglangConfig, cfg, "sglang_"), clock=clock)
 
+    def forget(self, identity: str) -> None:
+        """A removed instance's tree is gone: if it registers again, it starts empty."""
+        self.tree_blocks.pop(identity, None)
+
     def select(self, candidates: Sequence[Instance], request: RequestView) -> Selection:
         now = self._clock()
         hashes = request.hashes

@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from functools import partial
 from logging.handlers import RotatingFileHandler, TimedRotatingFileHandler
 
 import orjson
@@ -31,15 +33,11 @@ from kvrouter.logsetup import DATE_FORMAT, LOG_FORMAT, JsonFormatter, utc_stamp
 LOGGER = "kvrouter.access"
 FLUSH_SECS = 0.05
 MAX_PENDING = 2000
+MAX_SHOWN = 256          # paths (of at most MAX_SHOWN characters) whose written form is kept
 INFO = logging.INFO
 
 #: one finished request: end time, method, path, HTTP version, status, seconds, client address
 Entry = tuple[float, str, str, str, int, float, str]
-
-
-def _line(e: Entry) -> str:
-    path = e[2] if e[2].isprintable() else e[2].encode("unicode_escape").decode("ascii")
-    return f"[{e[1]}] {path} HTTP/{e[3]} {e[4]} {e[5] * 1e3:.3f}ms {e[6]}"
 
 
 def _fields(e: Entry) -> dict[str, object]:
@@ -52,13 +50,25 @@ class AccessLog:
 
     def __init__(self) -> None:
         self.logger = logging.getLogger(LOGGER)
+        #: ``enabled()``: whether INFO is on for ``kvrouter.access`` (asked per request)
+        self.enabled: Callable[[], bool] = partial(self.logger.isEnabledFor, INFO)
         self.pending: list[Entry] = []
         self._timer: asyncio.TimerHandle | None = None
         self._second = -1
         self._stamp = ""
+        #: path → how the log writes it (escaped if it has control characters): the check
+        #: costs more than a lookup, and a router sees few distinct paths; only the first
+        #: MAX_SHOWN short ones are kept, so clients cannot grow it
+        self._shown: dict[str, str] = {}
 
-    def enabled(self) -> bool:
-        return self.logger.isEnabledFor(INFO)
+    def _line(self, e: Entry) -> str:
+        path = e[2]
+        shown = self._shown.get(path)
+        if shown is None:
+            shown = path if path.isprintable() else path.encode("unicode_escape").decode("ascii")
+            if len(self._shown) < MAX_SHOWN and len(path) <= MAX_SHOWN:
+                self._shown[path] = shown
+        return f"[{e[1]}] {shown} HTTP/{e[3]} {e[4]} {e[5] * 1e3:.3f}ms {e[6]}"
 
     def add(self, method: str, path: str, version: str, status: int, elapsed: float,
             peer: str) -> None:
@@ -73,7 +83,7 @@ class AccessLog:
         """The line of a routine poll, at DEBUG (written at once: polls are rare)."""
         if self.logger.isEnabledFor(logging.DEBUG):
             entry = (time.time(), method, path, version, status, elapsed, peer)
-            self.logger.debug(_line(entry), extra={"fields": _fields(entry)})
+            self.logger.debug(self._line(entry), extra={"fields": _fields(entry)})
 
     def flush(self) -> None:
         if self._timer is not None:
@@ -101,7 +111,7 @@ class AccessLog:
                 records = records or self._records(entries)
                 text = "".join(handler.format(r) + handler.terminator for r in records)
                 last = records[-1]
-            self._write(handler, text, last or self._records(entries[-1:])[0])
+            self._write(handler, text, last, entries[-1])
 
     def _handlers(self) -> list[logging.Handler]:
         """The handlers an INFO record of ``kvrouter.access`` reaches (as ``callHandlers``)."""
@@ -125,39 +135,41 @@ class AccessLog:
                 self._second = sec
                 self._stamp = time.strftime(DATE_FORMAT, time.localtime(sec))
             parts.append(f"{self._stamp}.{int((created - sec) * 1000):03d} INFO {LOGGER}: "
-                         f"{_line(e)}{terminator}")
+                         f"{self._line(e)}{terminator}")
         return "".join(parts)
 
-    @staticmethod
-    def _json_lines(entries: list[Entry], terminator: str) -> str:
+    def _json_lines(self, entries: list[Entry], terminator: str) -> str:
         """What :class:`JsonFormatter` writes for each entry, without a ``LogRecord``."""
         return "".join(orjson.dumps({"time": utc_stamp(e[0]), "level": "info",
-                                     "logger": LOGGER, "message": _line(e), **_fields(e)}
+                                     "logger": LOGGER, "message": self._line(e), **_fields(e)}
                                     ).decode() + terminator for e in entries)
 
     def _records(self, entries: list[Entry]) -> list[logging.LogRecord]:
         records = []
         for e in entries:
             created = e[0]
-            r = self.logger.makeRecord(LOGGER, INFO, __file__, 0, _line(e), (), None,
+            r = self.logger.makeRecord(LOGGER, INFO, __file__, 0, self._line(e), (), None,
                                        extra={"fields": _fields(e)})
             r.created = created
             r.msecs = int((created - int(created)) * 1000) + 0.0
             records.append(r)
         return records
 
-    @staticmethod
-    def _write(handler: logging.StreamHandler, text: str, record: logging.LogRecord) -> None:
+    def _write(self, handler: logging.StreamHandler, text: str,
+               record: logging.LogRecord | None, last: Entry) -> None:
+        """Write a batch; ``record`` (of ``last``, the batch's last entry) is made only if a
+        rotating handler or an error asks for one."""
         handler.acquire()
         try:
-            if (isinstance(handler, RotatingFileHandler | TimedRotatingFileHandler)
-                    and handler.shouldRollover(record)):
-                handler.doRollover()
+            if isinstance(handler, RotatingFileHandler | TimedRotatingFileHandler):
+                record = record or self._records([last])[0]
+                if handler.shouldRollover(record):
+                    handler.doRollover()
             if handler.stream is None:  # a FileHandler opened lazily
                 handler.stream = handler._open()  # type: ignore[attr-defined]
             handler.stream.write(text)
             handler.flush()
         except Exception:
-            handler.handleError(record)
+            handler.handleError(record or self._records([last])[0])
         finally:
             handler.release()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from kvrouter.http.upstream import BodyFailed
+from kvrouter.metrics import CounterChild, HistogramChild
 from kvrouter.router import Router
 from kvrouter.server.forward import InstanceRef
 
@@ -21,17 +22,20 @@ class Traffic:
     second (``time.perf_counter()``), each cleared when its second comes round again: O(1) per
     request, kept always (the dashboard's charts have a history when it opens)."""
 
-    __slots__ = ("buckets",)
+    __slots__ = ("buckets", "current")
 
     def __init__(self) -> None:
         self.buckets = [[-1, 0, 0, 0, 0.0, 0.0, 0.0, 0] for _ in range(TRAFFIC_SECS)]
+        self.current = self.buckets[0]     # the bucket of the latest request's second
 
     def add(self, now: float, duration: float, ttft: float | None, failed: bool,
             prompt_tokens: int | None) -> None:
         sec = int(now)
-        b = self.buckets[sec % TRAFFIC_SECS]
+        b = self.current
         if b[SEC] != sec:
-            b[:] = (sec, 0, 0, 0, 0.0, 0.0, 0.0, 0)
+            b = self.current = self.buckets[sec % TRAFFIC_SECS]
+            if b[SEC] != sec:
+                b[:] = (sec, 0, 0, 0, 0.0, 0.0, 0.0, 0)
         b[REQUESTS] += 1
         b[DURATION_SUM] += duration
         if failed:
@@ -54,6 +58,11 @@ class Traffic:
             out.append(list(b) if b[SEC] == sec else [sec, 0, 0, 0, 0.0, 0.0, 0.0, 0])
         return out
 
+
+#: the kinds of finished requests that count in the same series: (endpoint, stream, status,
+#: mixed, prefill and decode instance), and those series (requests, duration)
+EndKey = tuple[str, bool, int, InstanceRef | None, InstanceRef | None, InstanceRef | None]
+Ended = tuple[CounterChild, HistogramChild]
 
 #: This process's traffic (one router per process; each worker process has its own).
 TRAFFIC = Traffic()
@@ -85,11 +94,13 @@ def account(router: Router, endpoint: str, received: float, outcome: Outcome, st
     """
     m = router.metrics
     status = outcome.status
-    m.inference_requests.labels(decode.url if decode else "", mixed.url if mixed else "",
-                                prefill.url if prefill else "", status).inc()
+    key = (endpoint, stream, status, mixed, prefill, decode)
+    ended = m.ended.get(key)
+    if ended is None:
+        ended = _ended(router, key)
+    ended[0].value += 1
     now = time.perf_counter()
-    m.duration.labels(endpoint, router.mode, "true" if stream else "false").observe(
-        now - received)
+    ended[1].observe(now - received)
     ttft = None
     if stream and outcome.first_byte_at is not None:
         ttft = outcome.first_byte_at - received
@@ -106,6 +117,20 @@ def account(router: Router, endpoint: str, received: float, outcome: Outcome, st
         m.errors.labels("stream_interrupted").inc()
     if mixed is not None and outcome.prompt_tokens is not None:
         count_usage(router, mixed, outcome.prompt_tokens, outcome.cached_tokens)
+
+
+def _ended(router: Router, key: EndKey) -> Ended:
+    """The series one kind of finished request counts in (cached in ``metrics.ended``, which
+    forgetting an instance clears)."""
+    m = router.metrics
+    endpoint, stream, status, mixed, prefill, decode = key
+    if len(m.ended) >= 4096:
+        m.ended.clear()
+    ended = m.ended[key] = (
+        m.inference_requests.labels(decode.url if decode else "", mixed.url if mixed else "",
+                                    prefill.url if prefill else "", status),
+        m.duration.labels(endpoint, router.mode, "true" if stream else "false"))
+    return ended
 
 
 def count_usage(router: Router, ref: InstanceRef, prompt: int, cached: int | None) -> None:

@@ -29,6 +29,7 @@ from kvrouter.http.sockets import connection_cap
 from kvrouter.http.tls import server_context
 from kvrouter.http.upstream import UpstreamPool
 from kvrouter.instance import InstanceInfo, RegistrationError, Role, parse_registration_bytes
+from kvrouter.metrics import CounterChild, HistogramChild
 from kvrouter.prefix.tokenizer import TokenizerError
 from kvrouter.registry import HEALTHY, Instance
 from kvrouter.router import Router
@@ -73,7 +74,8 @@ class App:
         m = router.metrics
         self._http_requests = m.http_requests
         self._http_duration = m.http_duration
-        self._http_children: dict[tuple[str, str, int], tuple] = {}
+        self._http_children: dict[tuple[str, str, int],
+                                  tuple[CounterChild, HistogramChild]] = {}
         self._errors = m.errors
         # None when auth.* configures nothing (fd-router's open router, with a warning)
         guard = self.auth = auth.build(router.cfg, m.client_requests,
@@ -178,7 +180,7 @@ class App:
         if children is None:
             children = self._http_children[key] = (
                 self._http_requests.labels(*key), self._http_duration.labels(*key[:2]))
-        children[0].inc()
+        children[0].value += 1
         children[1].observe(elapsed)
         if self.access.enabled():
             if endpoint in QUIET and status == 200 and self._routine(req, endpoint):
@@ -227,11 +229,11 @@ def tracer(router: Router) -> Tracer | None:
 
 
 def admission_queue(router: Router) -> Admission | None:
-    """The admission queue, when a headroom limit is set; without one, requests skip it at no
+    """The admission queue, when a headroom limit is set (``queue-size`` 0: nothing waits, a
+    request without headroom is answered 429 at once); without one, requests skip it at no
     cost (an instance's own queue is then the only one, as in fd-router)."""
     sch = router.cfg.scheduler
-    if sch.queue_size == 0 or not (sch.max_inflight_per_instance
-                                   or sch.max_queued_prefill_tokens_per_instance):
+    if not (sch.max_inflight_per_instance or sch.max_queued_prefill_tokens_per_instance):
         return None
     return Admission(router, Role.PREFILL if router.splitwise else Role.MIXED)
 

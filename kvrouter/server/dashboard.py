@@ -147,9 +147,9 @@ class Dashboard:
         roles = pd.PD_ROLES if router.splitwise else (Role.MIXED,)
         view = await router.request_view(body, endpoint, roles)
         out: list[dict] = []
-        prefer = None
+        prefer = require = None
         for role in roles:
-            cands = router.candidates(role, view, prefer=prefer)
+            cands = router.candidates(role, view, prefer=prefer, require=require)
             policy = router.policies[role]
             rows = policy.explain(cands, view)
             pick = next((c for c, row in zip(cands, rows, strict=True) if row.get("chosen")),
@@ -160,7 +160,9 @@ class Dashboard:
                                          None),
                         "candidates": rows})
             if role is Role.PREFILL and pick is not None:     # the decode must pair with it
-                prefer = partial(pd._pairs_with, pd._adapter_of(ctx, pick.info), pick.info)
+                adapter = pd._adapter_of(ctx, pick.info)
+                prefer = partial(pd.pairs_well, adapter, pick.info)
+                require = partial(pd.must_pair, adapter, pick.info)
         return Response(orjson.dumps({
             "object": "route.explain", "mode": router.mode, "endpoint": endpoint,
             "model": view.model, "token_estimate": view.token_estimate,

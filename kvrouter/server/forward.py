@@ -3,6 +3,7 @@ per-instance constants (pool target, URL, router header lines) cached per regist
 
 from __future__ import annotations
 
+from kvrouter.admission import PRIORITY_HEADER
 from kvrouter.backends.engines import ENGINES, StreamUsage
 from kvrouter.http.headers import HOP_BY_HOP, end_to_end
 from kvrouter.http.request import Request
@@ -11,8 +12,8 @@ from kvrouter.http.upstream import Target
 from kvrouter.registry import Instance
 
 # hop-by-hop, recomputed or router-owned headers; ``Expect`` too: the router already answered
-# it, and an instance's ``100 Continue`` must not reach the relay
-DROP = HOP_BY_HOP | {b"content-length", b"host", b"expect"}
+# it, and an instance's ``100 Continue`` must not reach the relay; the router's own priority
+DROP = HOP_BY_HOP | {b"content-length", b"host", b"expect", PRIORITY_HEADER}
 DROP_IDENTITY = DROP | {b"accept-encoding"}
 IDENTITY = b"Accept-Encoding: identity\r\n"
 CREDENTIALS = frozenset({b"authorization", b"x-api-key"})
@@ -23,9 +24,12 @@ def forward_block(req: Request, *, identity: bool = False) -> bytes:
     """The client's end-to-end header lines to pass on (:func:`end_to_end` minus
     :data:`DROP`); with ``identity`` (PD mode) ``Accept-Encoding: identity`` replaces the
     client's, because the router inspects the bodies."""
-    kept = end_to_end(req.headers, DROP_IDENTITY if identity else DROP)
-    block = b"".join([name + b": " + value + b"\r\n" for _, name, value in kept])
-    return block + IDENTITY if identity else block
+    lines: list[bytes] = []
+    for _, name, value in end_to_end(req.headers, DROP_IDENTITY if identity else DROP):
+        lines += (name, b": ", value, b"\r\n")
+    if identity:
+        lines.append(IDENTITY)
+    return b"".join(lines)
 
 
 def strip_credentials(req: Request) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
@@ -114,7 +113,7 @@ class InferenceRequest:
             self._crashed()
             return
         if view is not None and not ctx.router.splitwise:
-            self._admit(partial(self._dispatch_mixed, view))
+            self._mixed(view)
             return
         self.req.conn.attach(self._client_lost)
         self.task = asyncio.ensure_future(self._run(view))
@@ -127,10 +126,15 @@ class InferenceRequest:
             if router.splitwise:
                 if view is None:
                     view = await router.request_view(self.body, self.endpoint, pd.PD_ROLES)
-                if self.ctx.admission is not None:
-                    admitted = asyncio.get_running_loop().create_future()
-                    self._admit(partial(admitted.set_result, None))
-                    await admitted      # a rejection ends the request and cancels this task
+                admission = self.ctx.admission
+                if admission is not None:
+                    admitted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                    self._admit(partial(admission.hold, admitted), view)
+                    try:
+                        await admitted  # a rejection ends the request and cancels this task
+                    finally:
+                        if admitted.done() and not admitted.cancelled():
+                            admission.bound()   # pd.dispatch takes the lease before it awaits
                 if self.trace is not None:
                     self.trace.bind(view)
                 commit = await pd.dispatch(self.ctx, self.req, self.body, self.stream, view)
@@ -149,30 +153,30 @@ class InferenceRequest:
             self.task = None
         if commit is None:
             assert view is not None
-            self._admit(partial(self._dispatch_mixed, view))
+            self._mixed(view)
         else:
             self._answer_pd(commit)
 
     # -- admission: wait in the router while no instance has headroom --------------------------
-    def _admit(self, go: Callable[[], None]) -> None:
+    def _admit(self, go: Callable[[], None], view: RequestView) -> None:
         """``go()`` now, or once the admission queue admits the request (or end it)."""
         admission = self.ctx.admission
         if admission is None:
             go()
             return
+        model, aliases = view.model, self.ctx.router.aliases
+        if model is not None and aliases:
+            model = aliases.get(model, model)
         ticket = Ticket(self.priority, self.req.tenant or "default",
-                        partial(self._admitted, go), self._rejected)
-        ticket.deadline = time.monotonic() + admission.queue.timeout
+                        partial(self._admitted, go), self._rejected, model)
         if admission.offer(ticket):
             go()
-        elif self.pending:                 # waiting: a client that leaves takes it out
+        elif ticket.queue is not None:     # waiting: a client that leaves takes it out
             self.ticket = ticket
             self.req.conn.attach(self._client_lost)
 
     def _admitted(self, go: Callable[[], None]) -> None:
-        ticket, self.ticket = self.ticket, None
-        if ticket is not None and self.ctx.admission is not None:
-            self.ctx.admission.admitted(ticket)
+        self.ticket = None
         go()
 
     def _rejected(self, why: Reject) -> None:
@@ -183,16 +187,33 @@ class InferenceRequest:
             self.task.cancel()
 
     # -- mixed: one leg, retried on another instance after a connect failure --------------------
+    def _mixed(self, view: RequestView) -> None:
+        if self.ctx.admission is None:
+            self._dispatch_mixed(view)
+        else:
+            self._admit(partial(self._dispatch_mixed, view), view)
+
     def _dispatch_mixed(self, view: RequestView) -> None:
         ctx = self.ctx
         if self.trace is not None:
             self.trace.bind(view)
         self.leg = Leg(ctx, Role.MIXED, view)
-        s = ctx.router.cfg.server
-        self.retries = RetryBudget(ctx.router, "connect", s.connect_retries)
-        self.status_retries = RetryBudget(ctx.router, "status", s.status_retries)
         self.req.conn.attach(self._client_lost)
         self._send_mixed(None)
+
+    def _budget(self, status: bool) -> RetryBudget:
+        """The request's retries left after connect failures or 5xx answers (made when first
+        needed: most requests never fail)."""
+        budget = self.status_retries if status else self.retries
+        if budget is None:
+            router = self.ctx.router
+            if status:
+                budget = self.status_retries = RetryBudget(
+                    router, "status", router.cfg.server.status_retries)
+            else:
+                budget = self.retries = RetryBudget(
+                    router, "connect", router.cfg.server.connect_retries)
+        return budget
 
     def _send_mixed(self, last_error: errors.RouterError | None) -> None:
         leg = self.leg
@@ -224,7 +245,7 @@ class InferenceRequest:
             assert error is not None
             failure, err = leg.failed(error)
             err.headers = {"X-Router-Mixed-URL": leg.ref.url}
-            if failure is Failure.CONNECT and self.retries is not None and self.retries.take():
+            if failure is Failure.CONNECT and self._budget(status=False).take():
                 self._send_mixed(err)
             else:
                 self._end(err)
@@ -245,8 +266,8 @@ class InferenceRequest:
     def _retry_status(self, leg: Leg, up: Upstream) -> bool:
         """An instance answered 5xx before anything reached the client: try another one if
         this request and the router-wide budget allow it (else the answer is relayed)."""
-        budget = self.status_retries
-        assert leg.ref is not None and budget is not None
+        budget = self._budget(status=True)
+        assert leg.ref is not None
         router = self.ctx.router
         if (budget.left <= 0
                 or not router.can_route(Role.MIXED, leg.excluded | {leg.identity}, leg.view.model)

@@ -66,10 +66,12 @@ class Leg:
         self.ref: InstanceRef | None = None
         self.lease: Lease | None = None
 
-    def choose(self, prefer: Callable[[Instance], bool] | None = None) -> InstanceRef:
-        """Ask the role's policy for an instance (not one excluded) and take a lease on it;
-        raises the 503 :class:`RouterError` when none is left."""
-        sel = self.ctx.router.select(self.role, self.view, self.excluded, prefer)
+    def choose(self, prefer: Callable[[Instance], bool] | None = None,
+               require: Callable[[Instance], bool] | None = None) -> InstanceRef:
+        """Ask the role's policy for an instance (not an excluded one, nor one ``require``
+        refuses) and take a lease on it; raises the 503 :class:`RouterError` when none is
+        left."""
+        sel = self.ctx.router.select(self.role, self.view, self.excluded, prefer, require)
         if self.ctx.tracer is not None:
             self.ctx.tracer.chose(self, sel)
         inst = sel.instance

@@ -95,22 +95,28 @@ async def dispatch(ctx: Context, req: Request, body: dict, stream: bool,
         try:
             p_ref = prefill.choose()
             adapter = _adapter_of(ctx, p_ref.info)
-            decode.choose(prefer=partial(_pairs_with, adapter, p_ref.info))
+            decode.choose(require=partial(must_pair, adapter, p_ref.info),
+                          prefer=partial(pairs_well, adapter, p_ref.info))
         except errors.RouterError:
             prefill.release()
             if last_error is not None:
                 raise last_error from None
             raise
-        rid = adapter.attempt_request_id(base, attempt)
-        try_ = PdAttempt(rid, prefill.info, decode.info)
-        p_body = adapter.prefill_body(body, try_)
-        d_body: bytes | Callable[[bytes], bytes] = (
-            adapter.decode_body(body, try_, p_body, None) if adapter.concurrent_pd
-            else partial(adapter.decode_body, body, try_, p_body))
-        tags = {"X-Router-Prefill-URL": p_ref.url, "X-Router-Decode-URL": decode.url,
-                "X-Router-Request-ID": rid}
-        pair = Pair(ctx, req, stream, adapter, prefill, decode, rid, p_body, d_body,
-                    _with_fields(headers, adapter.leg_headers(try_)))
+        try:
+            rid = adapter.attempt_request_id(base, attempt)
+            try_ = PdAttempt(rid, prefill.info, decode.info)
+            p_body = adapter.prefill_body(body, try_)
+            d_body: bytes | Callable[[bytes], bytes] = (
+                adapter.decode_body(body, try_, p_body, None) if adapter.concurrent_pd
+                else partial(adapter.decode_body, body, try_, p_body))
+            tags = {"X-Router-Prefill-URL": p_ref.url, "X-Router-Decode-URL": decode.url,
+                    "X-Router-Request-ID": rid}
+            pair = Pair(ctx, req, stream, adapter, prefill, decode, rid, p_body, d_body,
+                        _with_fields(headers, adapter.leg_headers(try_)))
+        except BaseException:
+            prefill.release()       # the pair owns both leases only once it exists
+            decode.release()
+            raise
         try:
             step = await pair.run()
         except errors.RouterError as e:
@@ -213,6 +219,11 @@ class Pair:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 if d_task in done:
                     step = self._after_decode(d_task)
+                    if (step.status_retry and p_task.done() and not p_task.cancelled()
+                            and p_task.exception() is None):
+                        result = p_task.result()    # a decode error the prefill caused
+                        if result.failure is not None or result.status:
+                            step = self._after_prefill_failure(result)
                     return step
                 result = p_task.result()
                 if result.failure is None and result.status == 0:
@@ -270,6 +281,11 @@ class Pair:
 
         def done(t: asyncio.Task) -> None:
             if t.cancelled():
+                return
+            exc = t.exception()
+            if exc is not None:
+                log.error("[request_id:%s] prefill drain of %s failed", self.request_id,
+                          self.prefill.url, exc_info=exc)
                 return
             r = t.result()
             if r.failure is not None or r.status:
@@ -331,7 +347,7 @@ class Pair:
         assert isinstance(self.d_body, bytes)
         up, first = await leg.open(
             upstream_request(self.req, leg.target, self.headers, self.d_body))
-        if self.stream or up.is_sse or not first:
+        if self.stream or up.is_sse or not first or not self.adapter.reschedules:
             return DecodeStart(up, first, eof=not first)
         parts, size = [first], len(first)
         while size <= RESCHEDULE_BUFFER:
@@ -352,9 +368,14 @@ def _adapter_of(ctx: Context, prefill: InstanceInfo) -> EngineAdapter:
     return adapter
 
 
-def _pairs_with(adapter: EngineAdapter, prefill: InstanceInfo, decode: Instance) -> bool:
-    """A decode of the prefill's engine that can take its KV cache."""
-    return decode.info.engine == prefill.engine and adapter.can_pair(prefill, decode.info)
+def must_pair(adapter: EngineAdapter, prefill: InstanceInfo, decode: Instance) -> bool:
+    """A decode of the prefill's engine that can take its KV cache (no other is used)."""
+    return decode.info.engine == prefill.engine and adapter.must_pair(prefill, decode.info)
+
+
+def pairs_well(adapter: EngineAdapter, prefill: InstanceInfo, decode: Instance) -> bool:
+    """A decode the prefill's engine prefers (any other that :func:`must_pair` if none is)."""
+    return adapter.can_pair(prefill, decode.info)
 
 
 def _with_fields(block: bytes, fields: dict[str, str]) -> bytes:

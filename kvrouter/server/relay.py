@@ -20,10 +20,10 @@ Per chunk the relay keeps only what it needs: the last body bytes (at least
 when asked, usage: an SSE chunk is searched for ``"prompt_tokens"`` (a substring test; for
 llama.cpp also ``"cache_n"``), a non-SSE body (up to 1 MiB) once at the end; the numbers are
 read next to the keys, no JSON is parsed (:mod:`kvrouter.backends.usage`). When the router
-asked for the stream's usage itself, the usage event is read and left out: the relay then
-passes whole events only, holding an event's first part until its end arrives (up to 1 MiB,
-beyond which it passes everything as it is). Everything the accounting needs goes into the
-request's :class:`Outcome`.
+asked for the stream's usage itself, a :class:`~kvrouter.backends.usage.UsageTaker` reads the
+usage event and leaves it out: the relay then passes whole events only (a choice's last event
+waits for the next one). Everything the accounting needs goes into the request's
+:class:`Outcome`.
 """
 
 from __future__ import annotations
@@ -32,13 +32,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from kvrouter.backends.usage import (
-    TIMINGS_KEY,
-    USAGE_KEY,
-    take_usage_events,
-    timings_of,
-    usage_of,
-)
+from kvrouter.backends.usage import TIMINGS_KEY, USAGE_KEY, UsageTaker, timings_of, usage_of
 from kvrouter.http.headers import end_to_end
 from kvrouter.http.server import HttpConnection
 from kvrouter.http.upstream import BodyFailed, Upstream
@@ -51,7 +45,6 @@ INTERRUPTED = (b'data: {"error":{"message":"upstream stream interrupted: %s",'
 DONE = b"data: [DONE]"
 TAIL_BYTES = 32                  # enough to see ``data: [DONE]`` and the blank line after it
 USAGE_SCAN_LIMIT = 1 << 20
-HOLD_LIMIT = 1 << 20             # bytes of one unfinished event held while usage is taken out
 _NO_BODY = frozenset({204, 304})
 
 
@@ -81,7 +74,7 @@ class Relay:
     """One relayed response: a body sink for :meth:`Upstream.relay` that writes to the client
     and fills the :class:`Outcome`; ``on_done()`` is called once, when it is over."""
 
-    __slots__ = ("conn", "held", "on_done", "outcome", "parts", "scan", "size", "sse", "tail",
+    __slots__ = ("conn", "on_done", "outcome", "parts", "scan", "size", "sse", "tail", "taker",
                  "timings", "up")
 
     def __init__(self, conn: HttpConnection, up: Upstream, sse: bool, scan: bool,
@@ -95,14 +88,16 @@ class Relay:
         self.tail = b""
         self.parts: list[bytes] = []
         self.size = 0
-        #: usage events are taken out (``None``: off): the start of an unfinished event
-        self.held: bytes | None = None
+        self.taker: UsageTaker | None = None    # takes out the usage event the router asked for
         self.on_done: Callable[[], None] | None = None
 
     # -- body sink (called by the instance connection) -----------------------------------------
     def chunk(self, data: bytes) -> None:
-        if self.held is not None:
-            data = self._whole_events(data)
+        taker = self.taker
+        if taker is not None:
+            data = taker.feed(data)
+            if taker.usage[0] is not None or taker.passing:
+                self._took(taker)
             if not data:
                 return
         self.conn.write(data)
@@ -114,9 +109,10 @@ class Relay:
         conn = self.conn
         conn.detach()
         self.up.release()
-        if self.held:                 # an unterminated last event: passed on as it came
-            held, self.held = self.held, None
-            self.chunk(held)
+        taker = self.taker
+        if taker is not None:         # what was held, an unterminated last event included
+            self.taker = None
+            self.chunk(taker.flush())
         if self.sse and 200 <= self.outcome.status < 300 and not self._done_sent():
             self.outcome.interrupted = True
             log.warning("backend %s ended a stream without %s", self.up.target.key, DONE.decode())
@@ -132,6 +128,10 @@ class Relay:
         conn.detach()
         self.up.close()
         log.warning("backend %s body failed mid-relay: %s", self.up.target.key, exc)
+        taker = self.taker
+        if taker is not None:         # the whole events held; an unfinished one is dropped
+            self.taker = None
+            self.chunk(taker.whole())
         if self.sse and self.tail[-2:] == b"\n\n" and not conn.closed:
             self.outcome.interrupted = True
             conn.write(INTERRUPTED % str(exc).replace('"', "'").encode())
@@ -181,33 +181,15 @@ class Relay:
             self.parts.append(data)
             self.size += len(data)
 
-    def _whole_events(self, data: bytes) -> bytes:
-        """The whole events that ``data`` completes, without the usage event the router asked
-        for (its numbers go into the outcome); the rest of an unfinished event is held."""
-        held = self.held
-        if held:
-            data = held + data
-        if data.endswith(b"\n\n"):
-            self.held = b""
-        else:
-            cut = data.rfind(b"\n\n") + 2
-            rest = data[cut:] if cut > 1 else data
-            if len(rest) > HOLD_LIMIT:        # not an event stream as expected: pass it on
-                self.held = None
-                self.scan = True
-                return data
-            self.held = rest
-            data = data[:cut] if cut > 1 else b""
-        if USAGE_KEY in data:
-            data, (prompt, cached), unasked = take_usage_events(data)
-            if prompt is not None:
-                self.outcome.prompt_tokens, self.outcome.cached_tokens = prompt, cached
-            if unasked:                 # the engine sends usage anyway: pass it all on
-                if self.held:
-                    data += self.held
-                self.held = None
-                self.scan = True
-        return data
+    def _took(self, taker: UsageTaker) -> None:
+        """The usage the taker read goes into the outcome; once it is passing, so is the
+        relay (usage scanned as without a taker)."""
+        prompt, cached = taker.usage
+        if prompt is not None:
+            self.outcome.prompt_tokens, self.outcome.cached_tokens = prompt, cached
+        if taker.passing:
+            self.taker = None
+            self.scan = True
 
 
 def start_relay(conn: HttpConnection, up: Upstream, first: bytes, extra: bytes,
@@ -226,10 +208,11 @@ def start_relay(conn: HttpConnection, up: Upstream, first: bytes, extra: bytes,
     if sse:
         length = None  # the stream_interrupted event may have to be appended
         if asked_usage and 200 <= status < 300:
-            r.held = b""
+            taker = r.taker = UsageTaker()
             r.scan = False          # the usage event is read where it is taken out
             if first:
-                first = r._whole_events(first)
+                first = taker.feed(first)
+                r._took(taker)
     conn.start_stream(status, head, length, first, no_body=status in _NO_BODY or status < 200)
     if first:
         r.tail = first

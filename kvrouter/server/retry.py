@@ -40,7 +40,8 @@ class RetryRatio:
         return 1.0 - elapsed / self.half       # the weight of the previous half-window
 
     def request(self) -> None:
-        self._advance()
+        if self.clock() - self._start >= self.half:     # the window moves: rarely, not per request
+            self._advance()
         self._cur[0] += 1
 
     def take(self) -> bool:

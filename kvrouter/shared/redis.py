@@ -7,19 +7,20 @@ the copies converging with two background tasks on redis-py's asyncio client:
 * the **writer** sends everything this replica has to say as one pipeline per tick (at most
   one per :data:`FLUSH_INTERVAL`, only when there is something to send): one ``XADD`` to the
   stream ``<p>:events`` of its new events (registry records, prefix records, session
-  observations) and of its in-flight share when that changed (compared every
-  :data:`FLUSH_INTERVAL` while busy), the registry keys those events change, and every
-  ``load-interval-secs`` one script that stores its share in its load key and returns the
-  others' (the slow path: presence, expiry of a dead replica's share), and the lease of the
-  health rounds;
+  observations) and of its in-flight shares that changed (the loads mark themselves as they
+  move, so this costs nothing per idle instance), the registry keys those events change, and
+  every ``load-interval-secs`` one script that stores its whole share in its load key and
+  returns the others' (the slow path: presence, expiry of a dead replica's share, and repair
+  of a change a reader missed), and the lease of the health rounds;
 * the **reader** blocks on the stream (``XREAD BLOCK``) and applies the others' events, then
   pauses :data:`READ_PAUSE`, so that one read takes what several replicas sent.
 
 Keys (``p`` = ``state.key-prefix``):
 
 ===================  ========================================================================
-``p:events``         stream; entry = ``r`` sender, ``l`` its load share as in ``p:load``,
-                     ``e`` JSON events (``reg``/``hl``/``del``/``sess``,
+``p:events``         stream; entry = ``r`` sender, ``ld`` its load shares that changed, as
+                     in ``p:load`` (an all-zero one: gone; older versions sent ``l``, the
+                     whole share), ``e`` JSON events (``reg``/``hl``/``del``/``sess``,
                      :mod:`kvrouter.workers.events`), ``pi`` + ``ph`` prefix records
                      (``[[identity, n], …]`` and the n block hashes of each, 8 bytes LE);
                      capped at ``max(prefix-history, 1000)`` entries
@@ -52,7 +53,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -76,7 +77,6 @@ from kvrouter.workers.replica import TOMBSTONE_SECS, RegistryReplica
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
 
-    from kvrouter.load import LoadShare
     from kvrouter.metrics import RouterMetrics
     from kvrouter.registry import Instance
     from kvrouter.router import Router
@@ -97,8 +97,12 @@ MAX_RECORDS = 20_000       # … prefix records
 MAX_SESSIONS = 20_000      # … session observations
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 2.0   # reconnection attempts, doubling
 REGISTERED_WAIT = 0.5      # POST /register waits this long at most for its write
-IDLE_AFTER = 1.0           # our load share is compared every FLUSH_INTERVAL, or, once it
-IDLE_SHARE_PERIOD = 0.05   # has been zero and unchanged this long, every 50 ms
+IDLE_AFTER = 1.0           # our load shares that moved are sent every FLUSH_INTERVAL, or,
+IDLE_SHARE_PERIOD = 0.05   # once ours has been zero and unchanged this long, every 50 ms
+LOAD_REBUILD = 1.0         # our whole share is recomputed from every instance this often
+TOMBSTONE_EXPIRY = 60.0    # every replica forgets its old removals this often
+RESTART_AFTER = 2.0        # a sync task that failed is started again after this long
+MAX_SKIP_KINDS = 64        # kinds of unreadable entries logged as warnings (then debug)
 
 # one command per load tick: store our share (ARGV[3], unless ""), then return the live
 # replicas' shares, dropping the members whose key expired
@@ -165,6 +169,7 @@ class RedisState(SharedState):
         self._retry_at = 0.0
         self._last_flush = 0.0
         self._next_load = self._next_lease = self._next_refresh = 0.0
+        self._next_expiry = self._next_rebuild = 0.0
         self._events: list[dict] = []
         self._records: _Records = {}
         self._sessions: list[list] = []
@@ -172,8 +177,7 @@ class RedisState(SharedState):
         self._published: dict[str, dict] = {}    # id → the registration every replica has
         self._waiters: list[asyncio.Future[None]] = []
         self._replaying = False
-        self._load_sent: dict[str, LoadShare] | None = None      # in our load key
-        self._stream_share: dict[str, LoadShare] | None = None   # in our last stream entry
+        self._load_version = -1      # LoadShares.version of the share in our load key
         self._share_active_at = 0.0
         self._next_share = 0.0
         self._load_sent_at = 0.0
@@ -181,7 +185,9 @@ class RedisState(SharedState):
         self._senders: set[str] = set()
         self._last_id: bytes | str = b"0-0"
         self._refused = ""           # the last refusal logged
+        self._skip_kinds: set[tuple[str, str]] = set()   # unreadable entries logged
         self._tasks: set[asyncio.Task] = set()
+        self._closing = False
 
     # -- SharedState: lifecycle ----------------------------------------------------------------
     @property
@@ -231,10 +237,11 @@ class RedisState(SharedState):
         self.start()
 
     def start(self) -> None:
-        self._spawn(self._writer())
-        self._spawn(self._reader())
+        self._spawn(self._writer)
+        self._spawn(self._reader)
 
     def close(self) -> None:
+        self._closing = True
         for task in list(self._tasks):
             task.cancel()
 
@@ -253,10 +260,32 @@ class RedisState(SharedState):
             except _RedisDown:
                 pass
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coro)
+    def _spawn(self, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run one of the sync loops; one that ends (a bug, not a Redis fault: those are
+        handled inside) is logged and started again (:meth:`_ended`)."""
+        task = asyncio.ensure_future(loop())
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: self._ended(t, loop))
+
+    def _ended(self, task: asyncio.Task, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """A sync loop ended: without this its replica would stop sharing silently, still
+        saying "connected". Log it, count Redis as lost (the reconnection re-reads the
+        registry and publishes ours, so nothing missed meanwhile stays missed) and start the
+        loop again after :data:`RESTART_AFTER`."""
+        self._tasks.discard(task)
+        if self._closing or task.cancelled():
+            return
+        error = task.exception()
+        log.error("replica %s: the Redis %s task stopped (%r); resynchronising and restarting "
+                  "it in %g s", self.rid, loop.__name__.strip("_"), error, RESTART_AFTER,
+                  exc_info=error)
+        if self.connected:
+            self._down(time.monotonic())
+        asyncio.get_running_loop().call_later(RESTART_AFTER, self._restart, loop)
+
+    def _restart(self, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        if not self._closing:
+            self._spawn(loop)
 
     # -- SharedState: local changes (on the event loop; they only queue) -----------------------
     def instance_added(self, inst: Instance) -> None:
@@ -368,7 +397,7 @@ class RedisState(SharedState):
             self._events[:0] = [e for e in self.replica.state(snapshots=False)
                                 if (inst := registry.get(e["id"])) is not None
                                 and not inst.static]
-        self._load_sent = self._stream_share = None
+        self._load_version = -1      # our whole share goes into our load key at once
         self._next_load = self._next_lease = self._next_refresh = 0.0
         log.info("replica %s: shared state in Redis at %s (%d instances read)", self.rid,
                  self.url, instances)
@@ -409,6 +438,9 @@ class RedisState(SharedState):
     async def _writer(self) -> None:
         while True:
             now = time.monotonic()
+            if now >= self._next_expiry:     # every replica, leader or not, Redis or not
+                self._next_expiry = now + TOMBSTONE_EXPIRY
+                self.replica.expire_tombstones()
             if not self.connected:
                 stale_at = self._lost_at + self.cfg.load_ttl_secs
                 if self._senders and now >= stale_at:
@@ -422,7 +454,8 @@ class RedisState(SharedState):
                     await self._reconnect()
                 continue
             if not self._wake.is_set():
-                due = min(self._next_share, self._next_load, self._next_lease)
+                due = min(self._next_share, self._next_load, self._next_lease,
+                          self._next_expiry)
                 if self.leads:
                     due = min(due, self._next_refresh)
                 try:
@@ -456,16 +489,17 @@ class RedisState(SharedState):
             events.append({"t": "sess", "s": self._sessions})
             self._sessions = []
         pipe = self._w.pipeline(transaction=False)
-        own = self.loads.own()
-        changed = own != self._stream_share
-        if own or changed:
+        loads = self.loads
+        changed = loads.changes()
+        if changed or loads.busy:
             self._share_active_at = now
         self._next_share = now + (FLUSH_INTERVAL if now - self._share_active_at < IDLE_AFTER
                                   else IDLE_SHARE_PERIOD)
-        if events or records or changed:         # our share rides on the stream: the others
-            self._load_seq += 1                  # see each change within milliseconds
-            fields: dict[str, bytes | str] = {
-                "r": self.rid, "l": orjson.dumps([self._load_seq, ev.shares_to_json(own)])}
+        if events or records or changed:
+            fields: dict[str, bytes | str] = {"r": self.rid}
+            if changed:                          # our shares that moved ride on the stream:
+                self._load_seq += 1              # the others see each change within ms
+                fields["ld"] = orjson.dumps([self._load_seq, ev.shares_to_json(changed)])
             if events:
                 fields["e"] = orjson.dumps(events)
             if records:
@@ -476,10 +510,9 @@ class RedisState(SharedState):
         if not final and self.leads and now >= self._next_refresh:
             self._next_refresh = now + cfg.registry_ttl_secs / 3
             self._refresh_keys(pipe)
-            self.replica.expire_tombstones()
         loads_at = lease_at = -1
         load_ms, lease_ms = int(cfg.load_ttl_secs * 1000), int(cfg.leader_ttl_secs * 1000)
-        sent: dict[str, LoadShare] | None = None
+        sent = -1
         if final:
             pipe.delete(self.k_load + self.rid)
             pipe.srem(self.k_replicas, self.rid)
@@ -487,10 +520,15 @@ class RedisState(SharedState):
         elif now >= self._next_load:
             self._next_load = now + cfg.load_interval_secs
             share = b""
-            if own != self._load_sent or now - self._load_sent_at >= cfg.load_ttl_secs / 3:
+            if (loads.version != self._load_version
+                    or now - self._load_sent_at >= cfg.load_ttl_secs / 3):
+                rebuild = now >= self._next_rebuild
+                if rebuild:
+                    self._next_rebuild = now + LOAD_REBUILD
+                own = loads.own(rebuild=rebuild)
                 self._load_seq += 1
                 share = orjson.dumps([self._load_seq, ev.shares_to_json(own)])
-                sent = own
+                sent = loads.version
             loads_at = len(pipe)
             pipe.eval(_LOADS, 1, self.k_replicas, self.k_load, self.rid, share, load_ms)
         if not final and now >= self._next_lease:
@@ -512,9 +550,8 @@ class RedisState(SharedState):
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(None)
-        self._stream_share = own
-        if sent is not None:
-            self._load_sent, self._load_sent_at = sent, now
+        if sent >= 0:
+            self._load_version, self._load_sent_at = sent, now
         if loads_at >= 0:
             self._apply_loads(results[loads_at])
         if lease_at >= 0:
@@ -579,8 +616,8 @@ class RedisState(SharedState):
             try:
                 seq, shares = orjson.loads(flat[i + 1])
                 self.loads.update(rid, int(seq), ev.shares_from_json(shares))
-            except (ValueError, TypeError) as e:
-                log.debug("replica %s: unreadable load share of %s: %r", self.rid, rid, e)
+            except Exception as e:          # any shape: never the end of the writer
+                self._skipped(f"the unreadable load key of {rid!r}", e)
                 continue
             seen.add(rid)
         for gone in self._senders - seen:
@@ -610,35 +647,54 @@ class RedisState(SharedState):
                     if sender != self._rid_b:
                         self._apply_entry(fields, now, registry=True)
                         self._apply_share(sender, fields.get(b"l"))
+                        self._apply_share(sender, fields.get(b"ld"), partial=True)
             await asyncio.sleep(READ_PAUSE)        # the next read takes several replicas' news
 
     def _apply_entry(self, fields: dict[bytes, bytes], now: float, *, registry: bool) -> None:
         """Another replica's stream entry (``registry=False``: history, records and sessions
-        only). A malformed one is skipped, never fatal."""
+        only). A malformed event or record batch is skipped, never fatal: Redis is reachable
+        by more than the routers, and any exception here would end the reader."""
         try:
             raw = fields.get(b"e")
             for event in orjson.loads(raw) if raw else ():
-                kind = event["t"]
-                if kind == "sess":
-                    self._apply_sessions(event["s"])
-                elif registry and kind in ("reg", "hl", "del"):
-                    self._apply_registry(event)
+                try:
+                    kind = event["t"]
+                    if kind == "sess":
+                        self._apply_sessions(event["s"])
+                    elif registry and kind in ("reg", "hl", "del"):
+                        self._apply_registry(event)
+                except Exception as e:
+                    self._skipped("an unreadable stream entry", e)
             blob = fields.get(b"ph")
             if blob:
                 self._apply_records(orjson.loads(fields[b"pi"]), blob, now)
-        except (ValueError, KeyError, TypeError) as e:
-            log.warning("replica %s: skipped an unreadable stream entry: %r", self.rid, e)
+        except Exception as e:
+            self._skipped("an unreadable stream entry", e)
 
-    def _apply_share(self, sender: bytes | None, raw: bytes | None) -> None:
-        """The load share a stream entry carries (the sender's when it sent the entry)."""
+    def _skipped(self, what: str, e: Exception) -> None:
+        """Log a skipped record: the first of each kind (exception type and message up to
+        its first quoted value) as a warning, later ones at debug level, so a broken or
+        hostile writer cannot flood the log."""
+        kind = (type(e).__name__, str(e).split("'", 1)[0][:80])
+        if kind not in self._skip_kinds and len(self._skip_kinds) < MAX_SKIP_KINDS:
+            self._skip_kinds.add(kind)
+            log.warning("replica %s: skipped %s: %r (more like it: debug level)", self.rid,
+                        what, e)
+        else:
+            log.debug("replica %s: skipped %s: %r", self.rid, what, e)
+
+    def _apply_share(self, sender: bytes | None, raw: bytes | None,
+                     partial: bool = False) -> None:
+        """The load share a stream entry carries: the sender's whole share when it sent the
+        entry, or with ``partial`` its shares that changed."""
         if sender is None or raw is None:
             return
         try:
             seq, shares = orjson.loads(raw)
             rid = sender.decode()
-            self.loads.update(rid, int(seq), ev.shares_from_json(shares))
-        except (ValueError, TypeError) as e:
-            log.debug("replica %s: unreadable load share: %r", self.rid, e)
+            self.loads.update(rid, int(seq), ev.shares_from_json(shares), partial=partial)
+        except Exception as e:
+            self._skipped("an unreadable load share", e)
             return
         self._senders.add(rid)      # dropped at the next read if it has no load key
 
@@ -709,9 +765,8 @@ class RedisState(SharedState):
                     if b"hl" in stored:
                         self._apply_registry(orjson.loads(stored[b"hl"]))
                     read += 1
-                except (ValueError, KeyError, TypeError) as e:
-                    log.warning("replica %s: skipped the unreadable record of %s: %r",
-                                self.rid, ident, e)
+                except Exception as e:      # any shape: never the end of open() or the writer
+                    self._skipped(f"the unreadable record of {ident!r}", e)
         if gone:
             await w.srem(self.k_instances, *gone)
             self.commands += 1
@@ -764,8 +819,8 @@ def check_info(data: dict) -> None:
         raise ValueError(f"invalid scheme {scheme!r}")
     for name in _PORT_FIELDS:
         port = data.get(name)
-        if port not in (None, "") and not (isinstance(port, str) and port.isdigit()
-                                           and 0 < int(port) < 65536):
+        if port not in (None, "") and not (isinstance(port, str) and port.isascii()
+                                           and port.isdigit() and 0 < int(port) < 65536):
             raise ValueError(f"invalid {name} {port!r}")
     Role(data.get("role"))
     engine = data.get("engine")

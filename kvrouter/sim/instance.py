@@ -41,8 +41,8 @@ abort          ``/inference/v1/abort_        ``/abort_request``            none 
 stream usage   ``include_usage``             ``include_usage``             chat:
                                                                            ``include_usage``;
                                                                            completions: always;
-                                                                           ``timings`` on the
-                                                                           last event
+               ``system_fingerprint`` on the                               ``timings`` on the
+               last event                                                  last event
 =============  ============================  ============================  ==================
 
 None of them registers with a router (no heartbeat), answers 429 over ``max_concurrency``
@@ -1019,7 +1019,8 @@ class SimInstance:
             return_token_ids=req.return_token_ids, include_usage=req.include_usage,
             continuous_usage=req.continuous_usage, extra_space=cfg.engine == "fastdeploy",
             usage_in_final=cfg.engine == "llamacpp" and kind == "completion",
-            timings=cfg.engine == "llamacpp")
+            timings=cfg.engine == "llamacpp",
+            fingerprint="vllm-sim" if cfg.engine == "vllm" else None)
         gen = GenRequest(
             request_id=req.request_id, prompt_token_ids=req.prompt_ids + req.completion_ids,
             max_tokens=req.max_tokens, ignore_eos=req.ignore_eos,

@@ -6,7 +6,8 @@ JSON is compact UTF-8 (as FastDeploy's pydantic ``model_dump_json``). Stream fra
 The other simulated engines use the same bodies with plain ``data: <json>\\n\\n`` framing
 (``ResponseContext.extra_space``), and llama.cpp puts ``usage`` in the last chunk of every
 completions stream (``ResponseContext.usage_in_final``) and its ``timings`` on the last event
-of every stream (``ResponseContext.timings``).
+of every stream (``ResponseContext.timings``), vLLM its ``system_fingerprint``
+(``ResponseContext.fingerprint``).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class ResponseContext:
     usage_in_final: bool = False   # the finishing chunk carries usage (llama.cpp completions)
     #: llama.cpp's ``timings`` on the last event (the finishing one, or the usage event)
     timings: bool = False
+    #: vLLM's ``system_fingerprint``, on the last event likewise
+    fingerprint: str | None = None
 
     @property
     def chunk_object(self) -> str:
@@ -120,12 +123,16 @@ class ResponseContext:
         if (self.timings and finish_reason is not None and cur_usage is not None
                 and (self.usage_in_final or not self.include_usage)):
             chunk["timings"] = timings(cur_usage)
+        if self.fingerprint and finish_reason is not None and not self.include_usage:
+            chunk["system_fingerprint"] = self.fingerprint
         return sse_event(chunk)
 
     def usage_chunk(self, final_usage: dict[str, Any]) -> bytes:
         chunk = self._head(self.chunk_object) | {"choices": [], "usage": final_usage}
         if self.timings:
             chunk["timings"] = timings(final_usage)
+        if self.fingerprint:
+            chunk["system_fingerprint"] = self.fingerprint
         return sse_event(chunk)
 
     @staticmethod

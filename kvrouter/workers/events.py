@@ -14,7 +14,8 @@ kind       fields
 ``snap``   ``id``, ``s`` = [running, waiting, taken_at (wall), available_gpu_block_num,
            max_batch_size, gpu_cache_usage_perc]
 ``load``   ``n`` sequence, ``l`` = {id: [R, T, prefill_tokens, prefill_leases, pending,
-           pending_prefill, pending_prefill_leases]} (the sender's share)
+           pending_prefill, pending_prefill_leases]} (the sender's share), ``p`` 1: only the
+           shares that changed (an all-zero share: gone), else the whole share
 ``rec``    ``r`` = [[id, [block hash, …]], …]
 ``sess``   ``s`` = [[role, session_id, id], …]
 ``ctr``    ``c`` = the six ``[stats]`` counter totals

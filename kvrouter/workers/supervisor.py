@@ -6,9 +6,10 @@ pair of workers plus one control link per worker, forks the N workers (each runs
 application and binds the address itself with ``SO_REUSEPORT``), prints ``Starting server on
 <host>:<port>`` once all of them serve, forwards SIGTERM/SIGINT and waits for them: the first
 signal makes every worker drain (``server.shutdown-grace-secs``, SIGKILL :data:`STOP_MARGIN`
-seconds after it), a second one makes them exit at once. Both travel over the control links
-(``{"t": "stop"}``), not as signals: a worker may get the same signal from the terminal or from
-systemd (which signals the whole cgroup), and two signals would mean "at once".
+seconds after it, more with tracing), a second one makes them exit at once. Both travel over
+the control links (``{"t": "stop"}``), not as signals: a worker may get the same signal from
+the terminal or from systemd (which signals the whole cgroup), and two signals would mean "at
+once".
 
 Why ``SO_REUSEPORT`` rather than one shared listening socket: with a shared socket every
 worker is woken for each new connection and the first to call ``accept`` wins; kvrouter
@@ -22,7 +23,10 @@ A worker that exits while the router runs is **restarted** (after 0.5 s, doublin
 more than :data:`MAX_RESTARTS` restarts within :data:`RESTART_WINDOW` seconds, or a worker
 failing before the router first served, stops everything with exit status 1. The siblings
 drop the dead worker's load share as soon as its link closes; the new one gets the registry,
-the load shares and the prefix index from them. Workers die with the supervisor (control link
+the load shares and the prefix index from them. Only the workers started with the router add
+the ``register.yaml`` entries read at startup: a restarted one gets the static instances as
+its siblings have them (the file may have changed since), and a restarted worker 0 reads the
+file again (:mod:`kvrouter.control.static`). Workers die with the supervisor (control link
 end-of-file, and ``PR_SET_PDEATHSIG`` on Linux).
 """
 
@@ -43,12 +47,16 @@ import orjson
 from kvrouter.config import RouterConfig
 from kvrouter.http.sockets import Address, bind, stream_socket
 from kvrouter.instance import InstanceInfo
+from kvrouter.tracing import EXPORT_TIMEOUT_SECS, FLUSH_MILLIS
 from kvrouter.workers.channel import socket_pair
 from kvrouter.workers.worker import WorkerContext
 
 log = logging.getLogger("kvrouter.workers")
 
-STOP_MARGIN = 5.0          # SIGKILL this long after the workers' drain should have ended
+STOP_MARGIN = 5.0          # SIGKILL this long after the workers' drain should have ended …
+#: … plus, with tracing, the tracer's exit (kvrouter.tracing: a flush bounded by FLUSH_MILLIS,
+#: then the shutdown's export of what is left, bounded by EXPORT_TIMEOUT_SECS)
+TRACER_EXIT_SECS = FLUSH_MILLIS / 1000 + EXPORT_TIMEOUT_SECS
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 SHARE_PREFIX_ENV = "KVROUTER_SHARE_PREFIX"   # "0": workers keep separate prefix indexes
@@ -117,6 +125,7 @@ class Supervisor:
         self.addrs: list[Address] = [(r.family, r.type, r.proto, r.getsockname())
                                      for r in reserved]
         self.count = cfg.server.workers
+        self.stop_margin = STOP_MARGIN + (TRACER_EXIT_SECS if cfg.tracing.enabled else 0.0)
         self.slots = [_Slot(k) for k in range(self.count)]
         self.share_prefix = os.environ.get(SHARE_PREFIX_ENV, "1") != "0"
         self.selector = selectors.DefaultSelector()
@@ -207,7 +216,8 @@ class Supervisor:
         if self.stopping:
             return
         self.stopping = True
-        self.stop_deadline = time.monotonic() + self.cfg.server.shutdown_grace_secs + STOP_MARGIN
+        self.stop_deadline = (time.monotonic() + self.cfg.server.shutdown_grace_secs
+                              + self.stop_margin)
         log.info("stopping %d worker processes (%s)", self.count, why)
         for slot in self.slots:
             slot.restart_at = None
@@ -216,7 +226,7 @@ class Supervisor:
     def _hurry(self) -> None:
         """A second signal while stopping: the workers exit at once."""
         log.info("second signal: the workers stop at once")
-        self.stop_deadline = min(self.stop_deadline, time.monotonic() + STOP_MARGIN)
+        self.stop_deadline = min(self.stop_deadline, time.monotonic() + self.stop_margin)
         self._tell_all({"t": "stop", "now": True})
 
     def _tell_all(self, msg: dict) -> None:
@@ -326,7 +336,7 @@ class Supervisor:
                 links[j][i] = b
         try:
             for slot in self.slots:
-                self._fork(slot, links[slot.number], others=links)
+                self._fork(slot, links[slot.number], others=links, static=self.static)
         finally:
             for peers in links.values():
                 for sock in peers.values():
@@ -343,7 +353,10 @@ class Supervisor:
                 peers[other.number] = mine
                 theirs[other.number] = their
         try:
-            self._fork(slot, peers, others={-1: theirs})
+            # no static list: the startup one may be stale (the siblings' copy and worker 0's
+            # file watch are current), and its entries would be re-added under newer versions
+            # than the removals' tombstones
+            self._fork(slot, peers, others={-1: theirs}, static=[])
             for number, sock in theirs.items():
                 ctrl = self.slots[number].control
                 if ctrl is None:        # that sibling just exited: it gets a new link later
@@ -359,7 +372,7 @@ class Supervisor:
                 sock.close()
 
     def _fork(self, slot: _Slot, peers: dict[int, socket.socket],
-              others: dict[int, dict[int, socket.socket]]) -> None:
+              others: dict[int, dict[int, socket.socket]], static: list[InstanceInfo]) -> None:
         sup_end, worker_end = socket_pair()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -372,7 +385,7 @@ class Supervisor:
                 ctx = WorkerContext(slot.number, self.count, self.addrs, worker_end, peers,
                                     share_prefix=self.share_prefix)
                 from kvrouter.server.app import serve
-                code = serve(self.cfg, self.static, worker=ctx)
+                code = serve(self.cfg, static, worker=ctx)
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else 1
             except BaseException:  # report and exit, never return to the loop

@@ -16,11 +16,12 @@ local memory and never waits on a sibling. :class:`WorkerSync`, the workers'
   a connect failure) are broadcast the same way;
 * **prefix index**: every ``record`` (block hashes → chosen instance) is forwarded, so a
   prefix routed by one worker is found by the others (``rec``);
-* **in-flight load**: every :data:`LOAD_PERIOD` each worker sends its own share of each
-  instance's counters when it changed (``load``); the receiver adds the siblings' shares into
-  the same :class:`~kvrouter.load.Load` fields the policies read
-  (:class:`~kvrouter.shared.loads.LoadShares`), so a decision costs nothing more; a sibling
-  that exits takes its share with it;
+* **in-flight load**: every :data:`LOAD_PERIOD` each worker sends its shares of the
+  instances whose counters moved (``load`` with ``p``: only those, an all-zero one for a
+  share that went to zero), and its whole share every :data:`LOAD_REFRESH` (``load`` without
+  ``p``); the receiver adds the siblings' shares into the same :class:`~kvrouter.load.Load`
+  fields the policies read (:class:`~kvrouter.shared.loads.LoadShares`), so a decision costs
+  nothing more; a sibling that exits takes its share with it;
 * **session affinity** observations (``sess``), so ``router_cache_hit_total`` means "same
   instance as the session's previous request" whichever worker served that one;
 * **counters**: ``/metrics`` answers with the sum over the workers (the answering worker asks
@@ -62,10 +63,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvrouter.workers")
 
 FLUSH_INTERVAL = 0.001   # at most one message per link per ms
-LOAD_PERIOD = 0.002      # load shares are compared (and sent if changed) this often …
+LOAD_PERIOD = 0.002      # the load shares that moved are sent this often …
 IDLE_PERIOD = 0.02       # … or this often once our share has been zero for IDLE_AFTER
 IDLE_AFTER = 1.0
-LOAD_REFRESH = 1.0       # … and sent unchanged this often (self-healing)
+LOAD_REFRESH = 1.0       # … and the whole share, rebuilt, this often (self-healing)
+SNAPSHOT_PERIOD = 0.05   # the leader looks for new metrics snapshots to send this often
 REGISTRY_REFRESH = 5.0   # the leader re-sends the whole registry this often (self-healing)
 COUNTERS_PERIOD = 1.0    # counter totals for the leader's [stats] line
 BARRIER_SECS = 0.25      # a registration waits this long at most for the siblings
@@ -100,8 +102,8 @@ class WorkerSync(SharedState):
         self._sessions: list[list] = []
         self._flush_handle: asyncio.Handle | None = None
         self._last_flush = 0.0
-        self._load_sent: dict[str, LoadShare] = {}
         self._load_sent_at = 0.0
+        self._next_snaps = 0.0
         self._active_at = 0.0
         self._load_seq = 0
         self._snaps_sent: dict[str, object] = {}
@@ -171,6 +173,7 @@ class WorkerSync(SharedState):
         self.replica.changed(inst, what)
 
     def instance_removed(self, inst: Instance, reason: str) -> None:
+        self._snaps_sent.pop(inst.identity, None)
         self.replica.removed(inst, reason)
 
     def recorded(self, hashes: Sequence[int], identity: str) -> None:
@@ -224,6 +227,7 @@ class WorkerSync(SharedState):
         link = Link(sock, peer, self._on_message, self._on_link_closed)
         self.links[peer] = link
         link.start()
+        self.flush()     # queued changes go first: our load events reach every link in order
         self._send_to(link, [{"t": "hello", "w": self.me, "pid": os.getpid()},
                              *self.replica.state(snapshots=self.leader),
                              self._load_event(self.loads.own())])
@@ -308,34 +312,47 @@ class WorkerSync(SharedState):
                  self.me, index.size, link.peer)
 
     # -- periodic work -------------------------------------------------------------------------
-    def _load_event(self, loads: dict[str, LoadShare]) -> dict:
+    def _load_event(self, shares: dict[str, LoadShare], partial: bool = False) -> dict:
+        """A ``load`` event: our whole share, or with ``partial`` the shares that changed."""
         self._load_seq += 1
-        self._load_sent = loads
-        self._load_sent_at = time.monotonic()
-        return {"t": "load", "n": self._load_seq, "l": ev.shares_to_json(loads)}
+        event: dict = {"t": "load", "n": self._load_seq, "l": ev.shares_to_json(shares)}
+        if partial:
+            event["p"] = 1
+        else:
+            self._load_sent_at = time.monotonic()
+        return event
 
     def _load_if_changed(self) -> None:
-        loads = self.loads.own()
+        """Our shares that moved since the last call; the whole share, rebuilt, every
+        LOAD_REFRESH (a message the link dropped, or a missed change, heals within it)."""
+        shares = self.loads
+        changed = shares.changes()
         now = time.monotonic()
-        if loads or loads != self._load_sent:
+        if changed or shares.busy:
             self._active_at = now
-        if loads != self._load_sent or now - self._load_sent_at > LOAD_REFRESH:
-            self._emit(self._load_event(loads))
+        if now - self._load_sent_at > LOAD_REFRESH:
+            self._emit(self._load_event(shares.own(rebuild=True)))
+        elif changed:
+            self._emit(self._load_event(changed, partial=True))
 
     def _tick(self) -> None:
-        """Every LOAD_PERIOD: our load share if it changed; the leader's new snapshots."""
-        idle = time.monotonic() - self._active_at > IDLE_AFTER
+        """Every LOAD_PERIOD: our load shares that moved; every SNAPSHOT_PERIOD the leader's
+        new metrics snapshots."""
+        now = time.monotonic()
+        idle = now - self._active_at > IDLE_AFTER
         if self.loop is not None:
             self._timer = self.loop.call_later(IDLE_PERIOD if idle else LOAD_PERIOD, self._tick)
         if not self.links:
             return
         self._load_if_changed()
-        if self._scrapes:
-            sent = self._snaps_sent
-            for inst in self.router.registry.all():
-                snap = inst.snapshot
-                if snap is not None and sent.get(inst.identity) is not snap:
-                    sent[inst.identity] = snap
+        if self._scrapes and now >= self._next_snaps:
+            self._next_snaps = now + SNAPSHOT_PERIOD
+            registry, sent = self.router.registry, self._snaps_sent
+            for ident in registry.loads():           # unsorted: registry.all() sorts
+                inst = registry.get(ident)
+                snap = inst.snapshot if inst is not None else None
+                if inst is not None and snap is not None and sent.get(ident) is not snap:
+                    sent[ident] = snap
                     self._emit(self.replica.snapshot_event(inst))
 
     async def _slow_loop(self) -> None:
@@ -374,7 +391,7 @@ class WorkerSync(SharedState):
         self.replica.apply_snap(e)
 
     def _apply_load(self, link: Link, e: dict) -> None:
-        self.loads.update(link, e["n"], ev.shares_from_json(e["l"]))
+        self.loads.update(link, e["n"], ev.shares_from_json(e["l"]), partial="p" in e)
 
     def _apply_records(self, link: Link, e: dict) -> None:
         record = self.router.index.record

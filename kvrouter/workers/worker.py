@@ -39,11 +39,6 @@ class WorkerContext:
         self._events: tuple[asyncio.Event, asyncio.Event] | None = None   # (stop, hurry)
         self._asked = 0          # 1: drain and stop, 2: stop at once (before ``ready`` too)
 
-    @property
-    def leader(self) -> bool:
-        """Worker 0 runs health rounds, removals, metrics scrapes and the [stats] line."""
-        return self.number == 0
-
     def start(self) -> None:
         """Start the links to the siblings and the control link (inside the worker's loop,
         once the Router is built with ``shared=self.shared``)."""

@@ -149,12 +149,12 @@ class Sim:
         # the admission queue (kvrouter.admission, the server's code) in front of the mixed
         # (PD: prefill) instances; None: every request is bound at arrival, as before
         self.admission: AdmissionQueue | None = None
-        self.pace = Pace()
+        self.pace = Pace(clock, cfg.queue_timeout_secs)
         if admission:
             self.admit_role = Role.MIXED if pd is None else Role.PREFILL
             self.headroom = Headroom(cfg.max_inflight_per_instance,
                                      cfg.max_queued_prefill_tokens_per_instance)
-            self.admission = AdmissionQueue(self._has_room, queue_size=cfg.queue_size,
+            self.admission = AdmissionQueue(self._room, queue_size=cfg.queue_size,
                                             timeout=cfg.queue_timeout_secs, clock=clock,
                                             service_time=self.pace.service_time)
         self._pump_due = False              # capacity may have freed during this event
@@ -509,19 +509,21 @@ class Sim:
             self._push(max(self.now, fl.res.arrival + self.request_timeout), _TIMEOUT, fl)
 
     # -- admission (kvrouter.admission: the queue the server runs, driven in virtual time) ---
-    def _has_room(self) -> bool:
-        return self.headroom.any_room(self.candidates[self.admit_role], self.now)
+    def _room(self, model: str | None) -> bool:
+        """Every simulated instance serves every model, and none is ever ejected; binding is
+        synchronous, so no admitted request is ever without its lease."""
+        return self.headroom.room(self.candidates[self.admit_role], self.now)
 
     def _offer(self, i: int) -> None:
         q = self.admission
         assert q is not None
         req = self.workload[i]
         t = Ticket(req.priority, req.tenant, lambda: self._admitted(i, t),
-                   partial(self._rejected, i), deadline=self.now + q.timeout)
+                   partial(self._rejected, i))
         if q.offer(t):
             self._bind(i)
             return
-        if t.queue is None:                      # rejected at once
+        if t.queue is None:                      # rejected, or admitted, at once
             return
         self.queue_peak = max(self.queue_peak, q.size)
         if not self._expiry_pending:
@@ -529,7 +531,7 @@ class Sim:
             self._push(self.now + EXPIRY_PERIOD, _EXPIRE)
 
     def _admitted(self, i: int, t: Ticket) -> None:
-        self.pace.admitted(self.now)
+        self.pace.admitted(t.enqueued)
         self._bind(i, self.now - t.enqueued)
 
     def _rejected(self, i: int, why: Reject) -> None:
