@@ -214,7 +214,7 @@ def _url(value: object) -> str:
     return url
 
 
-MAX_KEYS = 1024      # every request compares its credential with each key (auth.py)
+MAX_KEYS = 1024      # bounds memory: keys are looked up by digest (auth.py), per source
 MAX_CIDRS = 256
 SECRET_RE = re.compile(r"[\x21-\x7e]{1,512}")
 

@@ -33,6 +33,7 @@ from test_http_server import (
 )
 
 from kvrouter.config import RouterConfig
+from kvrouter.http.headers import HOP_BY_HOP, end_to_end
 from kvrouter.http.request import Request
 from kvrouter.instance import InstanceInfo, Role
 from kvrouter.server.app import App
@@ -319,6 +320,26 @@ RESPONSE_EXTRA = (b"Connection: keep-alive, X-Hop-Resp\r\nKeep-Alive: timeout=5\
 
 def request_headers(head: bytes) -> list[bytes]:
     return head.split(b"\r\n")[1:]
+
+
+def test_end_to_end_drops_what_connection_names_and_only_that():
+    """The filter's cases, fast path (no ``Connection``, or one naming only dropped fields)
+    and slow path alike: order, case and values of the kept headers are unchanged."""
+    base = [(b"Host", b"h"), (b"X-A", b"1"), (b"Keep-Alive", b"timeout=5"), (b"x-b", b"2"),
+            (b"Close", b"c"), (b"X-C", b"3")]
+    kept = [(b"x-a", b"X-A", b"1"), (b"x-b", b"x-b", b"2"), (b"close", b"Close", b"c"),
+            (b"x-c", b"X-C", b"3")]
+    drop = HOP_BY_HOP | {b"host"}
+    assert end_to_end(base, drop) == kept
+    assert end_to_end([*base, (b"Connection", b"keep-alive")], drop) == kept
+    assert end_to_end([(b"CONNECTION", b" Keep-Alive , ,Host "), *base], drop) == kept
+    assert end_to_end([*base, (b"Connection", b"close")], drop) == \
+        [h for h in kept if h[0] != b"close"]
+    # several Connection headers, names in any case, empty items ignored
+    assert end_to_end([(b"Connection", b"X-a,, "), *base, (b"connection", b"KEEP-ALIVE, x-C")],
+                      drop) == [kept[1], kept[2]]
+    assert end_to_end([(b"Connection", b""), *base], drop) == kept
+    assert end_to_end([], drop) == []
 
 
 @on_loop
