@@ -97,7 +97,8 @@ async def start_router(tmp_path: Path, config: dict | None = None, *args: str,
                         router.host = host
                     break
     except BaseException:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):    # it may have exited by itself
+            proc.kill()
         await proc.wait()
         raise
     asyncio.get_running_loop().create_task(_pump(proc.stdout, logf))
