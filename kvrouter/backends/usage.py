@@ -134,11 +134,6 @@ class UsageTaker:
 
     def feed(self, data: bytes) -> bytes:
         """What of ``data`` (and of what was held) to pass on now."""
-        if not (self.partial or self.last) and data.endswith(_EVENT_END) \
-                and USAGE_KEY not in data:      # whole events, no usage: the usual chunk
-            start = data.rfind(_EVENT_END, 0, len(data) - 2) + 2
-            if data.find(_FINISHED, start if start > 1 else 0) < 0:
-                return data
         if self.partial:
             data = self.partial + data
         if data.endswith(_EVENT_END):
@@ -161,8 +156,7 @@ class UsageTaker:
                 out, self.partial = data + self.partial, b""
                 return out
         if data:
-            start = data.rfind(_EVENT_END, 0, len(data) - 2) + 2
-            start = start if start > 1 else 0
+            start = _last_event(data)
             if data.find(_FINISHED, start) >= 0:
                 self.last = data[start:]
                 return data[:start]
@@ -203,12 +197,17 @@ class UsageTaker:
         return out
 
 
+def _last_event(events: bytes) -> int:
+    """Where the last of ``events`` (whole SSE events) starts."""
+    i = events.rfind(_EVENT_END, 0, len(events) - 2)
+    return 0 if i < 0 else i + 2
+
+
 def _restored(before: bytes, usage_event: bytes) -> bytes:
     """``before`` (whole events) with the fields that the usage event carries besides the
     usual ones put back at the end of its last event, if that one finished a choice and lacks
     them: where the engine sends them when usage is not asked for."""
-    start = before.rfind(_EVENT_END, 0, len(before) - 2) + 2
-    start = start if start > 1 else 0
+    start = _last_event(before)
     last = before[start:]
     if last.find(_FINISHED) < 0:
         return before
