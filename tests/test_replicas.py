@@ -107,7 +107,11 @@ async def test_registration_pause_and_health_reach_every_replica(redis_server, r
     await wait_for(lambda: everywhere(rs, 2), timeout=1.0, interval=0.01)
     for r in rs:
         assert (await send(r, "hello"))[0] == 200
-        assert sample(await metrics_text(r), "kvrouter_replicas") == 3
+
+        async def three(r=r) -> bool:     # each replica counts the others' load keys
+            return sample(await metrics_text(r), "kvrouter_replicas") == 3   # every interval
+
+        assert await wait_for(three, timeout=5)
     # a pause sent to one replica (a heartbeat with is_paused) stops the routing everywhere
     a.config.is_paused = True
     assert await a.register_once(rs[1].url) == 200
